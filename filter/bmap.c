@@ -1,0 +1,472 @@
+/* ext4fs: block mapping.
+ *
+ * Owns: reading a file's block map (extent tree or indirect blocks)
+ * into sorted runs, validating every physical block number against
+ * the filesystem; the allocator front end (reserve, goal, contiguous
+ * ranges); and the changes to a map: inserting written extents into
+ * holes, converting unwritten extents, mapping blocks of indirect
+ * files.
+ *
+ * Locks: every function here that calls libext2fs is *_locked: the
+ * caller holds fsi->lock.  Functions that change a map also require
+ * ip->lock held exclusive (and call inode_map_changed themselves? no:
+ * the caller does, once, after all changes of one request).
+ *
+ * libext2fs calls used, all under fsi->lock: ext2fs_extent_open2 /
+ * get / goto / replace / insert / fix_parents / free (on ip->raw, the
+ * one inode copy, or a private copy when only reading),
+ * ext2fs_block_iterate3 (read-only), ext2fs_bmap2 (BMAP_ALLOC|BMAP_SET
+ * on ip->raw; it allocates indirect blocks and writes the inode, but
+ * for indirect files never re-reads it), ext2fs_new_range,
+ * ext2fs_block_alloc_stats_range, ext2fs_iblk_add_blocks.
+ */
+
+#include <config.h>
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bmap.h"
+#include "cleanup.h"
+
+/* Blocks kept free beyond the root reserve, for extent tree and
+ * indirect blocks that libext2fs allocates on its own while we map.
+ */
+#define META_MARGIN 64
+
+struct builder {
+  struct ext4fs_inode *ip;
+  struct ext4fs_map *map;
+  size_t cap;
+  uint64_t next_lblk;           /* runs must not overlap */
+  errcode_t error;
+};
+
+static int
+push_run (struct builder *b, uint64_t lblk, uint64_t pblk, uint64_t len,
+          bool unwritten)
+{
+  struct ext4fs_fs *fsi = b->ip->fsi;
+  struct ext4fs_run *last;
+  uint64_t pend;
+
+  if (len == 0)
+    return 0;
+  if (pblk < fsi->first_data_block ||
+      __builtin_add_overflow (pblk, len, &pend) || pend > fsi->blocks_count ||
+      lblk < b->next_lblk) {
+    nbdkit_error ("inode %u: corrupt block map: logical block %" PRIu64
+                  " -> physical %" PRIu64 " (+%" PRIu64 ") is outside the "
+                  "filesystem (%" PRIu64 " blocks) or overlaps",
+                  b->ip->ino, lblk, pblk, len, fsi->blocks_count);
+    return -1;
+  }
+  b->next_lblk = lblk + len;
+
+  if (b->map->n > 0) {
+    last = &b->map->runs[b->map->n - 1];
+    if (last->lblk + last->len == lblk && last->pblk + last->len == pblk &&
+        last->unwritten == unwritten && last->len + len <= UINT32_MAX) {
+      last->len += len;
+      return 0;
+    }
+  }
+  if (b->map->n == b->cap) {
+    size_t ncap = b->cap ? b->cap * 2 : 16;
+    struct ext4fs_map *m = realloc (b->map, sizeof *m + ncap * sizeof m->runs[0]);
+    if (m == NULL) {
+      nbdkit_error ("realloc: %m");
+      return -1;
+    }
+    b->map = m;
+    b->cap = ncap;
+  }
+  b->map->runs[b->map->n++] = (struct ext4fs_run) {
+    .lblk = lblk, .pblk = pblk, .len = len, .unwritten = unwritten,
+  };
+  return 0;
+}
+
+static int
+build_extents (struct builder *b)
+{
+  struct ext4fs_inode *ip = b->ip;
+  ext2_filsys fs = ip->fsi->fs;
+  struct ext2_inode_large copy = ip->raw; /* extent_open may write to it */
+  ext2_extent_handle_t h;
+  struct ext2fs_extent ex;
+  errcode_t e;
+  int r = 0;
+
+  e = ext2fs_extent_open2 (fs, ip->ino, (struct ext2_inode *) &copy, &h);
+  if (e) {
+    nbdkit_error ("inode %u: extent tree: %s", ip->ino, error_message (e));
+    return -1;
+  }
+  e = ext2fs_extent_get (h, EXT2_EXTENT_ROOT, &ex);
+  while (e == 0) {
+    if ((ex.e_flags & EXT2_EXTENT_FLAGS_LEAF) &&
+        !(ex.e_flags & EXT2_EXTENT_FLAGS_SECOND_VISIT)) {
+      if (push_run (b, ex.e_lblk, ex.e_pblk, ex.e_len,
+                    (ex.e_flags & EXT2_EXTENT_FLAGS_UNINIT) != 0) == -1) {
+        r = -1;
+        break;
+      }
+    }
+    e = ext2fs_extent_get (h, EXT2_EXTENT_NEXT, &ex);
+  }
+  if (r == 0 && e != EXT2_ET_EXTENT_NO_NEXT) {
+    nbdkit_error ("inode %u: extent tree: %s", ip->ino, error_message (e));
+    r = -1;
+  }
+  ext2fs_extent_free (h);
+  return r;
+}
+
+static int
+ind_callback (ext2_filsys fs, blk64_t *blocknr, e2_blkcnt_t blockcnt,
+              blk64_t ref_blk, int ref_offset, void *priv)
+{
+  struct builder *b = priv;
+
+  if (blockcnt < 0)
+    return 0;
+  if (push_run (b, blockcnt, *blocknr, 1, false) == -1) {
+    b->error = EXT2_ET_BAD_BLOCK_NUM;
+    return BLOCK_ABORT;
+  }
+  return 0;
+}
+
+static int
+build_indirect (struct builder *b)
+{
+  struct ext4fs_inode *ip = b->ip;
+  errcode_t e;
+
+  e = ext2fs_block_iterate3 (ip->fsi->fs, ip->ino,
+                             BLOCK_FLAG_DATA_ONLY | BLOCK_FLAG_READ_ONLY,
+                             NULL, ind_callback, b);
+  if (b->error)
+    return -1;
+  if (e) {
+    nbdkit_error ("inode %u: indirect blocks: %s", ip->ino, error_message (e));
+    return -1;
+  }
+  return 0;
+}
+
+struct ext4fs_map *
+bmap_build_locked (struct ext4fs_inode *ip, int *err)
+{
+  struct builder b = { .ip = ip };
+  int r = 0;
+
+  b.map = calloc (1, sizeof *b.map);
+  if (b.map == NULL) {
+    *err = errno;
+    nbdkit_error ("calloc: %m");
+    return NULL;
+  }
+  if (ip->inline_data)
+    r = 0;                      /* no blocks */
+  else if (ip->extents)
+    r = build_extents (&b);
+  else
+    r = build_indirect (&b);
+  if (r == -1) {
+    free (b.map);
+    *err = EIO;
+    return NULL;
+  }
+  return b.map;
+}
+
+const struct ext4fs_run *
+bmap_lookup (const struct ext4fs_map *map, uint64_t lblk, uint64_t *hole_end)
+{
+  size_t lo = 0, hi = map->n;
+
+  /* First run with run.lblk > lblk. */
+  while (lo < hi) {
+    size_t mid = lo + (hi - lo) / 2;
+    if (map->runs[mid].lblk <= lblk)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  if (lo > 0) {
+    const struct ext4fs_run *r = &map->runs[lo - 1];
+    if (lblk < r->lblk + r->len)
+      return r;
+  }
+  *hole_end = lo < map->n ? map->runs[lo].lblk : UINT64_MAX;
+  return NULL;
+}
+
+uint64_t
+bmap_goal (struct ext4fs_inode *ip, const struct ext4fs_map *map,
+           uint64_t lblk)
+{
+  size_t lo = 0, hi = map->n;
+
+  while (lo < hi) {
+    size_t mid = lo + (hi - lo) / 2;
+    if (map->runs[mid].lblk <= lblk)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  if (lo > 0) {
+    /* Keep the logical-to-physical offset of the run before, so that
+     * sequential writes into a sparse file stay contiguous.
+     */
+    const struct ext4fs_run *r = &map->runs[lo - 1];
+    uint64_t g = r->pblk + (lblk - r->lblk);
+    if (g < ip->fsi->blocks_count)
+      return g;
+  }
+  return 0;                     /* let libext2fs choose */
+}
+
+int64_t
+bmap_alloc_locked (struct ext4fs_fs *fsi, uint64_t goal, uint64_t len,
+                   uint64_t *pblk, int *err)
+{
+  ext2_filsys fs = fsi->fs;
+  uint64_t free_blocks = ext2fs_free_blocks_count (fs->super);
+  uint64_t reserved = ext2fs_r_blocks_count (fs->super) + META_MARGIN;
+  blk64_t start, n;
+  errcode_t e;
+
+  if (fsi->broken) {
+    *err = EIO;
+    nbdkit_error ("refusing to allocate: the filesystem was marked as "
+                  "having errors");
+    return -1;
+  }
+  if (free_blocks <= reserved) {
+    nbdkit_error ("no space left on the filesystem (%" PRIu64 " free blocks, "
+                  "%" PRIu64 " reserved)", free_blocks, reserved);
+    *err = ENOSPC;
+    return -1;
+  }
+  if (len > free_blocks - reserved)
+    len = free_blocks - reserved;
+  if (goal == 0)
+    goal = fsi->first_data_block;
+  e = ext2fs_new_range (fs, 0, goal, len, NULL, &start, &n);
+  if (e) {
+    nbdkit_error ("allocating %" PRIu64 " blocks: %s", len, error_message (e));
+    *err = e == EXT2_ET_BLOCK_ALLOC_FAIL ? ENOSPC : ext4fs_errcode_to_errno (e);
+    return -1;
+  }
+  if (n == 0 || n > len || start < fsi->first_data_block ||
+      start + n > fsi->blocks_count) {
+    nbdkit_error ("allocator returned an invalid range");
+    *err = EIO;
+    return -1;
+  }
+  ext2fs_block_alloc_stats_range (fs, start, n, +1);
+  *pblk = start;
+  return n;
+}
+
+void
+bmap_free_locked (struct ext4fs_fs *fsi, uint64_t pblk, uint64_t len)
+{
+  if (len > 0)
+    ext2fs_block_alloc_stats_range (fsi->fs, pblk, len, -1);
+}
+
+static int
+extent_error (struct ext4fs_inode *ip, const char *what, errcode_t e, int *err)
+{
+  nbdkit_error ("inode %u: %s: %s", ip->ino, what, error_message (e));
+  *err = ext4fs_errcode_to_errno (e);
+  return -1;
+}
+
+/* Insert one written extent of at most EXT_INIT_MAX_LEN blocks into a
+ * hole of an extent-mapped file, merging with the extent before when
+ * it is physically contiguous.
+ */
+static int
+extent_insert_one (struct ext4fs_inode *ip, uint64_t lblk, uint64_t pblk,
+                   uint32_t len, int *err)
+{
+  ext2_filsys fs = ip->fsi->fs;
+  ext2_extent_handle_t h;
+  struct ext2fs_extent ex, nex = {
+    .e_lblk = lblk, .e_pblk = pblk, .e_len = len,
+    .e_flags = EXT2_EXTENT_FLAGS_LEAF,
+  };
+  struct ext2_extent_info info;
+  errcode_t e;
+
+  e = ext2fs_extent_open2 (fs, ip->ino, (struct ext2_inode *) &ip->raw, &h);
+  if (e)
+    return extent_error (ip, "extent open", e, err);
+  e = ext2fs_extent_get_info (h, &info);
+  if (e)
+    goto fail;
+  if (info.max_depth == 0 && info.num_entries == 0) {
+    e = ext2fs_extent_insert (h, 0, &nex);
+    goto out;
+  }
+  e = ext2fs_extent_goto (h, lblk);
+  if (e == 0) {
+    ext2fs_extent_free (h);
+    nbdkit_error ("inode %u: logical block %" PRIu64 " is already mapped",
+                  ip->ino, lblk);
+    *err = EIO;
+    return -1;
+  }
+  if (e != EXT2_ET_EXTENT_NOT_FOUND)
+    goto fail;
+  e = ext2fs_extent_get (h, EXT2_EXTENT_CURRENT, &ex);
+  if (e)
+    goto fail;
+  if (!(ex.e_flags & EXT2_EXTENT_FLAGS_UNINIT) &&
+      ex.e_lblk + ex.e_len == lblk && ex.e_pblk + ex.e_len == pblk &&
+      (uint64_t) ex.e_len + len <= EXT_INIT_MAX_LEN) {
+    ex.e_len += len;
+    e = ext2fs_extent_replace (h, 0, &ex);
+  }
+  else if (lblk < ex.e_lblk)
+    e = ext2fs_extent_insert (h, 0, &nex);
+  else
+    e = ext2fs_extent_insert (h, EXT2_EXTENT_INSERT_AFTER, &nex);
+  if (e)
+    goto fail;
+  e = ext2fs_extent_fix_parents (h);
+ out:
+  if (e)
+    goto fail;
+  ext2fs_extent_free (h);
+  return 0;
+ fail:
+  ext2fs_extent_free (h);
+  return extent_error (ip, "extent insert", e, err);
+}
+
+int
+bmap_insert_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t pblk,
+                    uint64_t len, int *err)
+{
+  ext2_filsys fs = ip->fsi->fs;
+  errcode_t e;
+  uint64_t i;
+
+  if (ip->extents) {
+    for (i = 0; i < len; ) {
+      uint32_t n = len - i > EXT_INIT_MAX_LEN ? EXT_INIT_MAX_LEN : len - i;
+      if (extent_insert_one (ip, lblk + i, pblk + i, n, err) == -1)
+        goto fail;
+      i += n;
+    }
+  }
+  else {
+    for (i = 0; i < len; ++i) {
+      blk64_t p = pblk + i;
+      e = ext2fs_bmap2 (fs, ip->ino, (struct ext2_inode *) &ip->raw, NULL,
+                        BMAP_ALLOC | BMAP_SET, lblk + i, NULL, &p);
+      if (e) {
+        extent_error (ip, "mapping block", e, err);
+        goto fail;
+      }
+    }
+  }
+  e = ext2fs_iblk_add_blocks (fs, (struct ext2_inode *) &ip->raw, len);
+  if (e) {
+    extent_error (ip, "block count", e, err);
+    goto fail;
+  }
+  return inode_write_locked (ip, err);
+
+ fail:
+  /* Blocks [pblk+i, pblk+len) are not referenced: free them.  The ones
+   * already mapped stay, but i_blocks does not count them: metadata is
+   * inconsistent.
+   */
+  bmap_free_locked (ip->fsi, pblk + i, len - i);
+  if (i > 0) {
+    ext2fs_iblk_add_blocks (fs, (struct ext2_inode *) &ip->raw, i);
+    if (inode_write_locked (ip, err) == -1)
+      fs_set_broken_locked (ip->fsi, "inode block count not written");
+  }
+  return -1;
+}
+
+int
+bmap_convert_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t len,
+                     int *err)
+{
+  ext2_filsys fs = ip->fsi->fs;
+  ext2_extent_handle_t h;
+  struct ext2fs_extent ex, pieces[3];
+  int npieces = 0, i, written_piece = -1;
+  uint64_t end = lblk + len, ex_end;
+  errcode_t e;
+
+  e = ext2fs_extent_open2 (fs, ip->ino, (struct ext2_inode *) &ip->raw, &h);
+  if (e)
+    return extent_error (ip, "extent open", e, err);
+  e = ext2fs_extent_goto (h, lblk);
+  if (e)
+    goto fail;
+  e = ext2fs_extent_get (h, EXT2_EXTENT_CURRENT, &ex);
+  if (e)
+    goto fail;
+  ex_end = ex.e_lblk + ex.e_len;
+  if (!(ex.e_flags & EXT2_EXTENT_FLAGS_UNINIT) || lblk < ex.e_lblk ||
+      end > ex_end) {
+    ext2fs_extent_free (h);
+    nbdkit_error ("inode %u: blocks %" PRIu64 "-%" PRIu64 " are not inside "
+                  "one unwritten extent", ip->ino, lblk, end - 1);
+    *err = EIO;
+    return -1;
+  }
+  if (ex.e_lblk < lblk) {
+    pieces[npieces++] = (struct ext2fs_extent) {
+      .e_lblk = ex.e_lblk, .e_pblk = ex.e_pblk, .e_len = lblk - ex.e_lblk,
+      .e_flags = EXT2_EXTENT_FLAGS_LEAF | EXT2_EXTENT_FLAGS_UNINIT,
+    };
+  }
+  written_piece = npieces;
+  pieces[npieces++] = (struct ext2fs_extent) {
+    .e_lblk = lblk, .e_pblk = ex.e_pblk + (lblk - ex.e_lblk), .e_len = len,
+    .e_flags = EXT2_EXTENT_FLAGS_LEAF,
+  };
+  if (end < ex_end) {
+    pieces[npieces++] = (struct ext2fs_extent) {
+      .e_lblk = end, .e_pblk = ex.e_pblk + (end - ex.e_lblk),
+      .e_len = ex_end - end,
+      .e_flags = EXT2_EXTENT_FLAGS_LEAF | EXT2_EXTENT_FLAGS_UNINIT,
+    };
+  }
+  (void) written_piece;
+
+  e = ext2fs_extent_replace (h, 0, &pieces[0]);
+  if (e)
+    goto fail;
+  for (i = 1; i < npieces; ++i) {
+    e = ext2fs_extent_insert (h, EXT2_EXTENT_INSERT_AFTER, &pieces[i]);
+    if (e) {
+      /* The tree lost part of an unwritten extent. */
+      fs_set_broken_locked (ip->fsi, "splitting an unwritten extent failed");
+      goto fail;
+    }
+  }
+  e = ext2fs_extent_fix_parents (h);
+  if (e)
+    goto fail;
+  ext2fs_extent_free (h);
+  return inode_write_locked (ip, err);
+
+ fail:
+  ext2fs_extent_free (h);
+  return extent_error (ip, "converting unwritten extent", e, err);
+}

@@ -1,0 +1,53 @@
+/* ext4fs: block mapping.  Reading the map of a file (extent tree or
+ * indirect blocks) into runs, and changing it: allocating into holes,
+ * converting unwritten extents, punching.
+ */
+#ifndef EXT4FS_BMAP_H
+#define EXT4FS_BMAP_H
+
+#include "inode.h"
+
+/* Build the map of ip from ip->raw.  Caller holds fsi->lock.  Every
+ * physical block is checked against the filesystem.  Returns NULL with
+ * *err set on corrupt metadata.
+ */
+extern struct ext4fs_map *bmap_build_locked (struct ext4fs_inode *ip, int *err);
+
+/* Find the run containing lblk.  Returns it, or NULL for a hole and
+ * then *hole_end is the first mapped block after lblk (UINT64_MAX if
+ * none).
+ */
+extern const struct ext4fs_run *bmap_lookup (const struct ext4fs_map *map,
+                                             uint64_t lblk, uint64_t *hole_end);
+
+/* Allocate up to len contiguous free blocks near goal.  Returns the
+ * number allocated (>= 1) and the first in *pblk, or -1 with *err
+ * (ENOSPC when only the reserved blocks are left).  The blocks are
+ * marked in use in memory only; the caller writes data into them and
+ * then maps them, or frees them with bmap_free_locked.  Caller holds
+ * fsi->lock.
+ */
+extern int64_t bmap_alloc_locked (struct ext4fs_fs *fsi, uint64_t goal,
+                                  uint64_t len, uint64_t *pblk, int *err);
+extern void bmap_free_locked (struct ext4fs_fs *fsi, uint64_t pblk, uint64_t len);
+
+/* Map logical [lblk, lblk+len) (a hole) to physical [pblk, pblk+len),
+ * written.  Updates i_blocks and writes the inode.  Caller holds
+ * ip->lock exclusive and fsi->lock.
+ */
+extern int bmap_insert_locked (struct ext4fs_inode *ip, uint64_t lblk,
+                               uint64_t pblk, uint64_t len, int *err);
+
+/* Mark logical [lblk, lblk+len), which lies inside one unwritten run,
+ * as written.  Caller holds ip->lock exclusive and fsi->lock.
+ */
+extern int bmap_convert_locked (struct ext4fs_inode *ip, uint64_t lblk,
+                                uint64_t len, int *err);
+
+/* A goal for allocating logical block lblk: just after the physical
+ * block mapped before it, if any.
+ */
+extern uint64_t bmap_goal (struct ext4fs_inode *ip, const struct ext4fs_map *map,
+                           uint64_t lblk);
+
+#endif /* EXT4FS_BMAP_H */

@@ -1,0 +1,481 @@
+/* ext4fs: an nbdkit filter that serves files inside an ext2/ext3/ext4
+ * filesystem, to many clients at once, in parallel.
+ *
+ * This file holds only the nbdkit callbacks and the registration
+ * table: each callback validates and dispatches.  Every callback is
+ * decided explicitly: ext4fs never calls next() in .open (all I/O
+ * goes through one shared context, see io-manager/), so any callback
+ * left out would be sent to a NULL context and crash nbdkit, or, for
+ * .extents, report the image's map instead of the file's.
+ *
+ * Per-connection state (struct handle) is immutable after .open.
+ */
+
+#include <config.h>
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <nbdkit-filter.h>
+
+#include "exports.h"
+#include "fs.h"
+#include "inode.h"
+#include "rw.h"
+
+/* -D ext4fs.verbose=1 */
+NBDKIT_DLL_PUBLIC int ext4fs_debug_verbose;
+
+static const char *ext4file;    /* absolute path, or NULL in exportname mode */
+static bool exportname_mode;
+static const char *ext4root;    /* exportname mode only */
+static int final_model_serializes;
+
+struct handle {
+  struct ext4fs_fs *fsi;
+  struct ext4fs_inode *ip;
+  char *path;
+  bool can_write;
+};
+
+static int
+ext4fs_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
+               const char *key, const char *value)
+{
+  if (strcmp (key, "ext4file") == 0) {
+    if (ext4file || exportname_mode) {
+      nbdkit_error ("ext4file= must be given only once");
+      return -1;
+    }
+    if (strcmp (value, "exportname") == 0)
+      exportname_mode = true;
+    else
+      ext4file = value;
+    return 0;
+  }
+  if (strcmp (key, "ext4root") == 0) {
+    ext4root = value;
+    return 0;
+  }
+  return next (nxdata, key, value);
+}
+
+static int
+ext4fs_config_complete (nbdkit_next_config_complete *next,
+                        nbdkit_backend *nxdata)
+{
+  if (ext4file == NULL && !exportname_mode) {
+    nbdkit_error ("ext4file parameter missing: give ext4file=/path/in/fs "
+                  "(the file inside the filesystem to serve) or "
+                  "ext4file=exportname");
+    return -1;
+  }
+  if (ext4file && ext4file[0] != '/') {
+    nbdkit_error ("ext4file=%s: the path must be absolute (start with '/'), "
+                  "from the root of the filesystem", ext4file);
+    return -1;
+  }
+  if (ext4root) {
+    if (!exportname_mode) {
+      nbdkit_error ("ext4root= only makes sense with ext4file=exportname");
+      return -1;
+    }
+    if (ext4root[0] != '/') {
+      nbdkit_error ("ext4root=%s: the path must be absolute", ext4root);
+      return -1;
+    }
+  }
+  return next (nxdata);
+}
+
+#define ext4fs_config_help \
+  "ext4file=<PATH>        (required) Absolute path of the file to serve\n" \
+  "                       inside the filesystem, or 'exportname' to take\n" \
+  "                       the path from the client's export name.\n" \
+  "ext4root=<DIR>         With ext4file=exportname, serve only files\n" \
+  "                       under this directory."
+
+/* Fully parallel: libext2fs calls are serialized by our fs mutex and
+ * data I/O takes per-inode locks (DESIGN.md).
+ */
+static int
+ext4fs_thread_model (void)
+{
+  return NBDKIT_THREAD_MODEL_PARALLEL;
+}
+
+static int
+ext4fs_get_ready (int thread_model)
+{
+  /* A serializing plugin or filter underneath: our shared context is
+   * called from many connections at once, so serialize the calls.
+   */
+  final_model_serializes = thread_model < NBDKIT_THREAD_MODEL_PARALLEL;
+  return 0;
+}
+
+static int
+ext4fs_after_fork (nbdkit_backend *backend)
+{
+  struct ext4fs_fs *fsi;
+  int r = 0, err;
+  ext2_ino_t ino;
+
+  /* Validate now, read-only (we do not know about -r yet), so that a
+   * bad image or a bad fixed ext4file= stops nbdkit with a message.
+   */
+  if (fs_startup (backend, final_model_serializes) == -1)
+    return -1;
+  fsi = fs_get (1);
+  if (fsi == NULL)
+    return -1;
+  if (export_set_root (fsi, ext4root) == -1)
+    r = -1;
+  else if (ext4file && export_resolve (fsi, ext4file, 0, &ino, &err) == -1)
+    r = -1;
+  fs_put (fsi);
+  return r;
+}
+
+static void
+ext4fs_cleanup (nbdkit_backend *backend)
+{
+  fs_shutdown ();
+}
+
+static int
+ext4fs_list_exports (nbdkit_next_list_exports *next, nbdkit_backend *nxdata,
+                     int readonly, int is_tls,
+                     struct nbdkit_exports *exports)
+{
+  struct ext4fs_fs *fsi;
+  int r;
+
+  if (!exportname_mode)
+    return nbdkit_add_export (exports, "", ext4file);
+  fsi = fs_get (readonly);
+  if (fsi == NULL)
+    return -1;
+  r = export_list (fsi, exports);
+  fs_put (fsi);
+  return r;
+}
+
+static const char *
+ext4fs_default_export (nbdkit_next_default_export *next,
+                       nbdkit_backend *nxdata, int readonly, int is_tls)
+{
+  /* In exportname mode there is no default file: .open explains. */
+  return "";
+}
+
+static void *
+ext4fs_open (nbdkit_next_open *next, nbdkit_context *nxdata,
+             int readonly, const char *exportname, int is_tls)
+{
+  struct handle *h;
+  const char *path = exportname_mode ? exportname : ext4file;
+  ext2_ino_t ino;
+  int err;
+  uint32_t fl;
+
+  /* We do not call next: all I/O goes through the shared context. */
+  h = calloc (1, sizeof *h);
+  if (h == NULL) {
+    nbdkit_error ("calloc: %m");
+    return NULL;
+  }
+  h->path = strdup (path ? path : "");
+  if (h->path == NULL) {
+    nbdkit_error ("strdup: %m");
+    goto err0;
+  }
+  h->fsi = fs_get (readonly);
+  if (h->fsi == NULL)
+    goto err0;
+  if (export_resolve (h->fsi, path, exportname_mode, &ino, &err) == -1)
+    goto err1;
+  h->ip = inode_get (h->fsi, ino, &err);
+  if (h->ip == NULL)
+    goto err1;
+
+  fl = h->ip->raw.i_flags;
+  if (fl & EXT4_ENCRYPT_FL) {
+    nbdkit_error ("%s: the file is encrypted; its contents cannot be served",
+                  h->path);
+    goto err2;
+  }
+  h->can_write = !readonly && h->fsi->rw;
+  if (h->can_write) {
+    const char *why = NULL;
+
+    if (fl & EXT2_IMMUTABLE_FL)
+      why = "the file is immutable";
+    else if (fl & EXT2_APPEND_FL)
+      why = "the file is append-only";
+    else if (fl & EXT4_VERITY_FL)
+      why = "the file has fs-verity";
+    else if (fl & EXT4_INLINE_DATA_FL)
+      why = "the file's data is inline in its inode, which ext4fs "
+        "does not write";
+    if (why) {
+      nbdkit_debug ("ext4fs: %s: %s: serving it read-only", h->path, why);
+      fprintf (stderr, "nbdkit: ext4fs: %s: %s: serving it read-only\n",
+               h->path, why);
+      h->can_write = false;
+    }
+  }
+  return h;
+
+ err2:
+  inode_put (h->ip);
+ err1:
+  fs_put (h->fsi);
+ err0:
+  free (h->path);
+  free (h);
+  return NULL;
+}
+
+static int
+ext4fs_prepare (nbdkit_next *next, void *handle, int readonly)
+{
+  return 0;
+}
+
+static int
+ext4fs_finalize (nbdkit_next *next, void *handle)
+{
+  struct handle *h = handle;
+  int err;
+
+  /* nbdkit skips .close at shutdown but always runs .finalize: write
+   * back what this connection left dirty here.
+   */
+  if (h->can_write && fs_sync (h->fsi, &err) == -1)
+    return -1;
+  return 0;
+}
+
+static void
+ext4fs_close (void *handle)
+{
+  struct handle *h = handle;
+
+  inode_put (h->ip);
+  fs_put (h->fsi);
+  free (h->path);
+  free (h);
+}
+
+static int64_t
+ext4fs_get_size (nbdkit_next *next, void *handle)
+{
+  struct handle *h = handle;
+  return h->ip->size;
+}
+
+static const char *
+ext4fs_export_description (nbdkit_next *next, void *handle)
+{
+  struct handle *h = handle;
+
+  return nbdkit_printf_intern ("%s: %" PRIu64 " bytes, inode %u, in an "
+                               "ext2/3/4 filesystem", h->path,
+                               h->ip->size, h->ip->ino);
+}
+
+static int
+ext4fs_block_size (nbdkit_next *next, void *handle, uint32_t *minimum,
+                   uint32_t *preferred, uint32_t *maximum)
+{
+  struct handle *h = handle;
+  uint32_t pmin = 0, ppref = 0, pmax = 0;
+
+  if (ext4fs_dev_block_size (h->fsi->dev, &pmin, &ppref, &pmax) == -1)
+    return -1;
+  *minimum = 1;
+  *preferred = h->fsi->blocksize;
+  *maximum = 32 * 1024 * 1024;
+  /* A plugin that states a smaller maximum request limits ours (0/0/0
+   * means no constraint).
+   */
+  if (pmax > 0 && pmax < *maximum)
+    *maximum = pmax;
+  if (*preferred > *maximum)
+    *preferred = *maximum;
+  return 0;
+}
+
+static int
+ext4fs_can_write (nbdkit_next *next, void *handle)
+{
+  struct handle *h = handle;
+  return h->can_write;
+}
+
+static int
+ext4fs_can_flush (nbdkit_next *next, void *handle)
+{
+  return 1;
+}
+
+static int
+ext4fs_is_rotational (nbdkit_next *next, void *handle)
+{
+  struct handle *h = handle;
+  nbdkit_next *bg = ext4fs_dev_next (h->fsi->dev);
+  int r = bg->is_rotational (bg); /* cached at device creation */
+  return r == -1 ? 0 : r;
+}
+
+static int
+ext4fs_can_trim (nbdkit_next *next, void *handle)
+{
+  struct handle *h = handle;
+  return h->can_write;
+}
+
+static int
+ext4fs_can_zero (nbdkit_next *next, void *handle)
+{
+  struct handle *h = handle;
+  return h->can_write ? NBDKIT_ZERO_NATIVE : NBDKIT_ZERO_NONE;
+}
+
+static int
+ext4fs_can_fast_zero (nbdkit_next *next, void *handle)
+{
+  struct handle *h = handle;
+  return h->can_write;
+}
+
+static int
+ext4fs_can_extents (nbdkit_next *next, void *handle)
+{
+  /* Always: from the file's own map, never the plugin's. */
+  return 1;
+}
+
+static int
+ext4fs_can_fua (nbdkit_next *next, void *handle)
+{
+  return NBDKIT_FUA_NATIVE;     /* handled in rw.c */
+}
+
+static int
+ext4fs_can_multi_conn (nbdkit_next *next, void *handle)
+{
+  /* One filesystem, one inode object per file, one context: a flush on
+   * any connection covers writes completed on every connection.
+   */
+  return 1;
+}
+
+static int
+ext4fs_can_cache (nbdkit_next *next, void *handle)
+{
+  struct handle *h = handle;
+  return ext4fs_dev_can_cache (h->fsi->dev) == NBDKIT_CACHE_NATIVE
+    ? NBDKIT_CACHE_NATIVE : NBDKIT_CACHE_EMULATE;
+}
+
+static int
+ext4fs_pread (nbdkit_next *next, void *handle, void *buf, uint32_t count,
+              uint64_t offset, uint32_t flags, int *err)
+{
+  struct handle *h = handle;
+  return rw_pread (h->ip, buf, count, offset, err);
+}
+
+static int
+ext4fs_pwrite (nbdkit_next *next, void *handle, const void *buf,
+               uint32_t count, uint64_t offset, uint32_t flags, int *err)
+{
+  struct handle *h = handle;
+  return rw_pwrite (h->ip, buf, count, offset, flags, err);
+}
+
+static int
+ext4fs_flush (nbdkit_next *next, void *handle, uint32_t flags, int *err)
+{
+  struct handle *h = handle;
+  return fs_sync (h->fsi, err);
+}
+
+static int
+ext4fs_trim (nbdkit_next *next, void *handle, uint32_t count,
+             uint64_t offset, uint32_t flags, int *err)
+{
+  struct handle *h = handle;
+  return rw_trim (h->ip, count, offset, flags, err);
+}
+
+static int
+ext4fs_zero (nbdkit_next *next, void *handle, uint32_t count,
+             uint64_t offset, uint32_t flags, int *err)
+{
+  struct handle *h = handle;
+  return rw_zero (h->ip, count, offset, flags, err);
+}
+
+static int
+ext4fs_extents (nbdkit_next *next, void *handle, uint32_t count,
+                uint64_t offset, uint32_t flags,
+                struct nbdkit_extents *extents, int *err)
+{
+  struct handle *h = handle;
+  return rw_extents (h->ip, count, offset, flags, extents, err);
+}
+
+static int
+ext4fs_cache (nbdkit_next *next, void *handle, uint32_t count,
+              uint64_t offset, uint32_t flags, int *err)
+{
+  struct handle *h = handle;
+  return rw_cache (h->ip, count, offset, err);
+}
+
+static struct nbdkit_filter filter = {
+  .name               = "ext4fs",
+  .longname           = "nbdkit ext2/ext3/ext4 parallel filter",
+  .config             = ext4fs_config,
+  .config_complete    = ext4fs_config_complete,
+  .config_help        = ext4fs_config_help,
+  .thread_model       = ext4fs_thread_model,
+  .get_ready          = ext4fs_get_ready,
+  .after_fork         = ext4fs_after_fork,
+  .cleanup            = ext4fs_cleanup,
+  .list_exports       = ext4fs_list_exports,
+  .default_export     = ext4fs_default_export,
+  .open               = ext4fs_open,
+  .prepare            = ext4fs_prepare,
+  .finalize           = ext4fs_finalize,
+  .close              = ext4fs_close,
+  .get_size           = ext4fs_get_size,
+  .export_description = ext4fs_export_description,
+  .block_size         = ext4fs_block_size,
+  .can_write          = ext4fs_can_write,
+  .can_flush          = ext4fs_can_flush,
+  .is_rotational      = ext4fs_is_rotational,
+  .can_trim           = ext4fs_can_trim,
+  .can_zero           = ext4fs_can_zero,
+  .can_fast_zero      = ext4fs_can_fast_zero,
+  .can_extents        = ext4fs_can_extents,
+  .can_fua            = ext4fs_can_fua,
+  .can_multi_conn     = ext4fs_can_multi_conn,
+  .can_cache          = ext4fs_can_cache,
+  .pread              = ext4fs_pread,
+  .pwrite             = ext4fs_pwrite,
+  .flush              = ext4fs_flush,
+  .trim               = ext4fs_trim,
+  .zero               = ext4fs_zero,
+  .extents            = ext4fs_extents,
+  .cache              = ext4fs_cache,
+};
+
+NBDKIT_REGISTER_FILTER (filter)

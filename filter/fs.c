@@ -1,0 +1,548 @@
+/* ext4fs: filesystem lifetime.
+ *
+ * Owns: the registry (the one struct ext4fs_fs of the process and its
+ * user count), the shared background context under it, the startup
+ * gate (features and state we refuse), the clean/unclean marking, and
+ * metadata writeback (bitmaps, group descriptors, superblock) of only
+ * what is dirty.
+ *
+ * Locks: reg_lock (the registry lock, outermost) protects the_fs and
+ * fs_users; it is held while opening or closing an instance.
+ * fsi->lock (the fs mutex) covers every libext2fs call on the
+ * instance, see fs.h.  fs_sync takes the inode table lock (inside
+ * inode_sync_times) and then fsi->lock.
+ *
+ * Lifetime: fs_startup (.after_fork) opens the filesystem read-only to
+ * validate it, and keeps that instance.  The first connection that may
+ * write (it is only then that we know -r was not given) replaces the
+ * instance by a read-write one if no connection uses the read-only one
+ * yet.  The instance then stays open until fs_shutdown (.cleanup):
+ * reopening would cost a bitmap load and lose nothing but memory.
+ */
+
+#include <config.h>
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cleanup.h"
+#include "fs.h"
+#include "inode.h"
+
+static pthread_mutex_t reg_lock = PTHREAD_MUTEX_INITIALIZER;
+/* Protected by reg_lock: */
+static nbdkit_backend *the_backend;
+static int serializes;
+static struct ext4fs_fs *the_fs;
+static unsigned fs_users;
+static bool rw_refused_plugin;  /* the plugin cannot write: stay RO */
+
+/* libext2fs calls these (under fsi->lock) for every block it
+ * allocates or frees, ours and its own (extent tree and indirect
+ * blocks): the groups to write back at the next sync.
+ */
+static void
+alloc_stats_cb (ext2_filsys fs, blk64_t blk, int inuse)
+{
+  fs_group_dirty_locked (fs->priv_data, blk, 1);
+}
+
+static void
+alloc_stats_range_cb (ext2_filsys fs, blk64_t blk, blk_t num, int inuse)
+{
+  fs_group_dirty_locked (fs->priv_data, blk, num);
+}
+
+/* Refuse to write to filesystems whose features or state we cannot
+ * keep consistent.  Read-only access works for all of them (but for a
+ * journal that needs recovery we warn: the newest data may be in the
+ * journal only).
+ */
+static int
+check_features (ext2_filsys fs, bool rw)
+{
+  struct ext2_super_block *sb = fs->super;
+  static const struct { int kind; uint32_t mask; const char *name; } no_write[] = {
+    { 0, EXT3_FEATURE_INCOMPAT_RECOVER, NULL }, /* handled below */
+    { 0, EXT4_FEATURE_INCOMPAT_MMP, "mmp (multi-mount protection)" },
+    { 0, EXT4_FEATURE_INCOMPAT_ENCRYPT, "encrypt" },
+    { 0, EXT4_FEATURE_INCOMPAT_CASEFOLD, "casefold" },
+    { 1, EXT4_FEATURE_RO_COMPAT_BIGALLOC, "bigalloc" },
+    { 1, EXT4_FEATURE_RO_COMPAT_QUOTA, "quota" },
+    { 1, EXT4_FEATURE_RO_COMPAT_VERITY, "verity" },
+    { 1, EXT4_FEATURE_RO_COMPAT_SHARED_BLOCKS, "shared_blocks" },
+    { 1, EXT4_FEATURE_RO_COMPAT_READONLY, "read-only" },
+    { 1, EXT4_FEATURE_RO_COMPAT_ORPHAN_PRESENT, "orphan_present" },
+  };
+  size_t i;
+
+  if (sb->s_feature_incompat & EXT3_FEATURE_INCOMPAT_JOURNAL_DEV) {
+    nbdkit_error ("the image is an external ext3/ext4 journal device, "
+                  "not a filesystem");
+    return -1;
+  }
+  if (sb->s_feature_incompat & EXT3_FEATURE_INCOMPAT_RECOVER) {
+    if (rw) {
+      nbdkit_error ("the filesystem's journal needs recovery (it was not "
+                    "unmounted cleanly) and ext4fs cannot replay a journal: "
+                    "run 'e2fsck -E journal_only IMAGE' (or mount and unmount "
+                    "it once) first, or serve it read-only with nbdkit -r");
+      return -1;
+    }
+    nbdkit_debug ("warning: the filesystem's journal needs recovery; "
+                  "serving it read-only without replaying the journal, so "
+                  "the most recent changes may be missing");
+    fprintf (stderr, "nbdkit: ext4fs: warning: the filesystem's journal "
+             "needs recovery; serving read-only without replaying it: "
+             "recent changes may be missing\n");
+  }
+  if (!rw)
+    return 0;
+  if (sb->s_state & EXT2_ERROR_FS) {
+    nbdkit_error ("the filesystem is marked as having errors: run "
+                  "'e2fsck -f IMAGE' before writing to it, or serve it "
+                  "read-only with nbdkit -r");
+    return -1;
+  }
+  for (i = 1; i < sizeof no_write / sizeof no_write[0]; ++i) {
+    uint32_t f = no_write[i].kind == 0 ? sb->s_feature_incompat
+                                       : sb->s_feature_ro_compat;
+    if (f & no_write[i].mask) {
+      nbdkit_error ("the filesystem has the '%s' feature, which ext4fs "
+                    "cannot write safely: serve it read-only with nbdkit -r",
+                    no_write[i].name);
+      return -1;
+    }
+  }
+  return 0;
+}
+
+/* Open the shared context and the filesystem.  Caller holds reg_lock. */
+static struct ext4fs_fs *
+fs_open (bool rw)
+{
+  struct ext4fs_fs *fsi;
+  nbdkit_next *next;
+  errcode_t e;
+  int flags;
+  uint64_t need;
+
+  fsi = calloc (1, sizeof *fsi);
+  if (fsi == NULL) {
+    nbdkit_error ("calloc: %m");
+    return NULL;
+  }
+  pthread_mutex_init (&fsi->lock, NULL);
+
+  next = nbdkit_next_context_open (the_backend, !rw, "", 1);
+  if (next == NULL && rw) {
+    nbdkit_debug ("the plugin cannot be opened read-write; "
+                  "serving read-only");
+    rw = false;
+    rw_refused_plugin = true;
+    next = nbdkit_next_context_open (the_backend, 1, "", 1);
+  }
+  if (next == NULL) {
+    nbdkit_error ("could not open the plugin underneath ext4fs");
+    goto err0;
+  }
+  if (next->prepare (next) == -1)
+    goto err1;
+  fsi->next = next;
+  fsi->dev = ext4fs_dev_new (next, serializes);
+  if (fsi->dev == NULL)
+    goto err2;
+  if (rw && ext4fs_dev_can_write (fsi->dev) != 1) {
+    nbdkit_debug ("the plugin is read-only; serving read-only");
+    rw = false;
+    rw_refused_plugin = true;
+  }
+
+  flags = EXT2_FLAG_64BITS | EXT2_FLAG_THREADS | EXT2_FLAG_SKIP_MMP;
+  if (rw)
+    flags |= EXT2_FLAG_RW;
+  e = ext2fs_open2 (ext4fs_dev_name (fsi->dev), NULL, flags, 0, 0,
+                    ext4fs_io_manager, &fsi->fs);
+  if (e) {
+    if (e == EXT2_ET_BAD_MAGIC || e == EXT2_ET_SB_CSUM_INVALID ||
+        e == EXT2_ET_CORRUPT_SUPERBLOCK)
+      nbdkit_error ("the image does not contain a valid ext2/ext3/ext4 "
+                    "filesystem: %s", error_message (e));
+    else if (e == EXT2_ET_UNSUPP_FEATURE)
+      nbdkit_error ("the filesystem has incompatible features that "
+                    "libext2fs does not support: %s", error_message (e));
+    else if (e == EXT2_ET_RO_UNSUPP_FEATURE)
+      nbdkit_error ("the filesystem has features that libext2fs cannot "
+                    "write: serve it read-only with nbdkit -r (%s)",
+                    error_message (e));
+    else
+      nbdkit_error ("could not open the filesystem: %s", error_message (e));
+    fsi->fs = NULL;
+    goto err3;
+  }
+  fsi->rw = rw;
+  fsi->blocksize = fsi->fs->blocksize;
+  fsi->blockbits = 10 + fsi->fs->super->s_log_block_size;
+  fsi->blocks_count = ext2fs_blocks_count (fsi->fs->super);
+  fsi->first_data_block = fsi->fs->super->s_first_data_block;
+  fsi->orig_state = fsi->fs->super->s_state;
+
+  /* Does the filesystem fit in the device? */
+  if (__builtin_mul_overflow (fsi->blocks_count, (uint64_t) fsi->blocksize,
+                              &need) ||
+      need > ext4fs_dev_size (fsi->dev)) {
+    nbdkit_error ("the filesystem needs %" PRIu64 " bytes but the device "
+                  "is only %" PRIu64 " bytes (truncated image?)",
+                  fsi->blocks_count * fsi->blocksize,
+                  ext4fs_dev_size (fsi->dev));
+    goto err4;
+  }
+  if (check_features (fsi->fs, rw) == -1)
+    goto err4;
+  if (rw) {
+    e = ext2fs_read_bitmaps (fsi->fs);
+    if (e) {
+      nbdkit_error ("could not read the filesystem's bitmaps: %s",
+                    error_message (e));
+      goto err4;
+    }
+    fsi->dirty_groups = calloc (fsi->fs->group_desc_count, 1);
+    if (fsi->dirty_groups == NULL) {
+      nbdkit_error ("calloc: %m");
+      goto err4;
+    }
+    fsi->fs->priv_data = fsi;
+    ext2fs_set_block_alloc_stats_callback (fsi->fs, alloc_stats_cb, NULL);
+    ext2fs_set_block_alloc_stats_range_callback (fsi->fs,
+                                                 alloc_stats_range_cb, NULL);
+  }
+  nbdkit_debug ("ext4fs: opened filesystem %s, %u byte blocks, "
+                "%" PRIu64 " blocks",
+                rw ? "read-write" : "read-only", fsi->blocksize,
+                fsi->blocks_count);
+  return fsi;
+
+ err4:
+  ext2fs_close_free (&fsi->fs);  /* nothing is dirty: writes nothing */
+ err3:
+  ext4fs_dev_free (fsi->dev);
+ err2:
+  next->finalize (next);
+ err1:
+  nbdkit_next_context_close (next);
+ err0:
+  free (fsi->dirty_groups);
+  pthread_mutex_destroy (&fsi->lock);
+  free (fsi);
+  return NULL;
+}
+
+/* Close an instance: write back, mark clean, close, release the
+ * context.  Caller holds reg_lock and no one else uses fsi.
+ */
+static void
+fs_close (struct ext4fs_fs *fsi)
+{
+  errcode_t e;
+  int err;
+
+  if (fsi->fs) {
+    pthread_mutex_lock (&fsi->lock);
+    if (fsi->rw) {
+      if (fsi->marked_unclean && !fsi->broken) {
+        fsi->fs->super->s_state = fsi->orig_state;
+        ext2fs_mark_super_dirty (fsi->fs);
+      }
+      else if (fsi->broken) {
+        fsi->fs->super->s_state |= EXT2_ERROR_FS;
+        ext2fs_mark_super_dirty (fsi->fs);
+      }
+    }
+    e = ext2fs_close2 (fsi->fs, 0);
+    if (e) {
+      nbdkit_error ("closing the filesystem: %s", error_message (e));
+      ext2fs_free (fsi->fs);
+    }
+    fsi->fs = NULL;
+    pthread_mutex_unlock (&fsi->lock);
+  }
+  if (fsi->rw)
+    ext4fs_dev_flush (fsi->dev, &err);
+  ext4fs_dev_free (fsi->dev);
+  fsi->next->finalize (fsi->next);
+  nbdkit_next_context_close (fsi->next);
+  free (fsi->dirty_groups);
+  pthread_mutex_destroy (&fsi->lock);
+  free (fsi);
+}
+
+int
+fs_startup (nbdkit_backend *backend, int final_model_serializes)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&reg_lock);
+
+  the_backend = backend;
+  serializes = final_model_serializes;
+  the_fs = fs_open (false);
+  return the_fs ? 0 : -1;
+}
+
+struct ext4fs_fs *
+fs_get (int readonly)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&reg_lock);
+
+  if (the_fs && !readonly && !the_fs->rw && !rw_refused_plugin) {
+    if (fs_users > 0) {
+      /* Only possible when a filter above us makes some connections
+       * read-only and others not.  Do not pull the filesystem from
+       * under the connections using it.
+       */
+      nbdkit_debug ("ext4fs: filesystem is open read-only by another "
+                    "connection; this connection is read-only too");
+    }
+    else {
+      fs_close (the_fs);
+      the_fs = NULL;
+    }
+  }
+  if (the_fs == NULL) {
+    the_fs = fs_open (!readonly);
+    if (the_fs == NULL)
+      return NULL;
+  }
+  fs_users++;
+  return the_fs;
+}
+
+void
+fs_put (struct ext4fs_fs *fsi)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&reg_lock);
+
+  assert (fs_users > 0);
+  fs_users--;
+}
+
+void
+fs_shutdown (void)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&reg_lock);
+
+  if (the_fs) {
+    int err;
+
+    if (the_fs->rw) {
+      inode_sync_times (the_fs);
+      pthread_mutex_lock (&the_fs->lock);
+      fs_writeback_locked (the_fs, &err);
+      pthread_mutex_unlock (&the_fs->lock);
+    }
+    fs_close (the_fs);
+    the_fs = NULL;
+  }
+}
+
+/*----------------------------------------------------------------------
+ * Writeback.
+ */
+
+/* Write the primary superblock from memory, with a fresh checksum. */
+static int
+write_super_locked (struct ext4fs_fs *fsi, int *err)
+{
+  ext2_filsys fs = fsi->fs;
+
+  fs->super->s_wtime = time (NULL);
+  ext2fs_superblock_csum_set (fs, fs->super);
+  if (ext4fs_dev_pwrite (fsi->dev, fs->super, SUPERBLOCK_SIZE,
+                         SUPERBLOCK_OFFSET, 0, err) == -1)
+    return -1;
+  /* ext2fs_close2 writes only the bytes that differ from orig_super:
+   * keep it equal to what is on disk now.
+   */
+  if (fs->orig_super)
+    memcpy (fs->orig_super, fs->super, SUPERBLOCK_SIZE);
+  return 0;
+}
+
+int
+fs_begin_write (struct ext4fs_fs *fsi, int *err)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&fsi->lock);
+
+  if (!fsi->rw) {
+    *err = EROFS;
+    return -1;
+  }
+  if (fsi->broken) {
+    nbdkit_error ("the filesystem was marked as having errors earlier in "
+                  "this session; refusing to change it further");
+    *err = EIO;
+    return -1;
+  }
+  if (fsi->marked_unclean)
+    return 0;
+  /* Clear VALID_FS on disk before anything else changes, so that a
+   * crash from now on makes e2fsck check the filesystem.
+   */
+  fsi->fs->super->s_state &= ~EXT2_VALID_FS;
+  if (write_super_locked (fsi, err) == -1 ||
+      ext4fs_dev_flush (fsi->dev, err) == -1) {
+    fsi->fs->super->s_state = fsi->orig_state;
+    return -1;
+  }
+  fsi->marked_unclean = true;
+  return 0;
+}
+
+void
+fs_group_dirty_locked (struct ext4fs_fs *fsi, uint64_t blk, uint64_t count)
+{
+  ext2_filsys fs = fsi->fs;
+  dgrp_t g, last;
+
+  if (count == 0)
+    return;
+  g = ext2fs_group_of_blk2 (fs, blk);
+  last = ext2fs_group_of_blk2 (fs, blk + count - 1);
+  for (; g <= last; ++g)
+    fsi->dirty_groups[g] = 1;
+  fsi->super_dirty = true;
+}
+
+void
+fs_set_broken_locked (struct ext4fs_fs *fsi, const char *why)
+{
+  nbdkit_error ("filesystem metadata may be inconsistent (%s): marking "
+                "the filesystem as having errors; run e2fsck", why);
+  fsi->broken = true;
+  fsi->fs->super->s_state |= EXT2_ERROR_FS;
+  fsi->super_dirty = true;
+}
+
+/* Write group g's block bitmap, as libext2fs's write_bitmaps would. */
+static int
+write_block_bitmap_locked (struct ext4fs_fs *fsi, dgrp_t g, char *buf,
+                           int *err)
+{
+  ext2_filsys fs = fsi->fs;
+  unsigned nbytes = EXT2_CLUSTERS_PER_GROUP (fs->super) / 8;
+  blk64_t start = EXT2FS_B2C (fs, fs->super->s_first_data_block) +
+    (blk64_t) g * (nbytes << 3);
+  blk64_t loc;
+  errcode_t e;
+  unsigned j, nbits;
+
+  if (ext2fs_has_group_desc_csum (fs) &&
+      ext2fs_bg_flags_test (fs, g, EXT2_BG_BLOCK_UNINIT))
+    return 0;
+  memset (buf, 0xff, fsi->blocksize);
+  e = ext2fs_get_block_bitmap_range2 (fs->block_map, start, nbytes << 3, buf);
+  if (e)
+    goto fail;
+  if (g == fs->group_desc_count - 1) {
+    /* Padding bits past the end of the filesystem are set. */
+    nbits = EXT2FS_NUM_B2C (fs, ((ext2fs_blocks_count (fs->super) -
+                                  (uint64_t) fs->super->s_first_data_block) %
+                                 (uint64_t) EXT2_BLOCKS_PER_GROUP (fs->super)));
+    if (nbits)
+      for (j = nbits; j < fsi->blocksize * 8; j++)
+        ext2fs_set_bit (j, buf);
+  }
+  e = ext2fs_block_bitmap_csum_set (fs, g, buf, nbytes);
+  if (e)
+    goto fail;
+  ext2fs_group_desc_csum_set (fs, g);
+  loc = ext2fs_block_bitmap_loc (fs, g);
+  if (loc == 0 || loc >= fsi->blocks_count) {
+    nbdkit_error ("group %u: block bitmap location %llu is invalid",
+                  g, (unsigned long long) loc);
+    *err = EIO;
+    return -1;
+  }
+  return ext4fs_dev_pwrite (fsi->dev, buf, fsi->blocksize,
+                            loc << fsi->blockbits, 0, err);
+ fail:
+  nbdkit_error ("group %u: block bitmap: %s", g, error_message (e));
+  *err = ext4fs_errcode_to_errno (e);
+  return -1;
+}
+
+int
+fs_writeback_locked (struct ext4fs_fs *fsi, int *err)
+{
+  ext2_filsys fs = fsi->fs;
+  unsigned per_block = EXT2_DESC_PER_BLOCK (fs->super);
+  CLEANUP_FREE char *buf = NULL;
+  dgrp_t g;
+  int64_t last_desc_blk = -1;
+
+  if (!fsi->rw || !fsi->super_dirty)
+    return 0;
+  buf = malloc (fsi->blocksize);
+  if (buf == NULL) {
+    *err = errno;
+    nbdkit_error ("malloc: %m");
+    return -1;
+  }
+  /* Bitmaps first: their checksums live in the group descriptors. */
+  for (g = 0; g < fs->group_desc_count; ++g) {
+    if (!fsi->dirty_groups[g])
+      continue;
+    if (write_block_bitmap_locked (fsi, g, buf, err) == -1)
+      return -1;
+  }
+  /* Then the primary group descriptor blocks holding dirty groups. */
+  for (g = 0; g < fs->group_desc_count; ++g) {
+    int64_t d = g / per_block;
+    blk64_t loc;
+
+    if (!fsi->dirty_groups[g] || d == last_desc_blk)
+      continue;
+    last_desc_blk = d;
+    loc = ext2fs_descriptor_block_loc2 (fs, fs->super->s_first_data_block, d);
+    if (loc == 0 || loc >= fsi->blocks_count) {
+      nbdkit_error ("group descriptor block %" PRIi64 " has an invalid "
+                    "location", d);
+      *err = EIO;
+      return -1;
+    }
+    if (ext4fs_dev_pwrite (fsi->dev,
+                           (char *) fs->group_desc + d * fsi->blocksize,
+                           fsi->blocksize, loc << fsi->blockbits, 0,
+                           err) == -1)
+      return -1;
+  }
+  /* Then the superblock (free counts). */
+  if (write_super_locked (fsi, err) == -1)
+    return -1;
+  memset (fsi->dirty_groups, 0, fs->group_desc_count);
+  fsi->super_dirty = false;
+  /* libext2fs's own flags stay dirty: ext2fs_close2 at shutdown then
+   * also refreshes the backup superblocks and descriptors.
+   */
+  return 0;
+}
+
+int
+fs_sync (struct ext4fs_fs *fsi, int *err)
+{
+  if (fsi->rw) {
+    int r;
+
+    if (inode_sync_times (fsi) == -1) {
+      *err = EIO;
+      return -1;
+    }
+    pthread_mutex_lock (&fsi->lock);
+    r = fs_writeback_locked (fsi, err);
+    pthread_mutex_unlock (&fsi->lock);
+    if (r == -1)
+      return -1;
+  }
+  return ext4fs_dev_flush (fsi->dev, err);
+}

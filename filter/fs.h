@@ -1,0 +1,87 @@
+/* ext4fs: the one filesystem instance of the process.
+ *
+ * Lock order (DESIGN.md): registry lock > inode table lock > inode
+ * rwlock > block stripe lock > fs->lock > context mutex (io-manager).
+ */
+#ifndef EXT4FS_FS_H
+#define EXT4FS_FS_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#define NO_INLINE_FUNCS
+#include <ext2fs/ext2fs.h>
+#include <nbdkit-filter.h>
+
+#include "io.h"
+
+struct ext4fs_fs {
+  ext2_filsys fs;             /* every libext2fs call holds ->lock */
+  struct ext4fs_dev *dev;     /* thread-safe, no lock needed */
+  nbdkit_next *next;          /* the shared context */
+  bool rw;                    /* opened read-write (immutable) */
+  unsigned blocksize;         /* immutable */
+  unsigned blockbits;         /* log2 (blocksize), immutable */
+  uint64_t blocks_count;      /* immutable (we never resize) */
+  uint64_t first_data_block;  /* immutable */
+
+  /* "The fs mutex".  Protects: every libext2fs call on ->fs and all
+   * fields below.  Never held across file data I/O; never held while
+   * waiting for an inode rwlock.
+   */
+  pthread_mutex_t lock;
+  bool marked_unclean;        /* VALID_FS cleared on disk by us */
+  uint16_t orig_state;        /* s_state at open */
+  uint8_t *dirty_groups;      /* one byte per group: bitmap/desc dirty */
+  bool super_dirty;           /* superblock (free counts) dirty */
+  bool broken;                /* metadata may be inconsistent: no more allocation */
+};
+
+/* Called once from .after_fork: open read-only, check the filesystem
+ * and the fixed ext4file (if any).  Returns -1 after nbdkit_error, and
+ * nbdkit exits.
+ */
+extern int fs_startup (nbdkit_backend *backend, int final_model_serializes);
+
+/* Get (and reference) the instance, opening it if needed.  A read-write
+ * request gets a read-write instance if the plugin and the filesystem
+ * allow writing, else a read-only one with a message; a read-write
+ * request that the filesystem's state forbids (journal needs recovery,
+ * errors, unsupported features) fails rather than silently becoming
+ * read-only.  Returns NULL after nbdkit_error.
+ */
+extern struct ext4fs_fs *fs_get (int readonly);
+extern void fs_put (struct ext4fs_fs *fsi);
+
+/* .cleanup: write everything back, mark clean, close. */
+extern void fs_shutdown (void);
+
+/* Before the first change to the image in this process: clear VALID_FS
+ * on disk (and flush), so that a crash makes e2fsck check it.  Cheap
+ * after the first call.  Returns -1 with *err set.
+ */
+extern int fs_begin_write (struct ext4fs_fs *fsi, int *err);
+
+/* Record a block group whose bitmap / descriptor changed.  Caller holds
+ * fsi->lock.
+ */
+extern void fs_group_dirty_locked (struct ext4fs_fs *fsi, uint64_t blk, uint64_t count);
+
+/* Write back dirty metadata (inode times, bitmaps, group descriptors,
+ * superblock) and flush the plugin: after this returns 0, every write
+ * completed before the call is durable.  Takes inode table lock, then
+ * fsi->lock.
+ */
+extern int fs_sync (struct ext4fs_fs *fsi, int *err);
+
+/* Like fs_sync but without the plugin flush (caller holds fsi->lock). */
+extern int fs_writeback_locked (struct ext4fs_fs *fsi, int *err);
+
+/* Mark the filesystem as having errors (metadata could not be kept
+ * consistent): no more allocation in this process.  Caller holds
+ * fsi->lock.
+ */
+extern void fs_set_broken_locked (struct ext4fs_fs *fsi, const char *why);
+
+#endif /* EXT4FS_FS_H */

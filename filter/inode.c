@@ -1,0 +1,244 @@
+/* ext4fs: the shared inode table (iget/iput).
+ *
+ * Owns: the hash table of open inodes, their reference counts, the
+ * one in-memory copy of each open inode, the cached block map and its
+ * generation, and lazy mtime/ctime.
+ *
+ * Locks: itable_lock (the inode table lock; below the registry lock,
+ * above every inode rwlock) protects the hash chains and reference
+ * counts.  It is held while an inode is loaded (which takes fsi->lock
+ * inside it) so that two openers of one inode share one object.
+ * ip->map_lock serializes building the map of one inode; it is taken
+ * with ip->lock held and takes fsi->lock inside.  See DESIGN.md.
+ */
+
+#include <config.h>
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "bmap.h"
+#include "cleanup.h"
+#include "inode.h"
+
+#define NBUCKETS 1024
+
+static pthread_mutex_t itable_lock = PTHREAD_MUTEX_INITIALIZER;
+/* Protected by itable_lock: */
+static struct ext4fs_inode *buckets[NBUCKETS];
+
+static struct ext4fs_inode **
+bucket (ext2_ino_t ino)
+{
+  return &buckets[(ino * 2654435761u) % NBUCKETS];
+}
+
+/* Read inode ino from disk into a new object.  Caller holds
+ * itable_lock.
+ */
+static struct ext4fs_inode *
+inode_load (struct ext4fs_fs *fsi, ext2_ino_t ino, int *err)
+{
+  struct ext4fs_inode *ip;
+  errcode_t e;
+
+  if (ino < 1 || ino > fsi->fs->super->s_inodes_count) {
+    nbdkit_error ("inode %u is out of range", ino);
+    *err = EIO;
+    return NULL;
+  }
+  ip = calloc (1, sizeof *ip);
+  if (ip == NULL) {
+    *err = errno;
+    nbdkit_error ("calloc: %m");
+    return NULL;
+  }
+  ip->ino = ino;
+  ip->fsi = fsi;
+  ip->refcnt = 1;
+  pthread_rwlock_init (&ip->lock, NULL);
+  pthread_mutex_init (&ip->map_lock, NULL);
+
+  pthread_mutex_lock (&fsi->lock);
+  e = ext2fs_read_inode_full (fsi->fs, ino, (struct ext2_inode *) &ip->raw,
+                              sizeof ip->raw);
+  if (e == 0 && (ip->raw.i_flags & EXT4_INLINE_DATA_FL)) {
+    size_t sz = 0;
+
+    e = ext2fs_inline_data_size (fsi->fs, ino, &sz);
+    if (e == 0) {
+      ip->inline_buf = calloc (1, sz < EXT4_MIN_INLINE_DATA_SIZE
+                               ? EXT4_MIN_INLINE_DATA_SIZE : sz);
+      if (ip->inline_buf == NULL)
+        e = EXT2_ET_NO_MEMORY;
+      else
+        e = ext2fs_inline_data_get (fsi->fs, ino,
+                                    (struct ext2_inode *) &ip->raw,
+                                    ip->inline_buf, &sz);
+      ip->inline_len = sz;
+    }
+  }
+  pthread_mutex_unlock (&fsi->lock);
+  if (e) {
+    nbdkit_error ("reading inode %u: %s", ino, error_message (e));
+    *err = ext4fs_errcode_to_errno (e);
+    goto fail;
+  }
+  ip->size = EXT2_I_SIZE (&ip->raw);
+  ip->extents = (ip->raw.i_flags & EXT4_EXTENTS_FL) != 0;
+  ip->inline_data = (ip->raw.i_flags & EXT4_INLINE_DATA_FL) != 0;
+  if (ip->inline_data && ip->inline_len > ip->size)
+    ip->inline_len = ip->size;
+  return ip;
+
+ fail:
+  free (ip->inline_buf);
+  pthread_rwlock_destroy (&ip->lock);
+  pthread_mutex_destroy (&ip->map_lock);
+  free (ip);
+  return NULL;
+}
+
+struct ext4fs_inode *
+inode_get (struct ext4fs_fs *fsi, ext2_ino_t ino, int *err)
+{
+  struct ext4fs_inode **b, *ip;
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&itable_lock);
+
+  b = bucket (ino);
+  for (ip = *b; ip; ip = ip->hnext) {
+    if (ip->ino == ino && ip->fsi == fsi) {
+      ip->refcnt++;
+      return ip;
+    }
+  }
+  ip = inode_load (fsi, ino, err);
+  if (ip == NULL)
+    return NULL;
+  ip->hnext = *b;
+  *b = ip;
+  return ip;
+}
+
+/* Write pending times of one inode.  Caller holds itable_lock. */
+static int
+sync_one_locked (struct ext4fs_inode *ip)
+{
+  int64_t t = __atomic_exchange_n (&ip->dirty_time, 0, __ATOMIC_ACQ_REL);
+  int err, r;
+
+  if (t == 0)
+    return 0;
+  pthread_mutex_lock (&ip->fsi->lock);
+  ip->raw.i_mtime = ip->raw.i_ctime = (uint32_t) t;
+  if (EXT2_INODE_SIZE (ip->fsi->fs->super) > EXT2_GOOD_OLD_INODE_SIZE &&
+      ip->raw.i_extra_isize >= offsetof (struct ext2_inode_large, i_crtime) -
+      EXT2_GOOD_OLD_INODE_SIZE) {
+    /* Epoch bits above 32 bits, nanoseconds zero. */
+    ip->raw.i_mtime_extra = ip->raw.i_ctime_extra =
+      (uint32_t) ((t - (int32_t) t) >> 32) & EXT4_EPOCH_MASK;
+  }
+  r = inode_write_locked (ip, &err);
+  pthread_mutex_unlock (&ip->fsi->lock);
+  return r;
+}
+
+void
+inode_put (struct ext4fs_inode *ip)
+{
+  struct ext4fs_inode **pp;
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&itable_lock);
+
+  assert (ip->refcnt > 0);
+  if (--ip->refcnt > 0)
+    return;
+  sync_one_locked (ip);
+  for (pp = bucket (ip->ino); *pp; pp = &(*pp)->hnext) {
+    if (*pp == ip) {
+      *pp = ip->hnext;
+      break;
+    }
+  }
+  free (ip->map);
+  free (ip->inline_buf);
+  pthread_rwlock_destroy (&ip->lock);
+  pthread_mutex_destroy (&ip->map_lock);
+  free (ip);
+}
+
+const struct ext4fs_map *
+inode_map (struct ext4fs_inode *ip, int *err)
+{
+  struct ext4fs_map *map;
+
+  map = __atomic_load_n (&ip->map, __ATOMIC_ACQUIRE);
+  if (map)
+    return map;
+
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&ip->map_lock);
+  map = ip->map;
+  if (map)
+    return map;
+  pthread_mutex_lock (&ip->fsi->lock);
+  map = bmap_build_locked (ip, err);
+  pthread_mutex_unlock (&ip->fsi->lock);
+  if (map == NULL)
+    return NULL;
+  map->gen = ip->gen;
+  __atomic_store_n (&ip->map, map, __ATOMIC_RELEASE);
+  return map;
+}
+
+void
+inode_map_changed (struct ext4fs_inode *ip)
+{
+  struct ext4fs_map *old;
+
+  /* We hold ip->lock exclusive: nobody else is using the map. */
+  ip->gen++;
+  old = __atomic_exchange_n (&ip->map, NULL, __ATOMIC_ACQ_REL);
+  free (old);
+}
+
+int
+inode_write_locked (struct ext4fs_inode *ip, int *err)
+{
+  errcode_t e;
+
+  e = ext2fs_write_inode_full (ip->fsi->fs, ip->ino,
+                               (struct ext2_inode *) &ip->raw,
+                               sizeof ip->raw);
+  if (e) {
+    nbdkit_error ("writing inode %u: %s", ip->ino, error_message (e));
+    *err = ext4fs_errcode_to_errno (e);
+    return -1;
+  }
+  return 0;
+}
+
+void
+inode_touch (struct ext4fs_inode *ip)
+{
+  int64_t now = time (NULL);
+
+  if (__atomic_load_n (&ip->dirty_time, __ATOMIC_RELAXED) != now)
+    __atomic_store_n (&ip->dirty_time, now, __ATOMIC_RELEASE);
+}
+
+int
+inode_sync_times (struct ext4fs_fs *fsi)
+{
+  struct ext4fs_inode *ip;
+  size_t i;
+  int r = 0;
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&itable_lock);
+
+  for (i = 0; i < NBUCKETS; ++i)
+    for (ip = buckets[i]; ip; ip = ip->hnext)
+      if (ip->fsi == fsi && sync_one_locked (ip) == -1)
+        r = -1;
+  return r;
+}

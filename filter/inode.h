@@ -1,0 +1,106 @@
+/* ext4fs: the shared inode table (iget/iput).
+ *
+ * One struct ext4fs_inode per open inode number, whoever opened it,
+ * reference-counted.  See DESIGN.md for the lock order.
+ */
+#ifndef EXT4FS_INODE_H
+#define EXT4FS_INODE_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "fs.h"
+
+/* One mapped run of the file: logical blocks [lblk, lblk+len) live at
+ * physical blocks [pblk, pblk+len).  Unwritten runs read as zeros.
+ * Holes are the gaps between runs.
+ */
+struct ext4fs_run {
+  uint64_t lblk;
+  uint64_t pblk;
+  uint32_t len;
+  uint32_t unwritten;
+};
+
+/* The cached block map: runs sorted by lblk, not overlapping.  Built
+ * for one generation of the inode and never changed after; freed only
+ * by a holder of the inode's lock in exclusive mode.
+ */
+struct ext4fs_map {
+  uint64_t gen;
+  size_t n;
+  struct ext4fs_run runs[];
+};
+
+struct ext4fs_inode {
+  ext2_ino_t ino;                   /* immutable */
+  struct ext4fs_fs *fsi;            /* immutable */
+  uint64_t size;                    /* i_size, immutable: NBD sizes are fixed */
+  bool extents;                     /* EXT4_EXTENTS_FL, immutable */
+  bool inline_data;                 /* EXT4_INLINE_DATA_FL, immutable */
+  char *inline_buf;                 /* inline data contents, immutable */
+  size_t inline_len;
+
+  /* The inode table lock protects: */
+  unsigned refcnt;
+  struct ext4fs_inode *hnext;
+
+  /* The inode rwlock.  Shared: I/O through the mapped blocks.
+   * Exclusive: anything that changes the block map (allocation,
+   * conversion of unwritten extents, punching).
+   */
+  pthread_rwlock_t lock;
+
+  /* The one in-memory copy of the on-disk inode.  Changed only with
+   * fsi->lock held; i_block and i_blocks only with ->lock exclusive as
+   * well.  Read with fsi->lock held.
+   */
+  struct ext2_inode_large raw;
+
+  /* Bumped (with ->lock exclusive) by every change to the block map:
+   * a user of an older map must map again.
+   */
+  uint64_t gen;
+
+  /* Lazily built map for ->gen, or NULL.  Published with release
+   * semantics under map_lock; read with acquire by holders of ->lock.
+   */
+  pthread_mutex_t map_lock;
+  struct ext4fs_map *map;
+
+  /* Time of the last data change not yet written to the inode
+   * (seconds), or 0.  Atomic.
+   */
+  int64_t dirty_time;
+};
+
+/* Find or load inode ino, taking a reference.  Returns NULL with *err
+ * set (and nbdkit_error called).
+ */
+extern struct ext4fs_inode *inode_get (struct ext4fs_fs *fsi, ext2_ino_t ino,
+                                       int *err);
+extern void inode_put (struct ext4fs_inode *ip);
+
+/* The current block map.  Caller holds ip->lock (either mode).
+ * Returns NULL with *err set on error (corrupt mapping metadata).
+ */
+extern const struct ext4fs_map *inode_map (struct ext4fs_inode *ip, int *err);
+
+/* The block map changed: bump the generation and drop the cached map.
+ * Caller holds ip->lock exclusive.
+ */
+extern void inode_map_changed (struct ext4fs_inode *ip);
+
+/* Write ip->raw to disk.  Caller holds fsi->lock. */
+extern int inode_write_locked (struct ext4fs_inode *ip, int *err);
+
+/* Note a data change, for mtime/ctime at the next sync. */
+extern void inode_touch (struct ext4fs_inode *ip);
+
+/* Write pending mtime/ctime of every open inode.  Takes the inode
+ * table lock, then fsi->lock.  Returns -1 on error.
+ */
+extern int inode_sync_times (struct ext4fs_fs *fsi);
+
+#endif /* EXT4FS_INODE_H */

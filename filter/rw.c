@@ -1,0 +1,563 @@
+/* ext4fs: the I/O paths.
+ *
+ * Owns: mapping a request's byte range to physical runs and doing the
+ * data I/O straight through the shared context (no ext2_file_t, no
+ * shared position, no single-block buffer); read-modify-write of
+ * partial blocks; allocation into holes and conversion of unwritten
+ * extents; zero, trim, block status and cache.
+ *
+ * Locks (order in DESIGN.md):
+ * - Reads, and writes whose blocks are all mapped and written
+ *   ("overwrites"), hold ip->lock shared: they run in parallel with
+ *   each other, for one file and across files.  No fs lock is held
+ *   during their data I/O.
+ * - A partial-block write holds the stripe mutex of its physical
+ *   block around the read-modify-write, so two such writes to one
+ *   block never lose each other's bytes.
+ * - A write that touches a hole or an unwritten extent takes ip->lock
+ *   exclusive (after dropping the shared lock, then mapping again),
+ *   and fsi->lock only around each libext2fs call (allocation, extent
+ *   insert, conversion), never across data I/O.
+ *
+ * Crash safety of allocation: new blocks are marked in use in memory,
+ * their full contents (data, and zeros where the write does not cover
+ * them) are written, and only then are they linked into the file as
+ * written extents.  A crash in between leaves at worst blocks marked
+ * in use that no file references; no file ever references a block
+ * holding stale data of a deleted file.  Unwritten extents are
+ * converted only after their blocks' contents are written; remainders
+ * of up to ZEROOUT_BYTES on either side are zeroed and converted too,
+ * as the kernel does, so the extent tree does not fragment.
+ */
+
+#include <config.h>
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bmap.h"
+#include "cleanup.h"
+#include "rw.h"
+
+#define ZEROOUT_BYTES (32 * 1024)
+
+/* Stripe locks for partial-block read-modify-write, by physical block. */
+#define NSTRIPES 256
+static pthread_mutex_t stripes[NSTRIPES] = {
+  [0 ... NSTRIPES - 1] = PTHREAD_MUTEX_INITIALIZER
+};
+
+static pthread_mutex_t *
+stripe (uint64_t pblk)
+{
+  return &stripes[(pblk * 0x9E3779B97F4A7C15ull) >> 56];
+}
+
+/* Bytes from offset (inside block lblk) to the end of block endblk. */
+static uint64_t
+bytes_to (struct ext4fs_fs *fsi, uint64_t offset, uint64_t endblk)
+{
+  uint64_t endbyte;
+
+  if (endblk > (UINT64_MAX >> fsi->blockbits))
+    return UINT64_MAX;
+  endbyte = endblk << fsi->blockbits;
+  return endbyte - offset;
+}
+
+static uint64_t
+min64 (uint64_t a, uint64_t b)
+{
+  return a < b ? a : b;
+}
+
+/* Read through a map.  Caller holds ip->lock (either mode). */
+static int
+read_mapped (struct ext4fs_inode *ip, const struct ext4fs_map *map,
+             char *buf, uint64_t count, uint64_t offset, int *err)
+{
+  struct ext4fs_fs *fsi = ip->fsi;
+  unsigned bits = fsi->blockbits;
+
+  while (count > 0) {
+    uint64_t lblk = offset >> bits, hole_end, n;
+    const struct ext4fs_run *r = bmap_lookup (map, lblk, &hole_end);
+
+    if (r == NULL || r->unwritten) {
+      n = min64 (count, bytes_to (fsi, offset, r ? r->lblk + r->len : hole_end));
+      memset (buf, 0, n);
+    }
+    else {
+      uint64_t pos = ((r->pblk + (lblk - r->lblk)) << bits) +
+        (offset & (fsi->blocksize - 1));
+      n = min64 (count, bytes_to (fsi, offset, r->lblk + r->len));
+      if (ext4fs_dev_pread (fsi->dev, buf, n, pos, err) == -1)
+        return -1;
+    }
+    buf += n;
+    offset += n;
+    count -= n;
+  }
+  return 0;
+}
+
+int
+rw_pread (struct ext4fs_inode *ip, void *buf, uint32_t count,
+          uint64_t offset, int *err)
+{
+  const struct ext4fs_map *map;
+
+  if (ip->inline_data) {
+    /* Inline data is read once at open and never changes. */
+    uint64_t avail = offset < ip->inline_len ? ip->inline_len - offset : 0;
+    uint64_t n = min64 (avail, count);
+    if (n)
+      memcpy (buf, ip->inline_buf + offset, n);
+    memset ((char *) buf + n, 0, count - n);
+    return 0;
+  }
+
+  ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&ip->lock);
+  map = inode_map (ip, err);
+  if (map == NULL)
+    return -1;
+  return read_mapped (ip, map, buf, count, offset, err);
+}
+
+/* Are all blocks [b0, b1) mapped and written? */
+static bool
+all_written (const struct ext4fs_map *map, uint64_t b0, uint64_t b1)
+{
+  while (b0 < b1) {
+    uint64_t hole_end;
+    const struct ext4fs_run *r = bmap_lookup (map, b0, &hole_end);
+    if (r == NULL || r->unwritten)
+      return false;
+    b0 = r->lblk + r->len;
+  }
+  return true;
+}
+
+/* Write part of one written block by read-modify-write. */
+static int
+rmw_block (struct ext4fs_inode *ip, uint64_t pblk, uint32_t boff,
+           const char *data, uint32_t n, uint32_t flags, int *err)
+{
+  struct ext4fs_fs *fsi = ip->fsi;
+  CLEANUP_FREE char *blk = malloc (fsi->blocksize);
+  uint64_t pos = pblk << fsi->blockbits;
+
+  if (blk == NULL) {
+    *err = errno;
+    nbdkit_error ("malloc: %m");
+    return -1;
+  }
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (stripe (pblk));
+  if (ext4fs_dev_pread (fsi->dev, blk, fsi->blocksize, pos, err) == -1)
+    return -1;
+  memcpy (blk + boff, data, n);
+  return ext4fs_dev_pwrite (fsi->dev, blk, fsi->blocksize, pos, flags, err);
+}
+
+/* Write [offset, offset+count) into blocks that are mapped and
+ * written.  Caller holds ip->lock (either mode).
+ */
+static int
+write_mapped (struct ext4fs_inode *ip, const struct ext4fs_map *map,
+              const char *buf, uint64_t count, uint64_t offset,
+              uint32_t flags, int *err)
+{
+  struct ext4fs_fs *fsi = ip->fsi;
+  unsigned bits = fsi->blockbits;
+  uint32_t bmask = fsi->blocksize - 1;
+
+  while (count > 0) {
+    uint64_t lblk = offset >> bits, hole_end, n, pblk;
+    const struct ext4fs_run *r = bmap_lookup (map, lblk, &hole_end);
+
+    if (r == NULL || r->unwritten) {
+      nbdkit_error ("inode %u: internal error: write to unmapped block",
+                    ip->ino);
+      *err = EIO;
+      return -1;
+    }
+    pblk = r->pblk + (lblk - r->lblk);
+    if ((offset & bmask) || count < fsi->blocksize) {
+      /* Partial block. */
+      n = min64 (count, fsi->blocksize - (offset & bmask));
+      if (rmw_block (ip, pblk, offset & bmask, buf, n, flags, err) == -1)
+        return -1;
+    }
+    else {
+      /* Whole blocks up to the end of the run. */
+      n = min64 (count & ~(uint64_t) bmask,
+                 bytes_to (fsi, offset, r->lblk + r->len));
+      if (ext4fs_dev_pwrite (fsi->dev, buf, n, pblk << bits, flags, err) == -1)
+        return -1;
+    }
+    buf += n;
+    offset += n;
+    count -= n;
+  }
+  return 0;
+}
+
+/* Give physical blocks [pblk, pblk+nblk), which will hold logical
+ * blocks [lblk, lblk+nblk), their full new contents: the part of the
+ * request [offset, offset+count) that falls in them, zeros elsewhere.
+ * The blocks are not yet readable by anyone (not mapped, or unwritten
+ * with ip->lock held exclusive).
+ */
+static int
+write_fresh (struct ext4fs_inode *ip, uint64_t pblk, uint64_t lblk,
+             uint64_t nblk, const char *buf, uint64_t count, uint64_t offset,
+             int *err)
+{
+  struct ext4fs_fs *fsi = ip->fsi;
+  unsigned bits = fsi->blockbits;
+  uint64_t start = lblk << bits, end = (lblk + nblk) << bits;
+  uint64_t wstart = offset > start ? offset : start;
+  uint64_t wend = min64 (offset + count, end);
+  CLEANUP_FREE char *edge = NULL;
+
+  /* Zeros before the data (whole blocks and the head of the first). */
+  if (wstart >= wend) {
+    return ext4fs_dev_zero (fsi->dev, end - start, pblk << bits, err);
+  }
+  while (start < end) {
+    uint64_t bend = start + fsi->blocksize;
+    uint64_t pos = (pblk + ((start >> bits) - lblk)) << bits;
+
+    if (bend <= wstart || start >= wend) {
+      /* Blocks with no data: zero them, as a run. */
+      uint64_t zend = bend <= wstart ? (wstart >> bits) << bits : end;
+      if (ext4fs_dev_zero (fsi->dev, zend - start, pos, err) == -1)
+        return -1;
+      start = zend;
+    }
+    else if (start >= wstart && bend <= wend) {
+      /* Blocks fully covered by data: write them as a run. */
+      uint64_t dend = (wend >> bits) << bits;
+      if (ext4fs_dev_pwrite (fsi->dev, buf + (start - offset), dend - start,
+                             pos, 0, err) == -1)
+        return -1;
+      start = dend;
+    }
+    else {
+      /* An edge block: zeros around part of the data. */
+      uint64_t ds = wstart > start ? wstart : start;
+      uint64_t de = min64 (wend, bend);
+      if (edge == NULL && (edge = malloc (fsi->blocksize)) == NULL) {
+        *err = errno;
+        nbdkit_error ("malloc: %m");
+        return -1;
+      }
+      memset (edge, 0, fsi->blocksize);
+      memcpy (edge + (ds - start), buf + (ds - offset), de - ds);
+      if (ext4fs_dev_pwrite (fsi->dev, edge, fsi->blocksize, pos, 0, err) == -1)
+        return -1;
+      start = bend;
+    }
+  }
+  return 0;
+}
+
+/* Fill the hole [s, e) (logical blocks) with newly allocated blocks
+ * holding the request's data.  Caller holds ip->lock exclusive.
+ */
+static int
+fill_hole (struct ext4fs_inode *ip, const struct ext4fs_map *map,
+           uint64_t s, uint64_t e, const char *buf, uint64_t count,
+           uint64_t offset, int *err)
+{
+  struct ext4fs_fs *fsi = ip->fsi;
+  uint64_t goal = bmap_goal (ip, map, s);
+
+  while (s < e) {
+    uint64_t pblk;
+    int64_t n;
+    int r;
+
+    pthread_mutex_lock (&fsi->lock);
+    n = bmap_alloc_locked (fsi, goal, e - s, &pblk, err);
+    pthread_mutex_unlock (&fsi->lock);
+    if (n == -1)
+      return -1;
+    if (write_fresh (ip, pblk, s, n, buf, count, offset, err) == -1) {
+      pthread_mutex_lock (&fsi->lock);
+      bmap_free_locked (fsi, pblk, n);
+      pthread_mutex_unlock (&fsi->lock);
+      return -1;
+    }
+    pthread_mutex_lock (&fsi->lock);
+    r = bmap_insert_locked (ip, s, pblk, n, err);
+    pthread_mutex_unlock (&fsi->lock);
+    if (r == -1)
+      return -1;
+    s += n;
+    goal = pblk + n;
+  }
+  return 0;
+}
+
+/* Write the request's data into the unwritten blocks [s, e) of run r
+ * and convert them, with small remainders of r, to written.  Caller
+ * holds ip->lock exclusive.
+ */
+static int
+fill_unwritten (struct ext4fs_inode *ip, const struct ext4fs_run *r,
+                uint64_t s, uint64_t e, const char *buf, uint64_t count,
+                uint64_t offset, int *err)
+{
+  struct ext4fs_fs *fsi = ip->fsi;
+  uint64_t zblocks = ZEROOUT_BYTES >> fsi->blockbits;
+  uint64_t cs = s, ce = e;
+  int ret;
+
+  if (s - r->lblk <= zblocks)
+    cs = r->lblk;
+  if (r->lblk + r->len - e <= zblocks)
+    ce = r->lblk + r->len;
+  if (write_fresh (ip, r->pblk + (cs - r->lblk), cs, ce - cs,
+                   buf, count, offset, err) == -1)
+    return -1;
+  pthread_mutex_lock (&fsi->lock);
+  ret = bmap_convert_locked (ip, cs, ce - cs, err);
+  pthread_mutex_unlock (&fsi->lock);
+  return ret;
+}
+
+/* The general write: some blocks need allocation or conversion.
+ * Caller holds ip->lock exclusive.
+ */
+static int
+write_allocating (struct ext4fs_inode *ip, const struct ext4fs_map *map,
+                  const char *buf, uint64_t count, uint64_t offset, int *err)
+{
+  struct ext4fs_fs *fsi = ip->fsi;
+  unsigned bits = fsi->blockbits;
+  uint64_t b = offset >> bits;
+  uint64_t bend = ((offset + count - 1) >> bits) + 1;
+
+  if (ip->inline_data) {
+    nbdkit_error ("inode %u: writing to inline-data files is not supported",
+                  ip->ino);
+    *err = EROFS;
+    return -1;
+  }
+  while (b < bend) {
+    uint64_t hole_end, e;
+    const struct ext4fs_run *r = bmap_lookup (map, b, &hole_end);
+    uint64_t so = b << bits > offset ? b << bits : offset; /* byte range of */
+    uint64_t eo;                                          /* this segment  */
+
+    e = min64 (bend, r ? r->lblk + r->len : hole_end);
+    eo = min64 (offset + count, e << bits);
+    if (r == NULL) {
+      if (fill_hole (ip, map, b, e, buf, count, offset, err) == -1)
+        return -1;
+    }
+    else if (r->unwritten) {
+      if (fill_unwritten (ip, r, b, e, buf, count, offset, err) == -1)
+        return -1;
+    }
+    else {
+      if (write_mapped (ip, map, buf + (so - offset), eo - so, so, 0, err) == -1)
+        return -1;
+    }
+    b = e;
+  }
+  return 0;
+}
+
+int
+rw_pwrite (struct ext4fs_inode *ip, const void *buf, uint32_t count,
+           uint64_t offset, uint32_t flags, int *err)
+{
+  struct ext4fs_fs *fsi = ip->fsi;
+  unsigned bits = fsi->blockbits;
+  uint64_t b0 = offset >> bits, b1 = ((offset + count - 1) >> bits) + 1;
+  const struct ext4fs_map *map;
+  int r;
+
+  if (count == 0)
+    return 0;
+  if (fs_begin_write (fsi, err) == -1)
+    return -1;
+
+  if (!ip->inline_data) {
+    /* Fast path: every block is already written: overwrite in place. */
+    ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&ip->lock);
+    map = inode_map (ip, err);
+    if (map == NULL)
+      return -1;
+    if (all_written (map, b0, b1)) {
+      r = write_mapped (ip, map, buf, count, offset, flags, err);
+      if (r == 0)
+        inode_touch (ip);
+      return r;
+    }
+  }
+
+  {
+    ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&ip->lock);
+    /* The map may have changed while we held no lock: inode_map
+     * returns the current generation's map.
+     */
+    map = inode_map (ip, err);
+    if (map == NULL)
+      return -1;
+    r = write_allocating (ip, map, buf, count, offset, err);
+    inode_map_changed (ip);
+  }
+  inode_touch (ip);
+  if (r == 0 && (flags & NBDKIT_FLAG_FUA))
+    r = fs_sync (fsi, err);
+  return r;
+}
+
+int
+rw_zero (struct ext4fs_inode *ip, uint32_t count, uint64_t offset,
+         uint32_t flags, int *err)
+{
+  struct ext4fs_fs *fsi = ip->fsi;
+  unsigned bits = fsi->blockbits;
+  const struct ext4fs_map *map;
+  CLEANUP_FREE char *zeros = NULL;
+
+  if (count == 0)
+    return 0;
+  if (ip->inline_data) {
+    *err = EROFS;
+    nbdkit_error ("inode %u: inline-data files are read-only", ip->ino);
+    return -1;
+  }
+  if (fs_begin_write (fsi, err) == -1)
+    return -1;
+
+  /* Holes and unwritten extents already read as zeros: only written
+   * blocks need zeros written into them, in place (no allocation).
+   */
+  ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&ip->lock);
+  map = inode_map (ip, err);
+  if (map == NULL)
+    return -1;
+  while (count > 0) {
+    uint64_t lblk = offset >> bits, hole_end, n;
+    const struct ext4fs_run *r = bmap_lookup (map, lblk, &hole_end);
+
+    n = min64 (count, bytes_to (fsi, offset, r ? r->lblk + r->len : hole_end));
+    if (r && !r->unwritten) {
+      uint64_t done = 0;
+
+      if (flags & NBDKIT_FLAG_FAST_ZERO) {
+        *err = ENOTSUP;
+        return -1;
+      }
+      if (zeros == NULL && (zeros = calloc (1, 1024 * 1024)) == NULL) {
+        *err = errno;
+        nbdkit_error ("calloc: %m");
+        return -1;
+      }
+      while (done < n) {
+        uint64_t m = min64 (n - done, 1024 * 1024);
+        if (write_mapped (ip, map, zeros, m, offset + done,
+                          flags & NBDKIT_FLAG_FUA, err) == -1)
+          return -1;
+        done += m;
+      }
+      inode_touch (ip);
+    }
+    offset += n;
+    count -= n;
+  }
+  return 0;
+}
+
+int
+rw_trim (struct ext4fs_inode *ip, uint32_t count, uint64_t offset,
+         uint32_t flags, int *err)
+{
+  /* Trim is advisory in NBD.  Punching holes is not implemented yet:
+   * trim succeeds and changes nothing (documented in the man page).
+   */
+  if (flags & NBDKIT_FLAG_FUA)
+    return fs_sync (ip->fsi, err);
+  return 0;
+}
+
+int
+rw_extents (struct ext4fs_inode *ip, uint32_t count, uint64_t offset,
+            uint32_t flags, struct nbdkit_extents *extents, int *err)
+{
+  struct ext4fs_fs *fsi = ip->fsi;
+  unsigned bits = fsi->blockbits;
+  const struct ext4fs_map *map;
+  uint64_t end = offset + count;
+
+  if (ip->inline_data)
+    return nbdkit_add_extent (extents, offset, count, 0) == -1 ? (*err = errno, -1) : 0;
+
+  ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&ip->lock);
+  map = inode_map (ip, err);
+  if (map == NULL)
+    return -1;
+  while (offset < end) {
+    uint64_t lblk = offset >> bits, hole_end, n;
+    const struct ext4fs_run *r = bmap_lookup (map, lblk, &hole_end);
+    uint32_t type;
+
+    if (r == NULL) {
+      type = NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO;
+      n = bytes_to (fsi, offset, hole_end);
+    }
+    else {
+      type = r->unwritten ? NBDKIT_EXTENT_ZERO : 0;
+      n = bytes_to (fsi, offset, r->lblk + r->len);
+    }
+    /* Never past the end of the file. */
+    n = min64 (n, ip->size - offset);
+    if (n == 0)
+      break;
+    if (nbdkit_add_extent (extents, offset, n, type) == -1) {
+      *err = errno;
+      return -1;
+    }
+    offset += n;
+    if (flags & NBDKIT_FLAG_REQ_ONE)
+      break;
+  }
+  return 0;
+}
+
+int
+rw_cache (struct ext4fs_inode *ip, uint32_t count, uint64_t offset, int *err)
+{
+  struct ext4fs_fs *fsi = ip->fsi;
+  unsigned bits = fsi->blockbits;
+  const struct ext4fs_map *map;
+
+  if (ip->inline_data)
+    return 0;
+  ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&ip->lock);
+  map = inode_map (ip, err);
+  if (map == NULL)
+    return -1;
+  while (count > 0) {
+    uint64_t lblk = offset >> bits, hole_end, n;
+    const struct ext4fs_run *r = bmap_lookup (map, lblk, &hole_end);
+
+    n = min64 (count, bytes_to (fsi, offset, r ? r->lblk + r->len : hole_end));
+    if (r && !r->unwritten) {
+      uint64_t pos = ((r->pblk + (lblk - r->lblk)) << bits) +
+        (offset & (fsi->blocksize - 1));
+      if (ext4fs_dev_cache (fsi->dev, n, pos, err) == -1)
+        return -1;
+    }
+    offset += n;
+    count -= n;
+  }
+  return 0;
+}

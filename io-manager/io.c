@@ -1,0 +1,556 @@
+/* ext4fs: the libext2fs io_manager over one shared nbdkit context.
+ *
+ * Owns: the device table (name -> struct ext4fs_dev), the io_manager
+ * vtable, the bounds checks in front of every call into the context,
+ * and the errno <-> errcode_t mapping.
+ *
+ * Locks: dev_table_lock protects the device table only (taken in
+ * ext4fs_dev_new/free and in the io_manager's open).  If a device
+ * serializes (final thread model below PARALLEL), dev->ctx_lock is
+ * held around each single call into the context; it is the innermost
+ * lock of DESIGN.md's lock order and nothing is called with it held
+ * but the context.
+ *
+ * Every io_manager callback is reentrant: a channel's only mutable
+ * field after open is block_size, which libext2fs changes only while
+ * it holds the filesystem lock (and never after open, because we
+ * implement write_byte, so ext2fs_flush2 never calls set_blksize).
+ * The channel is therefore opened with CHANNEL_FLAGS_THREADS.
+ */
+
+#include <config.h>
+
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define NO_INLINE_FUNCS /* libext2fs's inline functions are broken */
+#include <ext2fs/ext2fs.h>
+#include <nbdkit-filter.h>
+
+#include "io.h"
+
+struct ext4fs_dev {
+  nbdkit_next *next;
+  unsigned id;                  /* index in dev_table */
+  char name[32];                /* "ext4fs:<id>" */
+  uint64_t size;                /* cached get_size */
+  int can_write, can_flush, can_fua, can_zero, can_cache, can_trim;
+  int serialize;
+  pthread_mutex_t ctx_lock;     /* Protects: calls into next, if serialize */
+};
+
+#define MAX_DEVS 64
+static pthread_mutex_t dev_table_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct ext4fs_dev *dev_table[MAX_DEVS]; /* Protected by dev_table_lock */
+
+struct ext4fs_dev *
+ext4fs_dev_new (nbdkit_next *next, int serialize)
+{
+  struct ext4fs_dev *dev;
+  int64_t size;
+  unsigned i;
+
+  size = next->get_size (next);
+  if (size == -1)
+    return NULL;
+  dev = calloc (1, sizeof *dev);
+  if (dev == NULL) {
+    nbdkit_error ("calloc: %m");
+    return NULL;
+  }
+  dev->next = next;
+  dev->size = size;
+  dev->can_write = next->can_write (next);
+  dev->can_flush = next->can_flush (next);
+  dev->can_fua = next->can_fua (next);
+  dev->can_zero = next->can_zero (next);
+  dev->can_trim = next->can_trim (next);
+  dev->can_cache = next->can_cache (next);
+  /* Warm the remaining cached negotiation values too: nbdkit caches
+   * them in the context without a lock, so ask once now while we are
+   * single-threaded.
+   */
+  (void) next->can_fast_zero (next);
+  (void) next->can_extents (next);
+  (void) next->can_multi_conn (next);
+  (void) next->is_rotational (next);
+  if (dev->can_write == -1 || dev->can_flush == -1 || dev->can_fua == -1 ||
+      dev->can_zero == -1 || dev->can_trim == -1 || dev->can_cache == -1) {
+    free (dev);
+    return NULL;
+  }
+  dev->serialize = serialize;
+  pthread_mutex_init (&dev->ctx_lock, NULL);
+
+  pthread_mutex_lock (&dev_table_lock);
+  for (i = 0; i < MAX_DEVS; ++i)
+    if (dev_table[i] == NULL)
+      break;
+  if (i == MAX_DEVS) {
+    pthread_mutex_unlock (&dev_table_lock);
+    nbdkit_error ("too many open devices");
+    pthread_mutex_destroy (&dev->ctx_lock);
+    free (dev);
+    return NULL;
+  }
+  dev->id = i;
+  snprintf (dev->name, sizeof dev->name, "ext4fs:%u", i);
+  dev_table[i] = dev;
+  pthread_mutex_unlock (&dev_table_lock);
+  return dev;
+}
+
+void
+ext4fs_dev_free (struct ext4fs_dev *dev)
+{
+  if (dev == NULL)
+    return;
+  pthread_mutex_lock (&dev_table_lock);
+  dev_table[dev->id] = NULL;
+  pthread_mutex_unlock (&dev_table_lock);
+  pthread_mutex_destroy (&dev->ctx_lock);
+  free (dev);
+}
+
+const char *
+ext4fs_dev_name (const struct ext4fs_dev *dev)
+{
+  return dev->name;
+}
+
+uint64_t ext4fs_dev_size (const struct ext4fs_dev *dev) { return dev->size; }
+int ext4fs_dev_can_write (const struct ext4fs_dev *dev) { return dev->can_write; }
+int ext4fs_dev_can_fua (const struct ext4fs_dev *dev) { return dev->can_fua; }
+int ext4fs_dev_can_cache (const struct ext4fs_dev *dev) { return dev->can_cache; }
+nbdkit_next *ext4fs_dev_next (const struct ext4fs_dev *dev) { return dev->next; }
+
+/* Is [offset, offset+count) inside the device?  Reports the error. */
+static int
+check_range (const struct ext4fs_dev *dev, const char *op,
+             uint64_t count, uint64_t offset, int *err)
+{
+  uint64_t end;
+
+  if (__builtin_add_overflow (offset, count, &end) || end > dev->size) {
+    nbdkit_error ("%s: %s of %" PRIu64 " bytes at offset %" PRIu64
+                  " is beyond the end of the device (%" PRIu64 " bytes): "
+                  "the filesystem is corrupt or the image is truncated",
+                  dev->name, op, count, offset, dev->size);
+    *err = EIO;
+    return -1;
+  }
+  return 0;
+}
+
+#define CTX_LOCK(dev) \
+  do { if ((dev)->serialize) pthread_mutex_lock (&(dev)->ctx_lock); } while (0)
+#define CTX_UNLOCK(dev) \
+  do { if ((dev)->serialize) pthread_mutex_unlock (&(dev)->ctx_lock); } while (0)
+
+int
+ext4fs_dev_pread (struct ext4fs_dev *dev, void *buf, uint64_t count,
+                  uint64_t offset, int *err)
+{
+  char *p = buf;
+
+  if (check_range (dev, "read", count, offset, err) == -1)
+    return -1;
+  while (count > 0) {
+    uint32_t n = count > EXT4FS_DEV_MAX_IO ? EXT4FS_DEV_MAX_IO : count;
+    int r;
+
+    CTX_LOCK (dev);
+    r = dev->next->pread (dev->next, p, n, offset, 0, err);
+    CTX_UNLOCK (dev);
+    if (r == -1)
+      return -1;
+    p += n;
+    offset += n;
+    count -= n;
+  }
+  return 0;
+}
+
+int
+ext4fs_dev_flush (struct ext4fs_dev *dev, int *err)
+{
+  int r;
+
+  if (dev->can_flush != 1)
+    return 0;
+  CTX_LOCK (dev);
+  r = dev->next->flush (dev->next, 0, err);
+  CTX_UNLOCK (dev);
+  return r;
+}
+
+int
+ext4fs_dev_pwrite (struct ext4fs_dev *dev, const void *buf, uint64_t count,
+                   uint64_t offset, uint32_t flags, int *err)
+{
+  const char *p = buf;
+  uint32_t down = 0;
+
+  if (dev->can_write != 1) {
+    nbdkit_error ("%s: the device is read-only", dev->name);
+    *err = EROFS;
+    return -1;
+  }
+  if (check_range (dev, "write", count, offset, err) == -1)
+    return -1;
+  if ((flags & NBDKIT_FLAG_FUA) && dev->can_fua > NBDKIT_FUA_NONE)
+    down = NBDKIT_FLAG_FUA;
+  while (count > 0) {
+    uint32_t n = count > EXT4FS_DEV_MAX_IO ? EXT4FS_DEV_MAX_IO : count;
+    int r;
+
+    CTX_LOCK (dev);
+    r = dev->next->pwrite (dev->next, p, n, offset, down, err);
+    CTX_UNLOCK (dev);
+    if (r == -1)
+      return -1;
+    p += n;
+    offset += n;
+    count -= n;
+  }
+  if ((flags & NBDKIT_FLAG_FUA) && !down)
+    return ext4fs_dev_flush (dev, err);
+  return 0;
+}
+
+int
+ext4fs_dev_zero (struct ext4fs_dev *dev, uint64_t count, uint64_t offset,
+                 int *err)
+{
+  static const char zeros[65536];
+
+  if (check_range (dev, "zero", count, offset, err) == -1)
+    return -1;
+  while (count > 0) {
+    uint32_t n;
+    int r;
+
+    if (dev->can_zero > NBDKIT_ZERO_NONE) {
+      n = count > EXT4FS_DEV_MAX_IO ? EXT4FS_DEV_MAX_IO : count;
+      CTX_LOCK (dev);
+      r = dev->next->zero (dev->next, n, offset, 0, err);
+      CTX_UNLOCK (dev);
+    }
+    else {
+      n = count > sizeof zeros ? sizeof zeros : count;
+      r = ext4fs_dev_pwrite (dev, zeros, n, offset, 0, err);
+    }
+    if (r == -1)
+      return -1;
+    offset += n;
+    count -= n;
+  }
+  return 0;
+}
+
+int
+ext4fs_dev_cache (struct ext4fs_dev *dev, uint64_t count, uint64_t offset,
+                  int *err)
+{
+  if (check_range (dev, "cache", count, offset, err) == -1)
+    return -1;
+  if (dev->can_cache <= NBDKIT_CACHE_NONE)
+    return 0;
+  while (count > 0) {
+    uint32_t n = count > EXT4FS_DEV_MAX_IO ? EXT4FS_DEV_MAX_IO : count;
+    int r;
+
+    CTX_LOCK (dev);
+    r = dev->next->cache (dev->next, n, offset, 0, err);
+    CTX_UNLOCK (dev);
+    if (r == -1)
+      return -1;
+    offset += n;
+    count -= n;
+  }
+  return 0;
+}
+
+int
+ext4fs_dev_block_size (struct ext4fs_dev *dev, uint32_t *minimum,
+                       uint32_t *preferred, uint32_t *maximum)
+{
+  int r;
+
+  CTX_LOCK (dev);
+  r = dev->next->block_size (dev->next, minimum, preferred, maximum);
+  CTX_UNLOCK (dev);
+  return r;
+}
+
+/*----------------------------------------------------------------------
+ * Error mapping.
+ */
+
+int
+ext4fs_errcode_to_errno (errcode_t e)
+{
+  if (e > 0 && e < 256)         /* an errno our io_manager passed up */
+    return (int) e;
+  switch (e) {
+  case 0:
+    return 0;
+  case EXT2_ET_RO_FILSYS:
+  case EXT2_ET_FILE_RO:
+  case EXT2_ET_RO_UNSUPP_FEATURE:
+  case EXT2_ET_RO_BLOCK_ITERATE:
+    return EROFS;
+  case EXT2_ET_NO_MEMORY:
+    return ENOMEM;
+  case EXT2_ET_BLOCK_ALLOC_FAIL:
+  case EXT2_ET_INODE_ALLOC_FAIL:
+  case EXT2_ET_TOOSMALL:
+  case EXT2_ET_DIR_NO_SPACE:
+  case EXT2_ET_EA_NO_SPACE:
+  case EXT2_ET_INLINE_DATA_NO_SPACE:
+    return ENOSPC;
+  case EXT2_ET_FILE_TOO_BIG:
+  case EXT2_ET_EXTENT_NOT_SUPPORTED:
+    return EFBIG;
+  case EXT2_ET_FILE_NOT_FOUND:
+    return ENOENT;
+  case EXT2_ET_NO_DIRECTORY:
+    return ENOTDIR;
+  case EXT2_ET_UNIMPLEMENTED:
+  case EXT2_ET_OP_NOT_SUPPORTED:
+    return EOPNOTSUPP;
+  case EXT2_ET_INVALID_ARGUMENT:
+    return EINVAL;
+  case EXT2_ET_UNSUPP_FEATURE:
+    return ENOTSUP;
+  default:
+    /* Corruption, checksum errors, short reads and writes, and
+     * anything we do not know: the client sees an I/O error.  (EUCLEAN
+     * would reach NBD clients as EINVAL.)
+     */
+    return EIO;
+  }
+}
+
+errcode_t
+ext4fs_errno_to_errcode (int err)
+{
+  /* libext2fs treats small values as errnos (com_err does too). */
+  return err > 0 && err < 256 ? (errcode_t) err : EXT2_ET_SHORT_READ;
+}
+
+/*----------------------------------------------------------------------
+ * The io_manager.
+ */
+
+static struct ext4fs_dev *
+chan_dev (io_channel channel)
+{
+  return channel->private_data;
+}
+
+static errcode_t
+dev_open (const char *name, int flags, io_channel *channel)
+{
+  struct ext4fs_dev *dev = NULL;
+  io_channel io = NULL;
+  unsigned id;
+  char c;
+  errcode_t e;
+
+  if (name == NULL || sscanf (name, "ext4fs:%u%c", &id, &c) != 1 ||
+      id >= MAX_DEVS)
+    return EXT2_ET_BAD_DEVICE_NAME;
+  pthread_mutex_lock (&dev_table_lock);
+  dev = dev_table[id];
+  pthread_mutex_unlock (&dev_table_lock);
+  if (dev == NULL)
+    return EXT2_ET_BAD_DEVICE_NAME;
+  if ((flags & IO_FLAG_RW) && dev->can_write != 1)
+    return EROFS;
+
+  e = ext2fs_get_memzero (sizeof *io, &io);
+  if (e)
+    return e;
+  e = ext2fs_get_mem (strlen (name) + 1, &io->name);
+  if (e) {
+    ext2fs_free_mem (&io);
+    return e;
+  }
+  strcpy (io->name, name);
+  io->magic = EXT2_ET_MAGIC_IO_CHANNEL;
+  io->manager = ext4fs_io_manager;
+  io->block_size = 1024;
+  io->refcount = 1;
+  io->flags = CHANNEL_FLAGS_THREADS;
+  io->private_data = dev;
+  *channel = io;
+  return 0;
+}
+
+static errcode_t
+dev_close (io_channel channel)
+{
+  if (--channel->refcount > 0)
+    return 0;
+  ext2fs_free_mem (&channel->name);
+  ext2fs_free_mem (&channel);
+  return 0;
+}
+
+static errcode_t
+dev_set_blksize (io_channel channel, int blksize)
+{
+  if (blksize <= 0)
+    return EXT2_ET_INVALID_ARGUMENT;
+  channel->block_size = blksize;
+  return 0;
+}
+
+/* Turn a (block, count) pair as libext2fs passes it into bytes. */
+static errcode_t
+blk_range (io_channel channel, unsigned long long block, int count,
+           uint64_t *offset, uint64_t *bytes)
+{
+  uint64_t bs = channel->block_size;
+
+  *bytes = count < 0 ? (uint64_t) -(int64_t) count : (uint64_t) count * bs;
+  if (__builtin_mul_overflow ((uint64_t) block, bs, offset))
+    return EXT2_ET_LLSEEK_FAILED;
+  return 0;
+}
+
+static errcode_t
+dev_read_blk64 (io_channel channel, unsigned long long block, int count,
+                void *buf)
+{
+  struct ext4fs_dev *dev = chan_dev (channel);
+  uint64_t offset, bytes;
+  errcode_t e;
+  int err = 0;
+
+  e = blk_range (channel, block, count, &offset, &bytes);
+  if (e)
+    return e;
+  if (offset > dev->size || bytes > dev->size - offset) {
+    nbdkit_error ("%s: filesystem metadata read of %" PRIu64 " bytes at "
+                  "block %llu is beyond the end of the device (%" PRIu64
+                  " bytes): truncated image or corrupt filesystem",
+                  dev->name, bytes, block, dev->size);
+    return EXT2_ET_SHORT_READ;
+  }
+  if (ext4fs_dev_pread (dev, buf, bytes, offset, &err) == -1)
+    return ext4fs_errno_to_errcode (err);
+  return 0;
+}
+
+static errcode_t
+dev_read_blk (io_channel channel, unsigned long block, int count, void *buf)
+{
+  return dev_read_blk64 (channel, block, count, buf);
+}
+
+static errcode_t
+dev_write_blk64 (io_channel channel, unsigned long long block, int count,
+                 const void *buf)
+{
+  struct ext4fs_dev *dev = chan_dev (channel);
+  uint64_t offset, bytes;
+  errcode_t e;
+  int err = 0;
+
+  e = blk_range (channel, block, count, &offset, &bytes);
+  if (e)
+    return e;
+  if (offset > dev->size || bytes > dev->size - offset) {
+    nbdkit_error ("%s: filesystem metadata write at block %llu is beyond "
+                  "the end of the device", dev->name, block);
+    return EXT2_ET_SHORT_WRITE;
+  }
+  if (ext4fs_dev_pwrite (dev, buf, bytes, offset, 0, &err) == -1)
+    return ext4fs_errno_to_errcode (err);
+  return 0;
+}
+
+static errcode_t
+dev_write_blk (io_channel channel, unsigned long block, int count,
+               const void *buf)
+{
+  return dev_write_blk64 (channel, block, count, buf);
+}
+
+static errcode_t
+dev_write_byte (io_channel channel, unsigned long offset, int size,
+                const void *buf)
+{
+  struct ext4fs_dev *dev = chan_dev (channel);
+  int err = 0;
+
+  if (size < 0)
+    return EXT2_ET_INVALID_ARGUMENT;
+  if (ext4fs_dev_pwrite (dev, buf, size, offset, 0, &err) == -1)
+    return ext4fs_errno_to_errcode (err);
+  return 0;
+}
+
+static errcode_t
+dev_flush (io_channel channel)
+{
+  int err = 0;
+
+  if (ext4fs_dev_flush (chan_dev (channel), &err) == -1)
+    return ext4fs_errno_to_errcode (err);
+  return 0;
+}
+
+static errcode_t
+dev_set_option (io_channel channel, const char *option, const char *arg)
+{
+  /* ext2fs_rw_bitmaps sets cache=off/on around its threads.  We have
+   * no cache, so accept and ignore it.
+   */
+  if (strcmp (option, "cache") == 0)
+    return 0;
+  return EXT2_ET_INVALID_ARGUMENT;
+}
+
+static errcode_t
+dev_zeroout (io_channel channel, unsigned long long block,
+             unsigned long long count)
+{
+  struct ext4fs_dev *dev = chan_dev (channel);
+  uint64_t offset, bytes, bs = channel->block_size;
+  int err = 0;
+
+  if (__builtin_mul_overflow ((uint64_t) block, bs, &offset) ||
+      __builtin_mul_overflow ((uint64_t) count, bs, &bytes))
+    return EXT2_ET_INVALID_ARGUMENT;
+  if (ext4fs_dev_zero (dev, bytes, offset, &err) == -1)
+    return ext4fs_errno_to_errcode (err);
+  return 0;
+}
+
+static struct struct_io_manager manager = {
+  .magic = EXT2_ET_MAGIC_IO_MANAGER,
+  .name = "ext4fs nbdkit I/O manager",
+  .open = dev_open,
+  .close = dev_close,
+  .set_blksize = dev_set_blksize,
+  .read_blk = dev_read_blk,
+  .write_blk = dev_write_blk,
+  .flush = dev_flush,
+  .write_byte = dev_write_byte,
+  .set_option = dev_set_option,
+  .read_blk64 = dev_read_blk64,
+  .write_blk64 = dev_write_blk64,
+  /* .discard is left unset: libext2fs then reports UNIMPLEMENTED, and
+   * nothing we call discards.
+   */
+  .zeroout = dev_zeroout,
+};
+
+io_manager ext4fs_io_manager = &manager;

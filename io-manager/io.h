@@ -1,0 +1,81 @@
+/* ext4fs: the libext2fs io_manager over one shared nbdkit context.
+ *
+ * A "device" (struct ext4fs_dev) wraps the shared background context
+ * (nbdkit_next_context_open (..., shared=1)) that every connection of
+ * the nbdkit process uses.  libext2fs reaches it through
+ * ext4fs_io_manager, opened by the name ext4fs_dev_name() returns; the
+ * filter's data path calls ext4fs_dev_pread/pwrite/... directly, with
+ * byte offsets, bypassing libext2fs and its block size.
+ *
+ * Every call into the context is bounds-checked here against the size
+ * the context reported when the device was created: nbdkit aborts the
+ * whole process on an out-of-range request.
+ *
+ * Thread safety: every function here may be called from any thread at
+ * any time between ext4fs_dev_new and ext4fs_dev_free.  If the device
+ * was created with serialize != 0 (the final thread model is below
+ * PARALLEL), one mutex (the "context mutex", innermost in the lock
+ * order of DESIGN.md) is held around each call into the context.
+ */
+#ifndef EXT4FS_IO_H
+#define EXT4FS_IO_H
+
+#include <stdint.h>
+#include <ext2fs/ext2fs.h>
+#include <nbdkit-filter.h>
+
+struct ext4fs_dev;
+
+/* The io_manager.  Its channels advertise CHANNEL_FLAGS_THREADS. */
+extern io_manager ext4fs_io_manager;
+
+/* Wrap a prepared shared context.  Queries get_size and every can_*
+ * once, here, while single-threaded (nbdkit caches these without
+ * locking).  Returns NULL (after nbdkit_error) on failure.
+ */
+extern struct ext4fs_dev *ext4fs_dev_new (nbdkit_next *next, int serialize);
+/* Forget the device.  Does not close the context. */
+extern void ext4fs_dev_free (struct ext4fs_dev *dev);
+
+/* The name to pass to ext2fs_open2 with ext4fs_io_manager. */
+extern const char *ext4fs_dev_name (const struct ext4fs_dev *dev);
+
+extern uint64_t ext4fs_dev_size (const struct ext4fs_dev *dev);
+extern int ext4fs_dev_can_write (const struct ext4fs_dev *dev);
+extern int ext4fs_dev_can_fua (const struct ext4fs_dev *dev);
+extern int ext4fs_dev_can_cache (const struct ext4fs_dev *dev);
+extern nbdkit_next *ext4fs_dev_next (const struct ext4fs_dev *dev);
+
+/* Data path.  Each returns 0 on success, or -1 with *err set to a
+ * positive errno (EIO for a range outside the device, after
+ * nbdkit_error).  count may be any size: requests are split at
+ * EXT4FS_DEV_MAX_IO.  flags are NBDKIT_FLAG_*; FUA is passed down
+ * only when the context supports it natively, else emulated with a
+ * flush.
+ */
+#define EXT4FS_DEV_MAX_IO (32 * 1024 * 1024)
+extern int ext4fs_dev_pread (struct ext4fs_dev *dev, void *buf, uint64_t count,
+                             uint64_t offset, int *err);
+extern int ext4fs_dev_pwrite (struct ext4fs_dev *dev, const void *buf,
+                              uint64_t count, uint64_t offset, uint32_t flags,
+                              int *err);
+/* Write zeros (through the plugin's zero if it has one, else pwrite). */
+extern int ext4fs_dev_zero (struct ext4fs_dev *dev, uint64_t count,
+                            uint64_t offset, int *err);
+extern int ext4fs_dev_cache (struct ext4fs_dev *dev, uint64_t count,
+                             uint64_t offset, int *err);
+extern int ext4fs_dev_flush (struct ext4fs_dev *dev, int *err);
+/* The plugin's preferred block size limits, or 0/0/0. */
+extern int ext4fs_dev_block_size (struct ext4fs_dev *dev, uint32_t *minimum,
+                                  uint32_t *preferred, uint32_t *maximum);
+
+/* Error codes, both ways, in one place.
+ *
+ * ext4fs_errcode_to_errno: our io_manager passes errnos up unchanged
+ * (< 256); known libext2fs codes map to the closest errno; anything
+ * else (corruption, checksum failures, short reads) becomes EIO.
+ */
+extern int ext4fs_errcode_to_errno (errcode_t e);
+extern errcode_t ext4fs_errno_to_errcode (int err);
+
+#endif /* EXT4FS_IO_H */
