@@ -28,7 +28,7 @@
 #define MAX_EXPORTS 10000       /* nbdkit's limit on a list */
 
 /* The directories from the filesystem root to ext4root, inclusive. */
-static ext2_ino_t root_stack[MAX_DEPTH];
+static ext2_ino_t root_stack[MAX_DEPTH] = { EXT2_ROOT_INO };
 static size_t root_depth = 1;
 static char root_path[MAX_PATH + 1] = "/";
 

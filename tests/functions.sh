@@ -39,10 +39,20 @@ requires ()
 
 fail () { echo "FAIL: $*" >&2; exit 1; }
 
-# nbdkit_srv ARGS...: run nbdkit with the server environment.
+# nbdkit_srv ARGS...: run nbdkit with the server environment.  The
+# command of --run (a client) must not inherit a sanitizer runtime.
 nbdkit_srv ()
 {
-    env $EXT4FS_SERVER_ENV nbdkit "$@"
+    local args=() prev= a
+    for a in "$@"; do
+        if [ "$prev" = "--run" ] && [ -n "$EXT4FS_SERVER_ENV" ]; then
+            args+=("unset LD_PRELOAD TSAN_OPTIONS ASAN_OPTIONS UBSAN_OPTIONS; $a")
+        else
+            args+=("$a")
+        fi
+        prev=$a
+    done
+    env $EXT4FS_SERVER_ENV nbdkit "${args[@]}"
 }
 
 # start_nbdkit SOCK ARGS...: start a background server on a Unix
