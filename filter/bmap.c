@@ -67,8 +67,12 @@ push_run (struct builder *b, uint64_t lblk, uint64_t pblk, uint64_t len,
 
   if (b->map->n > 0) {
     last = &b->map->runs[b->map->n - 1];
-    if (last->lblk + last->len == lblk && last->pblk + last->len == pblk &&
-        last->unwritten == unwritten && last->len + len <= UINT32_MAX) {
+    /* Merge written runs only: bmap_convert_locked needs each
+     * unwritten run to be exactly one extent on disk.
+     */
+    if (!unwritten && !last->unwritten &&
+        last->lblk + last->len == lblk && last->pblk + last->len == pblk &&
+        last->len + len <= UINT32_MAX) {
       last->len += len;
       return 0;
     }
@@ -270,6 +274,10 @@ bmap_alloc_locked (struct ext4fs_fs *fsi, uint64_t goal, uint64_t len,
     return -1;
   }
   ext2fs_block_alloc_stats_range (fs, start, n, +1);
+  /* libext2fs 1.47.0 calls the range callback with the range already
+   * consumed (num == 0), so record the dirty groups here.
+   */
+  fs_group_dirty_locked (fsi, start, n);
   *pblk = start;
   return n;
 }
@@ -277,8 +285,10 @@ bmap_alloc_locked (struct ext4fs_fs *fsi, uint64_t goal, uint64_t len,
 void
 bmap_free_locked (struct ext4fs_fs *fsi, uint64_t pblk, uint64_t len)
 {
-  if (len > 0)
+  if (len > 0) {
     ext2fs_block_alloc_stats_range (fsi->fs, pblk, len, -1);
+    fs_group_dirty_locked (fsi, pblk, len);  /* see bmap_alloc_locked */
+  }
 }
 
 static int

@@ -462,12 +462,11 @@ export_list (struct ext4fs_fs *fsi, struct nbdkit_exports *exports)
     nbdkit_error ("malloc: %m");
     return -1;
   }
-  plen = strcmp (root_path, "/") == 0 ? 0 : strlen (root_path);
-  memcpy (path, root_path, plen);
-  /* strip trailing slashes of ext4root */
-  while (plen > 0 && path[plen - 1] == '/')
-    plen--;
-  path[plen] = '\0';
+  /* Names are listed as clients must give them: relative to ext4root
+   * (which is where client names are looked up), with a leading '/'.
+   */
+  plen = 0;
+  path[0] = '\0';
   return list_dir (fsi, root_stack[root_depth - 1], path, plen, 0,
                    exports, &count);
 }

@@ -115,6 +115,9 @@ ext4fs_get_ready (int thread_model)
    * called from many connections at once, so serialize the calls.
    */
   final_model_serializes = thread_model < NBDKIT_THREAD_MODEL_PARALLEL;
+  if (final_model_serializes)
+    nbdkit_debug ("ext4fs: final thread model %d is below parallel: "
+                  "serializing calls into the plugin", thread_model);
   return 0;
 }
 

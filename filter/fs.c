@@ -53,6 +53,9 @@ alloc_stats_cb (ext2_filsys fs, blk64_t blk, int inuse)
 static void
 alloc_stats_range_cb (ext2_filsys fs, blk64_t blk, blk_t num, int inuse)
 {
+  /* In 1.47.0 this is called with num == 0 (the loop consumed it):
+   * bmap.c records its own ranges.  Kept for fixed libext2fs.
+   */
   fs_group_dirty_locked (fs->priv_data, blk, num);
 }
 
@@ -493,6 +496,7 @@ fs_writeback_locked (struct ext4fs_fs *fsi, int *err)
   for (g = 0; g < fs->group_desc_count; ++g) {
     if (!fsi->dirty_groups[g])
       continue;
+    nbdkit_debug ("ext4fs: writeback: block bitmap of group %u", g);
     if (write_block_bitmap_locked (fsi, g, buf, err) == -1)
       return -1;
   }

@@ -140,6 +140,20 @@ all_written (const struct ext4fs_map *map, uint64_t b0, uint64_t b1)
   return true;
 }
 
+/* Are no blocks of [b0, b1) mapped as written? */
+static bool
+all_unwritten_or_hole (const struct ext4fs_map *map, uint64_t b0, uint64_t b1)
+{
+  while (b0 < b1) {
+    uint64_t hole_end;
+    const struct ext4fs_run *r = bmap_lookup (map, b0, &hole_end);
+    if (r && !r->unwritten)
+      return false;
+    b0 = r ? r->lblk + r->len : hole_end;
+  }
+  return true;
+}
+
 /* Write part of one written block by read-modify-write. */
 static int
 rmw_block (struct ext4fs_inode *ip, uint64_t pblk, uint32_t boff,
@@ -434,9 +448,6 @@ rw_zero (struct ext4fs_inode *ip, uint32_t count, uint64_t offset,
     nbdkit_error ("inode %u: inline-data files are read-only", ip->ino);
     return -1;
   }
-  if (fs_begin_write (fsi, err) == -1)
-    return -1;
-
   /* Holes and unwritten extents already read as zeros: only written
    * blocks need zeros written into them, in place (no allocation).
    */
@@ -444,6 +455,15 @@ rw_zero (struct ext4fs_inode *ip, uint32_t count, uint64_t offset,
   map = inode_map (ip, err);
   if (map == NULL)
     return -1;
+  /* FAST_ZERO: zeroing written blocks means writing zeros, which is
+   * not fast.  Fail before changing anything.
+   */
+  if ((flags & NBDKIT_FLAG_FAST_ZERO) &&
+      !all_unwritten_or_hole (map, offset >> bits,
+                              ((offset + count - 1) >> bits) + 1)) {
+    *err = ENOTSUP;
+    return -1;
+  }
   while (count > 0) {
     uint64_t lblk = offset >> bits, hole_end, n;
     const struct ext4fs_run *r = bmap_lookup (map, lblk, &hole_end);
@@ -452,10 +472,9 @@ rw_zero (struct ext4fs_inode *ip, uint32_t count, uint64_t offset,
     if (r && !r->unwritten) {
       uint64_t done = 0;
 
-      if (flags & NBDKIT_FLAG_FAST_ZERO) {
-        *err = ENOTSUP;
+      /* Only now does the image change. */
+      if (fs_begin_write (fsi, err) == -1)
         return -1;
-      }
       if (zeros == NULL && (zeros = calloc (1, 1024 * 1024)) == NULL) {
         *err = errno;
         nbdkit_error ("calloc: %m");

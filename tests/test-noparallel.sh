@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# A serializing layer underneath (--filter=noparallel below ours): the
+# filter must serialize its calls into the shared context, and 4
+# connections reading and writing at once still get the right bytes.
+source "$srcdir/functions.sh"
+cd "$tmpdir"
+mkdir src
+head -c $((8*1024*1024)) /dev/urandom > src/f
+truncate -s 128M img
+mke2fs -q -F -t ext4 -d src img
+
+nbdkit_srv -v -U - --filter="$FILTER" --filter=noparallel \
+    file img ext4file=/f serialize=requests \
+    --run 'nbdcopy --connections=4 --threads=4 "$uri" out' 2> log
+cmp out src/f || fail "copy differs"
+grep -q "serializing calls into the plugin" log ||
+    fail "the filter did not notice the serializing thread model"
+
+# Concurrent writers through the serialized context.
+sock=$tmpdir/sock
+start_nbdkit "$sock" --filter="$FILTER" --filter=noparallel \
+    file img ext4file=/f serialize=requests
+cp src/f expected
+pids=()
+for i in 0 1 2 3; do
+    head -c $((512*1024)) /dev/urandom > part$i
+    dd if=part$i of=expected bs=512K seek=$((i*2)) conv=notrunc status=none
+    nbdsh -u "nbd+unix:///?socket=$sock" \
+        -c "h.pwrite(open('part$i','rb').read(), $((i*2))*512*1024); h.flush()" &
+    pids+=($!)
+done
+for p in "${pids[@]}"; do wait "$p" || fail "writer $p failed"; done
+stop_nbdkit "$sock"
+fsck_clean img
+dump_cmp img /f expected
