@@ -39,20 +39,55 @@ requires ()
 
 fail () { echo "FAIL: $*" >&2; exit 1; }
 
-# nbdkit_srv ARGS...: run nbdkit with the server environment.  The
-# command of --run (a client) must not inherit a sanitizer runtime.
+# nbdkit_srv ARGS...: run nbdkit with the server environment.  Under
+# a sanitizer (EXT4FS_SERVER_ENV preloads its runtime) the command of
+# --run must not inherit the runtime (the shell nbdkit starts would
+# crash under ThreadSanitizer), so captive mode is emulated: the
+# server runs in the background on a socket and the command runs here
+# with $uri, $unixsocket and $nbd set as nbdkit would set them.
 nbdkit_srv ()
 {
-    local args=() prev= a
+    if [ -z "$EXT4FS_SERVER_ENV" ]; then
+        nbdkit "$@"
+        return
+    fi
+    local args=() cmd= prev= a
+    local sock
+    sock=$(mktemp -u "$tmpdir/srv.XXXXXX")
     for a in "$@"; do
-        if [ "$prev" = "--run" ] && [ -n "$EXT4FS_SERVER_ENV" ]; then
-            args+=("unset LD_PRELOAD TSAN_OPTIONS ASAN_OPTIONS UBSAN_OPTIONS; $a")
+        if [ "$prev" = "--run" ]; then
+            cmd=$a
+        elif [ "$a" = "--run" ]; then
+            :
+        elif [ "$prev" = "-U" ] && [ "$a" = "-" ]; then
+            args+=("$sock")
         else
             args+=("$a")
         fi
         prev=$a
     done
-    env $EXT4FS_SERVER_ENV nbdkit "${args[@]}"
+    if [ -z "$cmd" ]; then
+        env $EXT4FS_SERVER_ENV nbdkit "${args[@]}"
+        return
+    fi
+    env $EXT4FS_SERVER_ENV nbdkit -f -P "$sock.pid" "${args[@]}" &
+    local spid=$! i r
+    for ((i=0; i<300; i++)); do
+        [ -S "$sock" ] && break
+        kill -0 "$spid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if [ ! -S "$sock" ]; then
+        r=0
+        wait "$spid" || r=$?
+        return $(( r ? r : 1 ))
+    fi
+    r=0
+    uri="nbd+unix:///?socket=$sock" unixsocket=$sock nbd="nbd:unix:$sock" \
+        sh -c "$cmd" || r=$?
+    kill "$spid" 2>/dev/null || :
+    wait "$spid" 2>/dev/null || :
+    return $r
 }
 
 # start_nbdkit SOCK ARGS...: start a background server on a Unix
