@@ -42,6 +42,13 @@ struct handle {
   bool can_write;
 };
 
+static void
+ext4fs_load (void)
+{
+  /* So that error_message() names libext2fs errors. */
+  initialize_ext2_error_table ();
+}
+
 static int
 ext4fs_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
                const char *key, const char *value)
@@ -446,6 +453,7 @@ ext4fs_cache (nbdkit_next *next, void *handle, uint32_t count,
 static struct nbdkit_filter filter = {
   .name               = "ext4fs",
   .longname           = "nbdkit ext2/ext3/ext4 parallel filter",
+  .load               = ext4fs_load,
   .config             = ext4fs_config,
   .config_complete    = ext4fs_config_complete,
   .config_help        = ext4fs_config_help,

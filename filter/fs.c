@@ -164,7 +164,8 @@ fs_open (bool rw)
     rw_refused_plugin = true;
   }
 
-  flags = EXT2_FLAG_64BITS | EXT2_FLAG_THREADS | EXT2_FLAG_SKIP_MMP;
+  flags = EXT2_FLAG_64BITS | EXT2_FLAG_THREADS | EXT2_FLAG_SKIP_MMP |
+    EXT2_FLAG_JOURNAL_DEV_OK;   /* so that we can say what it is */
   if (rw)
     flags |= EXT2_FLAG_RW;
   e = ext2fs_open2 (ext4fs_dev_name (fsi->dev), NULL, flags, 0, 0,
@@ -193,6 +194,8 @@ fs_open (bool rw)
   fsi->first_data_block = fsi->fs->super->s_first_data_block;
   fsi->orig_state = fsi->fs->super->s_state;
 
+  if (check_features (fsi->fs, rw) == -1)
+    goto err4;
   /* Does the filesystem fit in the device? */
   if (__builtin_mul_overflow (fsi->blocks_count, (uint64_t) fsi->blocksize,
                               &need) ||
@@ -203,8 +206,6 @@ fs_open (bool rw)
                   ext4fs_dev_size (fsi->dev));
     goto err4;
   }
-  if (check_features (fsi->fs, rw) == -1)
-    goto err4;
   if (rw) {
     e = ext2fs_read_bitmaps (fsi->fs);
     if (e) {
