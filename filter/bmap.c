@@ -299,6 +299,80 @@ extent_error (struct ext4fs_inode *ip, const char *what, errcode_t e, int *err)
   return -1;
 }
 
+static bool
+mergeable (const struct ext2fs_extent *a, const struct ext2fs_extent *b)
+{
+  return !(a->e_flags & EXT2_EXTENT_FLAGS_UNINIT) &&
+    !(b->e_flags & EXT2_EXTENT_FLAGS_UNINIT) &&
+    a->e_lblk + a->e_len == b->e_lblk && a->e_pblk + a->e_len == b->e_pblk &&
+    (uint64_t) a->e_len + b->e_len <= EXT_INIT_MAX_LEN;
+}
+
+/* Merge the written extent containing lblk with its written,
+ * logically and physically contiguous neighbours, as the kernel does,
+ * so that sequential writes in any order end as few extents.  The
+ * survivor is extended first and the neighbour deleted after: a
+ * failure in between leaves an overlap that e2fsck reports, never a
+ * lost mapping.
+ */
+static errcode_t
+merge_at (struct ext4fs_inode *ip, ext2_extent_handle_t h, uint64_t lblk)
+{
+  struct ext2fs_extent cur, other;
+  errcode_t e;
+  int side;
+
+  for (side = 0; side < 2; ++side) {
+    e = ext2fs_extent_goto (h, lblk);
+    if (e)
+      return e;
+    e = ext2fs_extent_get (h, EXT2_EXTENT_CURRENT, &cur);
+    if (e)
+      return e;
+    e = ext2fs_extent_get (h, side == 0 ? EXT2_EXTENT_PREV_LEAF
+                                        : EXT2_EXTENT_NEXT_LEAF, &other);
+    if (e == EXT2_ET_EXTENT_NO_PREV || e == EXT2_ET_EXTENT_NO_NEXT)
+      continue;
+    if (e)
+      return e;
+    if (side == 0 ? !mergeable (&other, &cur) : !mergeable (&cur, &other))
+      continue;
+    if (side == 0) {
+      /* Extend the previous extent over cur, then delete cur. */
+      other.e_len += cur.e_len;
+      e = ext2fs_extent_replace (h, 0, &other);
+      if (e)
+        return e;
+      lblk = other.e_lblk;
+      e = ext2fs_extent_get (h, EXT2_EXTENT_NEXT_LEAF, &cur);
+    }
+    else {
+      /* Extend cur over the next extent, then delete that. */
+      e = ext2fs_extent_goto (h, lblk);
+      if (e)
+        return e;
+      cur.e_len += other.e_len;
+      e = ext2fs_extent_replace (h, 0, &cur);
+      if (e)
+        return e;
+      e = ext2fs_extent_get (h, EXT2_EXTENT_NEXT_LEAF, &other);
+    }
+    if (e)
+      goto broken;
+    e = ext2fs_extent_delete (h, 0);
+    if (e)
+      goto broken;
+    e = ext2fs_extent_fix_parents (h);
+    if (e && e != EXT2_ET_NO_CURRENT_NODE)
+      goto broken;
+  }
+  return 0;
+
+ broken:
+  fs_set_broken_locked (ip->fsi, "merging extents failed half way");
+  return e;
+}
+
 /* Insert one written extent of at most EXT_INIT_MAX_LEN blocks into a
  * hole of an extent-mapped file, merging with the extent before when
  * it is physically contiguous.
@@ -353,6 +427,8 @@ extent_insert_one (struct ext4fs_inode *ip, uint64_t lblk, uint64_t pblk,
     goto fail;
   e = ext2fs_extent_fix_parents (h);
  out:
+  if (e == 0)
+    e = merge_at (ip, h, lblk);
   if (e)
     goto fail;
   ext2fs_extent_free (h);
@@ -412,71 +488,159 @@ bmap_insert_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t pblk,
 
 int
 bmap_convert_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t len,
-                     int *err)
+                     bool to_unwritten, int *err)
 {
+  const uint32_t from = to_unwritten ? 0 : EXT2_EXTENT_FLAGS_UNINIT;
+  const uint32_t to = to_unwritten ? EXT2_EXTENT_FLAGS_UNINIT : 0;
   ext2_filsys fs = ip->fsi->fs;
   ext2_extent_handle_t h;
-  struct ext2fs_extent ex, pieces[3];
-  int npieces = 0, i, written_piece = -1;
-  uint64_t end = lblk + len, ex_end;
+  uint64_t end = lblk + len;
   errcode_t e;
 
   e = ext2fs_extent_open2 (fs, ip->ino, (struct ext2_inode *) &ip->raw, &h);
   if (e)
     return extent_error (ip, "extent open", e, err);
-  e = ext2fs_extent_goto (h, lblk);
-  if (e)
-    goto fail;
-  e = ext2fs_extent_get (h, EXT2_EXTENT_CURRENT, &ex);
-  if (e)
-    goto fail;
-  ex_end = ex.e_lblk + ex.e_len;
-  if (!(ex.e_flags & EXT2_EXTENT_FLAGS_UNINIT) || lblk < ex.e_lblk ||
-      end > ex_end) {
-    ext2fs_extent_free (h);
-    nbdkit_error ("inode %u: blocks %" PRIu64 "-%" PRIu64 " are not inside "
-                  "one unwritten extent", ip->ino, lblk, end - 1);
-    *err = EIO;
-    return -1;
-  }
-  if (ex.e_lblk < lblk) {
-    pieces[npieces++] = (struct ext2fs_extent) {
-      .e_lblk = ex.e_lblk, .e_pblk = ex.e_pblk, .e_len = lblk - ex.e_lblk,
-      .e_flags = EXT2_EXTENT_FLAGS_LEAF | EXT2_EXTENT_FLAGS_UNINIT,
-    };
-  }
-  written_piece = npieces;
-  pieces[npieces++] = (struct ext2fs_extent) {
-    .e_lblk = lblk, .e_pblk = ex.e_pblk + (lblk - ex.e_lblk), .e_len = len,
-    .e_flags = EXT2_EXTENT_FLAGS_LEAF,
-  };
-  if (end < ex_end) {
-    pieces[npieces++] = (struct ext2fs_extent) {
-      .e_lblk = end, .e_pblk = ex.e_pblk + (end - ex.e_lblk),
-      .e_len = ex_end - end,
-      .e_flags = EXT2_EXTENT_FLAGS_LEAF | EXT2_EXTENT_FLAGS_UNINIT,
-    };
-  }
-  (void) written_piece;
 
-  e = ext2fs_extent_replace (h, 0, &pieces[0]);
-  if (e)
-    goto fail;
-  for (i = 1; i < npieces; ++i) {
-    e = ext2fs_extent_insert (h, EXT2_EXTENT_INSERT_AFTER, &pieces[i]);
-    if (e) {
-      /* The tree lost part of an unwritten extent. */
-      fs_set_broken_locked (ip->fsi, "splitting an unwritten extent failed");
+  /* One on-disk extent at a time: a written run of the map may span
+   * several.
+   */
+  while (lblk < end) {
+    struct ext2fs_extent ex, pieces[3];
+    int npieces = 0, i;
+    uint64_t ex_end, pend;
+
+    e = ext2fs_extent_goto (h, lblk);
+    if (e)
       goto fail;
+    e = ext2fs_extent_get (h, EXT2_EXTENT_CURRENT, &ex);
+    if (e)
+      goto fail;
+    ex_end = ex.e_lblk + ex.e_len;
+    if ((ex.e_flags & EXT2_EXTENT_FLAGS_UNINIT) != from ||
+        lblk < ex.e_lblk || lblk >= ex_end) {
+      ext2fs_extent_free (h);
+      nbdkit_error ("inode %u: block %" PRIu64 " is not in a %s extent",
+                    ip->ino, lblk, to_unwritten ? "written" : "unwritten");
+      *err = EIO;
+      return -1;
     }
+    pend = end < ex_end ? end : ex_end;
+    if (to_unwritten && pend - lblk > EXT_UNINIT_MAX_LEN)
+      pend = lblk + EXT_UNINIT_MAX_LEN;
+
+    if (ex.e_lblk < lblk)
+      pieces[npieces++] = (struct ext2fs_extent) {
+        .e_lblk = ex.e_lblk, .e_pblk = ex.e_pblk, .e_len = lblk - ex.e_lblk,
+        .e_flags = EXT2_EXTENT_FLAGS_LEAF | from,
+      };
+    pieces[npieces++] = (struct ext2fs_extent) {
+      .e_lblk = lblk, .e_pblk = ex.e_pblk + (lblk - ex.e_lblk),
+      .e_len = pend - lblk, .e_flags = EXT2_EXTENT_FLAGS_LEAF | to,
+    };
+    if (pend < ex_end)
+      pieces[npieces++] = (struct ext2fs_extent) {
+        .e_lblk = pend, .e_pblk = ex.e_pblk + (pend - ex.e_lblk),
+        .e_len = ex_end - pend, .e_flags = EXT2_EXTENT_FLAGS_LEAF | from,
+      };
+
+    e = ext2fs_extent_replace (h, 0, &pieces[0]);
+    if (e)
+      goto fail;
+    for (i = 1; i < npieces; ++i) {
+      e = ext2fs_extent_insert (h, EXT2_EXTENT_INSERT_AFTER, &pieces[i]);
+      if (e) {
+        /* The tree lost part of the extent. */
+        fs_set_broken_locked (ip->fsi, "splitting an extent failed");
+        goto fail;
+      }
+    }
+    e = ext2fs_extent_fix_parents (h);
+    if (e == 0 && !to_unwritten)
+      e = merge_at (ip, h, lblk);
+    if (e)
+      goto fail;
+    lblk = pend;
   }
-  e = ext2fs_extent_fix_parents (h);
-  if (e)
-    goto fail;
   ext2fs_extent_free (h);
   return inode_write_locked (ip, err);
 
  fail:
   ext2fs_extent_free (h);
-  return extent_error (ip, "converting unwritten extent", e, err);
+  return extent_error (ip, "converting extent", e, err);
+}
+
+/* libext2fs 1.47.0's punch overflows for ranges of 2^31 blocks or more
+ * (fixed in 1.47.3): punch in bounded pieces.
+ */
+#define PUNCH_CHUNK (1u << 24)
+
+int
+bmap_punch_locked (struct ext4fs_inode *ip, const struct ext4fs_map *map,
+                   uint64_t lblk, uint64_t len, int *err)
+{
+  struct ext4fs_fs *fsi = ip->fsi;
+  ext2_filsys fs = fsi->fs;
+  uint64_t end = lblk + len, b = lblk;
+  errcode_t e;
+
+  while (b < end) {
+    uint64_t hole_end, s, n;
+    const struct ext4fs_run *r = bmap_lookup (map, b, &hole_end);
+
+    if (r == NULL) {
+      b = hole_end;
+      continue;
+    }
+    s = b;
+    n = r->lblk + r->len - b;
+    if (n > end - b)
+      n = end - b;
+    if (n > PUNCH_CHUNK)
+      n = PUNCH_CHUNK;
+    if (ip->extents) {
+      uint64_t pend = r->pblk + (s - r->lblk) + n;
+
+      /* libext2fs 1.47.0 refuses to free a range that ends at the last
+       * block of the filesystem (off by one, fixed in 1.47.4): leave
+       * that one block mapped (trim is advisory; zero writes it).
+       */
+      if (pend == fsi->blocks_count) {
+        if (--n == 0) {
+          b = s + 1;
+          continue;
+        }
+      }
+      e = ext2fs_punch (fs, ip->ino, (struct ext2_inode *) &ip->raw, NULL,
+                        s, s + n - 1);
+      if (e) {
+        fs_set_broken_locked (fsi, "punching an extent failed");
+        return extent_error (ip, "punch", e, err);
+      }
+    }
+    else {
+      /* libext2fs 1.47.0's indirect punch removes blocks past the
+       * range (fixed in 1.47.4): unmap block by block ourselves.
+       * Indirect blocks that become empty stay allocated.
+       */
+      uint64_t i;
+
+      for (i = 0; i < n; ++i) {
+        blk64_t zero = 0;
+        e = ext2fs_bmap2 (fs, ip->ino, (struct ext2_inode *) &ip->raw, NULL,
+                          BMAP_SET, s + i, NULL, &zero);
+        if (e) {
+          fs_set_broken_locked (fsi, "unmapping a block failed");
+          return extent_error (ip, "unmap", e, err);
+        }
+        bmap_free_locked (fsi, r->pblk + (s + i - r->lblk), 1);
+        ext2fs_iblk_sub_blocks (fs, (struct ext2_inode *) &ip->raw, 1);
+      }
+      if (inode_write_locked (ip, err) == -1) {
+        fs_set_broken_locked (fsi, "inode block count not written");
+        return -1;
+      }
+    }
+    b = s + n;
+  }
+  return 0;
 }

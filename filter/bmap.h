@@ -39,10 +39,20 @@ extern int bmap_insert_locked (struct ext4fs_inode *ip, uint64_t lblk,
                                uint64_t pblk, uint64_t len, int *err);
 
 /* Mark logical [lblk, lblk+len), which lies inside one unwritten run,
- * as written.  Caller holds ip->lock exclusive and fsi->lock.
+ * as written (to_unwritten false, then merged with written
+ * neighbours), or inside one written run as unwritten.  Caller holds
+ * ip->lock exclusive and fsi->lock.
  */
 extern int bmap_convert_locked (struct ext4fs_inode *ip, uint64_t lblk,
-                                uint64_t len, int *err);
+                                uint64_t len, bool to_unwritten, int *err);
+
+/* Unmap and free the mapped blocks of logical [lblk, lblk+len), using
+ * map (the current map) to skip holes.  Caller holds ip->lock
+ * exclusive and fsi->lock, and calls inode_map_changed after.
+ */
+extern int bmap_punch_locked (struct ext4fs_inode *ip,
+                              const struct ext4fs_map *map,
+                              uint64_t lblk, uint64_t len, int *err);
 
 /* A goal for allocating logical block lblk: just after the physical
  * block mapped before it, if any.

@@ -14,6 +14,8 @@
  * - A partial-block write holds the stripe mutex of its physical
  *   block around the read-modify-write, so two such writes to one
  *   block never lose each other's bytes.
+ * - Trim and zero that change the block map (punch, written ->
+ *   unwritten) hold ip->lock exclusive, as allocation does.
  * - A write that touches a hole or an unwritten extent takes ip->lock
  *   exclusive (after dropping the shared lock, then mapping again),
  *   and fsi->lock only around each libext2fs call (allocation, extent
@@ -338,7 +340,7 @@ fill_unwritten (struct ext4fs_inode *ip, const struct ext4fs_run *r,
                    buf, count, offset, err) == -1)
     return -1;
   pthread_mutex_lock (&fsi->lock);
-  ret = bmap_convert_locked (ip, cs, ce - cs, err);
+  ret = bmap_convert_locked (ip, cs, ce - cs, false, err);
   pthread_mutex_unlock (&fsi->lock);
   return ret;
 }
@@ -432,8 +434,14 @@ rw_pwrite (struct ext4fs_inode *ip, const void *buf, uint32_t count,
   return r;
 }
 
-int
-rw_zero (struct ext4fs_inode *ip, uint32_t count, uint64_t offset,
+/* Write zeros into the written blocks of [offset, offset+count), in
+ * place; holes and unwritten extents already read as zeros.  With
+ * FAST_ZERO, fail with ENOTSUP before changing anything if any block
+ * would need zeros written (a partial edge block is allowed: it is one
+ * small read-modify-write).
+ */
+static int
+rw_zero_written (struct ext4fs_inode *ip, uint64_t count, uint64_t offset,
          uint32_t flags, int *err)
 {
   struct ext4fs_fs *fsi = ip->fsi;
@@ -495,15 +503,155 @@ rw_zero (struct ext4fs_inode *ip, uint32_t count, uint64_t offset,
   return 0;
 }
 
+
+/* Any block of [b0, b1) mapped (written or unwritten)? */
+static bool
+any_mapped (const struct ext4fs_map *map, uint64_t b0, uint64_t b1)
+{
+  uint64_t hole_end;
+
+  if (b0 >= b1)
+    return false;
+  return bmap_lookup (map, b0, &hole_end) != NULL || hole_end < b1;
+}
+
+/* Change the block map of whole blocks [b0, b1): punch them (free the
+ * blocks), or on extent files turn written extents into unwritten
+ * ones (blocks stay allocated, read as zeros).  Takes ip->lock
+ * exclusive: no request is doing I/O through the old map, and none
+ * ever will (the generation changes), so a freed block is never read
+ * or written through this file again.
+ */
+static int
+remap_range (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1, bool punch,
+             int *err)
+{
+  struct ext4fs_fs *fsi = ip->fsi;
+  const struct ext4fs_map *map;
+  int r = 0;
+  ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&ip->lock);
+
+  map = inode_map (ip, err);
+  if (map == NULL)
+    return -1;
+  if (!any_mapped (map, b0, b1))
+    return 0;
+  if (fs_begin_write (fsi, err) == -1)
+    return -1;
+  pthread_mutex_lock (&fsi->lock);
+  if (punch)
+    r = bmap_punch_locked (ip, map, b0, b1 - b0, err);
+  else {
+    uint64_t b = b0;
+    while (b < b1 && r == 0) {
+      uint64_t hole_end, e;
+      const struct ext4fs_run *run = bmap_lookup (map, b, &hole_end);
+
+      if (run == NULL) {
+        b = hole_end;
+        continue;
+      }
+      e = run->lblk + run->len < b1 ? run->lblk + run->len : b1;
+      if (!run->unwritten)
+        r = bmap_convert_locked (ip, b, e - b, true, err);
+      b = e;
+    }
+  }
+  pthread_mutex_unlock (&fsi->lock);
+  inode_map_changed (ip);
+  return r;
+}
+
+/* Zero the parts of [offset, offset+count) outside whole blocks
+ * [b0, b1) that are written (partial edge blocks), in place.
+ */
+static int
+zero_edges (struct ext4fs_inode *ip, uint64_t count, uint64_t offset,
+            uint64_t b0, uint64_t b1, uint32_t flags, int *err)
+{
+  struct ext4fs_fs *fsi = ip->fsi;
+  unsigned bits = fsi->blockbits;
+  uint64_t end = offset + count;
+  struct { uint64_t off, len; } part[2];
+  int nparts = 0, i;
+
+  if (b0 >= b1) {
+    part[nparts].off = offset;
+    part[nparts++].len = count;
+  }
+  else {
+    if (offset < b0 << bits) {
+      part[nparts].off = offset;
+      part[nparts++].len = (b0 << bits) - offset;
+    }
+    if (end > b1 << bits) {
+      part[nparts].off = b1 << bits;
+      part[nparts++].len = end - (b1 << bits);
+    }
+  }
+  for (i = 0; i < nparts; ++i) {
+    if (rw_zero_written (ip, part[i].len, part[i].off, flags, err) == -1)
+      return -1;
+  }
+  return 0;
+}
+
+int
+rw_zero (struct ext4fs_inode *ip, uint32_t count, uint64_t offset,
+         uint32_t flags, int *err)
+{
+  struct ext4fs_fs *fsi = ip->fsi;
+  unsigned bits = fsi->blockbits;
+  uint64_t b0 = (offset + fsi->blocksize - 1) >> bits;
+  uint64_t b1 = (offset + count) >> bits;
+  bool may_trim = (flags & NBDKIT_FLAG_MAY_TRIM) != 0;
+  int r;
+
+  if (count == 0)
+    return 0;
+  if (ip->inline_data) {
+    *err = EROFS;
+    nbdkit_error ("inode %u: inline-data files are read-only", ip->ino);
+    return -1;
+  }
+  /* Whole blocks: punched (MAY_TRIM), or made unwritten (extent
+   * files), both instant; indirect files without MAY_TRIM get zeros
+   * written, which is not fast.
+   */
+  if (!may_trim && !ip->extents)
+    return rw_zero_written (ip, count, offset, flags, err);
+  if (zero_edges (ip, count, offset, b0, b1,
+                  flags & ~(NBDKIT_FLAG_FUA | NBDKIT_FLAG_FAST_ZERO),
+                  err) == -1)
+    return -1;
+  if (b0 < b1 && remap_range (ip, b0, b1, may_trim, err) == -1)
+    return -1;
+  inode_touch (ip);
+  r = 0;
+  if (flags & NBDKIT_FLAG_FUA)
+    r = fs_sync (fsi, err);
+  return r;
+}
+
 int
 rw_trim (struct ext4fs_inode *ip, uint32_t count, uint64_t offset,
          uint32_t flags, int *err)
 {
-  /* Trim is advisory in NBD.  Punching holes is not implemented yet:
-   * trim succeeds and changes nothing (documented in the man page).
+  struct ext4fs_fs *fsi = ip->fsi;
+  unsigned bits = fsi->blockbits;
+  uint64_t b0 = (offset + fsi->blocksize - 1) >> bits;
+  uint64_t b1 = (offset + count) >> bits;
+
+  /* Trim is advisory: partial blocks at the edges stay; inline data
+   * is left alone.
    */
+  if (!ip->inline_data && b0 < b1) {
+    if (remap_range (ip, b0, b1, true, err) == -1)
+      return -1;
+    inode_touch (ip);
+  }
   if (flags & NBDKIT_FLAG_FUA)
-    return fs_sync (ip->fsi, err);
+    return fs_sync (fsi, err);
   return 0;
 }
 
