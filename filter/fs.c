@@ -31,6 +31,7 @@
 #include "cleanup.h"
 #include "fs.h"
 #include "inode.h"
+#include "mmp.h"
 
 static pthread_mutex_t reg_lock = PTHREAD_MUTEX_INITIALIZER;
 /* Protected by reg_lock: */
@@ -70,7 +71,6 @@ check_features (ext2_filsys fs, bool rw)
   struct ext2_super_block *sb = fs->super;
   static const struct { int kind; uint32_t mask; const char *name; } no_write[] = {
     { 0, EXT3_FEATURE_INCOMPAT_RECOVER, NULL }, /* handled below */
-    { 0, EXT4_FEATURE_INCOMPAT_MMP, "mmp (multi-mount protection)" },
     { 0, EXT4_FEATURE_INCOMPAT_ENCRYPT, "encrypt" },
     { 0, EXT4_FEATURE_INCOMPAT_CASEFOLD, "casefold" },
     { 1, EXT4_FEATURE_RO_COMPAT_BIGALLOC, "bigalloc" },
@@ -218,6 +218,11 @@ fs_open (bool rw)
       nbdkit_error ("calloc: %m");
       goto err4;
     }
+    if (ext2fs_has_feature_mmp (fsi->fs->super)) {
+      fsi->mmp = mmp_start (fsi);
+      if (fsi->mmp == NULL)
+        goto err4;
+    }
     fsi->fs->priv_data = fsi;
     ext2fs_set_block_alloc_stats_callback (fsi->fs, alloc_stats_cb, NULL);
     ext2fs_set_block_alloc_stats_range_callback (fsi->fs,
@@ -231,6 +236,7 @@ fs_open (bool rw)
 
  err4:
   ext2fs_close_free (&fsi->fs);  /* nothing is dirty: writes nothing */
+  mmp_release (fsi->mmp);
  err3:
   ext4fs_dev_free (fsi->dev);
  err2:
@@ -253,6 +259,14 @@ fs_close (struct ext4fs_fs *fsi)
   errcode_t e;
   int err;
 
+  /* The MMP updater must not race the last metadata writes, and if
+   * another node took the filesystem we write nothing more at all.
+   */
+  mmp_stop_thread (fsi->mmp);
+  if (fsi->fs && mmp_lost (fsi->mmp)) {
+    ext2fs_free (fsi->fs);
+    fsi->fs = NULL;
+  }
   if (fsi->fs) {
     pthread_mutex_lock (&fsi->lock);
     if (fsi->rw) {
@@ -273,6 +287,7 @@ fs_close (struct ext4fs_fs *fsi)
     fsi->fs = NULL;
     pthread_mutex_unlock (&fsi->lock);
   }
+  mmp_release (fsi->mmp);      /* after the last metadata write */
   if (fsi->rw)
     ext4fs_dev_flush (fsi->dev, &err);
   ext4fs_dev_free (fsi->dev);
@@ -382,6 +397,12 @@ fs_begin_write (struct ext4fs_fs *fsi, int *err)
     *err = EROFS;
     return -1;
   }
+  if (mmp_lost (fsi->mmp)) {
+    nbdkit_error ("MMP: another host or program took the filesystem; "
+                  "refusing to write to it");
+    *err = EIO;
+    return -1;
+  }
   if (fsi->broken) {
     nbdkit_error ("the filesystem was marked as having errors earlier in "
                   "this session; refusing to change it further");
@@ -487,6 +508,12 @@ fs_writeback_locked (struct ext4fs_fs *fsi, int *err)
 
   if (!fsi->rw || !fsi->super_dirty)
     return 0;
+  if (mmp_lost (fsi->mmp)) {
+    nbdkit_error ("MMP: another host or program took the filesystem; "
+                  "not writing metadata");
+    *err = EIO;
+    return -1;
+  }
   buf = malloc (fsi->blocksize);
   if (buf == NULL) {
     *err = errno;

@@ -36,6 +36,8 @@ struct ext4fs_fs {
   uint8_t *dirty_groups;      /* one byte per group: bitmap/desc dirty */
   bool super_dirty;           /* superblock (free counts) dirty */
   bool broken;                /* metadata may be inconsistent: no more allocation */
+
+  struct ext4fs_mmp *mmp;     /* MMP claim, read-write with mmp only */
 };
 
 /* Called once from .after_fork: open read-only, check the filesystem
