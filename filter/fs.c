@@ -123,12 +123,10 @@ check_features (ext2_filsys fs, bool rw)
   return 0;
 }
 
-/* Open the shared context and the filesystem.  Caller holds reg_lock. */
-static struct ext4fs_fs *
-fs_open (bool rw)
+struct ext4fs_fs *
+fs_open_dev (struct ext4fs_dev *dev, bool rw)
 {
   struct ext4fs_fs *fsi;
-  nbdkit_next *next;
   errcode_t e;
   int flags;
   uint64_t need;
@@ -139,30 +137,8 @@ fs_open (bool rw)
     return NULL;
   }
   pthread_mutex_init (&fsi->lock, NULL);
-
-  next = nbdkit_next_context_open (the_backend, !rw, "", 1);
-  if (next == NULL && rw) {
-    nbdkit_debug ("the plugin cannot be opened read-write; "
-                  "serving read-only");
-    rw = false;
-    rw_refused_plugin = true;
-    next = nbdkit_next_context_open (the_backend, 1, "", 1);
-  }
-  if (next == NULL) {
-    nbdkit_error ("could not open the plugin underneath ext4fs");
-    goto err0;
-  }
-  if (next->prepare (next) == -1)
-    goto err1;
-  fsi->next = next;
-  fsi->dev = ext4fs_dev_new (next, serializes);
-  if (fsi->dev == NULL)
-    goto err2;
-  if (rw && ext4fs_dev_can_write (fsi->dev) != 1) {
-    nbdkit_debug ("the plugin is read-only; serving read-only");
-    rw = false;
-    rw_refused_plugin = true;
-  }
+  fsi->dev = dev;
+  fsi->next = ext4fs_dev_next (dev);
 
   flags = EXT2_FLAG_64BITS | EXT2_FLAG_THREADS | EXT2_FLAG_SKIP_MMP |
     EXT2_FLAG_JOURNAL_DEV_OK;   /* so that we can say what it is */
@@ -185,7 +161,7 @@ fs_open (bool rw)
     else
       nbdkit_error ("could not open the filesystem: %s", error_message (e));
     fsi->fs = NULL;
-    goto err3;
+    goto err;
   }
   fsi->rw = rw;
   fsi->blocksize = fsi->fs->blocksize;
@@ -195,7 +171,7 @@ fs_open (bool rw)
   fsi->orig_state = fsi->fs->super->s_state;
 
   if (check_features (fsi->fs, rw) == -1)
-    goto err4;
+    goto err;
   /* Does the filesystem fit in the device? */
   if (__builtin_mul_overflow (fsi->blocks_count, (uint64_t) fsi->blocksize,
                               &need) ||
@@ -204,24 +180,24 @@ fs_open (bool rw)
                   "is only %" PRIu64 " bytes (truncated image?)",
                   fsi->blocks_count * fsi->blocksize,
                   ext4fs_dev_size (fsi->dev));
-    goto err4;
+    goto err;
   }
   if (rw) {
     e = ext2fs_read_bitmaps (fsi->fs);
     if (e) {
       nbdkit_error ("could not read the filesystem's bitmaps: %s",
                     error_message (e));
-      goto err4;
+      goto err;
     }
     fsi->dirty_groups = calloc (fsi->fs->group_desc_count, 1);
     if (fsi->dirty_groups == NULL) {
       nbdkit_error ("calloc: %m");
-      goto err4;
+      goto err;
     }
     if (ext2fs_has_feature_mmp (fsi->fs->super)) {
       fsi->mmp = mmp_start (fsi);
       if (fsi->mmp == NULL)
-        goto err4;
+        goto err;
     }
     fsi->fs->priv_data = fsi;
     ext2fs_set_block_alloc_stats_callback (fsi->fs, alloc_stats_cb, NULL);
@@ -234,27 +210,17 @@ fs_open (bool rw)
                 fsi->blocks_count);
   return fsi;
 
- err4:
-  ext2fs_close_free (&fsi->fs);  /* nothing is dirty: writes nothing */
-  mmp_release (fsi->mmp);
- err3:
-  ext4fs_dev_free (fsi->dev);
- err2:
-  next->finalize (next);
- err1:
-  nbdkit_next_context_close (next);
- err0:
+ err:
+  if (fsi->fs)
+    ext2fs_close_free (&fsi->fs);  /* nothing is dirty: writes nothing */
   free (fsi->dirty_groups);
   pthread_mutex_destroy (&fsi->lock);
   free (fsi);
   return NULL;
 }
 
-/* Close an instance: write back, mark clean, close, release the
- * context.  Caller holds reg_lock and no one else uses fsi.
- */
-static void
-fs_close (struct ext4fs_fs *fsi)
+void
+fs_close_dev (struct ext4fs_fs *fsi)
 {
   errcode_t e;
   int err;
@@ -290,12 +256,68 @@ fs_close (struct ext4fs_fs *fsi)
   mmp_release (fsi->mmp);      /* after the last metadata write */
   if (fsi->rw)
     ext4fs_dev_flush (fsi->dev, &err);
-  ext4fs_dev_free (fsi->dev);
-  fsi->next->finalize (fsi->next);
-  nbdkit_next_context_close (fsi->next);
   free (fsi->dirty_groups);
   pthread_mutex_destroy (&fsi->lock);
   free (fsi);
+}
+
+/* Open the shared context and the filesystem.  Caller holds reg_lock. */
+static struct ext4fs_fs *
+fs_open (bool rw)
+{
+  struct ext4fs_fs *fsi;
+  struct ext4fs_dev *dev;
+  nbdkit_next *next;
+
+  next = nbdkit_next_context_open (the_backend, !rw, "", 1);
+  if (next == NULL && rw) {
+    nbdkit_debug ("the plugin cannot be opened read-write; "
+                  "serving read-only");
+    rw = false;
+    rw_refused_plugin = true;
+    next = nbdkit_next_context_open (the_backend, 1, "", 1);
+  }
+  if (next == NULL) {
+    nbdkit_error ("could not open the plugin underneath ext4fs");
+    return NULL;
+  }
+  if (next->prepare (next) == -1)
+    goto err1;
+  dev = ext4fs_dev_new (next, serializes);
+  if (dev == NULL)
+    goto err2;
+  if (rw && ext4fs_dev_can_write (dev) != 1) {
+    nbdkit_debug ("the plugin is read-only; serving read-only");
+    rw = false;
+    rw_refused_plugin = true;
+  }
+  fsi = fs_open_dev (dev, rw);
+  if (fsi == NULL)
+    goto err3;
+  return fsi;
+
+ err3:
+  ext4fs_dev_free (dev);
+ err2:
+  next->finalize (next);
+ err1:
+  nbdkit_next_context_close (next);
+  return NULL;
+}
+
+/* Close an instance: write back, mark clean, close, release the
+ * context.  Caller holds reg_lock and no one else uses fsi.
+ */
+static void
+fs_close (struct ext4fs_fs *fsi)
+{
+  struct ext4fs_dev *dev = fsi->dev;
+  nbdkit_next *next = fsi->next;
+
+  fs_close_dev (fsi);
+  ext4fs_dev_free (dev);
+  next->finalize (next);
+  nbdkit_next_context_close (next);
 }
 
 int

@@ -40,6 +40,14 @@ struct ext4fs_fs {
   struct ext4fs_mmp *mmp;     /* MMP claim, read-write with mmp only */
 };
 
+/* Open the filesystem on an existing device (no registry, no
+ * context management): used by fs_open and by the fuzz target.
+ * Returns NULL after nbdkit_error.  fs_close_dev writes back, marks
+ * clean and closes, but leaves the device alone.
+ */
+extern struct ext4fs_fs *fs_open_dev (struct ext4fs_dev *dev, bool rw);
+extern void fs_close_dev (struct ext4fs_fs *fsi);
+
 /* Called once from .after_fork: open read-only, check the filesystem
  * and the fixed ext4file (if any).  Returns -1 after nbdkit_error, and
  * nbdkit exits.
