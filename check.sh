@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # ext4fs: install what is missing, build, run the whole test suite,
-# then the ThreadSanitizer build (concurrency tests) and the
-# AddressSanitizer + UBSan build (whole suite).  Exits non-zero on any
+# then the ThreadSanitizer build (concurrency tests), the
+# AddressSanitizer + UBSan build (whole suite), and the libFuzzer
+# target for a bounded time.  Exits non-zero on any
 # failure.  Sanitizer builds live outside the source tree, so
 # filter/.libs/ always holds the normal build.
 #
 # Environment:
 #   EXT4FS_SAN_DIR   where sanitizer builds go (default: a temp dir)
 #   SKIP_SANITIZERS=1  only the normal build and make check
+#   SKIP_FUZZ=1        no fuzzing; EXT4FS_FUZZ_SECONDS (180) bounds it
 set -euo pipefail
 cd "$(dirname "$0")"
 export PATH=/usr/bin:/usr/sbin:/sbin:$PATH
@@ -103,6 +105,11 @@ echo "=== AddressSanitizer + UBSan build ($sandir/asan)"
 build_sanitized asan -fsanitize=address,undefined -fno-sanitize-recover=undefined
 run_tests asan "$(gcc -print-file-name=libasan.so)" ASAN_OPTIONS \
     "detect_leaks=0:abort_on_error=0" "${all_tests[@]}" || status=1
+
+if [ "${SKIP_FUZZ:-0}" != 1 ]; then
+    echo "=== fuzz target (libFuzzer), ${EXT4FS_FUZZ_SECONDS:-180} s"
+    bash fuzz/run.sh "${EXT4FS_FUZZ_SECONDS:-180}" || status=1
+fi
 
 if [ -z "${EXT4FS_SAN_DIR:-}" ] && [ $status = 0 ]; then
     rm -rf "$sandir"

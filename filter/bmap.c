@@ -569,6 +569,51 @@ bmap_convert_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t len,
   return extent_error (ip, "converting extent", e, err);
 }
 
+/* Unmap logical block lblk, mapped to the filesystem's last block
+ * pblk and the last block of its extent (see bmap_punch_locked).
+ */
+static int
+unmap_last_block_locked (struct ext4fs_inode *ip, uint64_t lblk,
+                         uint64_t pblk, int *err)
+{
+  ext2_filsys fs = ip->fsi->fs;
+  ext2_extent_handle_t h;
+  struct ext2fs_extent ex;
+  errcode_t e;
+
+  e = ext2fs_extent_open2 (fs, ip->ino, (struct ext2_inode *) &ip->raw, &h);
+  if (e)
+    return extent_error (ip, "extent open", e, err);
+  e = ext2fs_extent_goto (h, lblk);
+  if (e == 0)
+    e = ext2fs_extent_get (h, EXT2_EXTENT_CURRENT, &ex);
+  if (e == 0 && (ex.e_lblk + ex.e_len - 1 != lblk ||
+                 ex.e_pblk + ex.e_len - 1 != pblk))
+    e = EXT2_ET_EXTENT_NOT_FOUND;
+  if (e == 0) {
+    if (ex.e_len == 1) {
+      e = ext2fs_extent_delete (h, 0);
+      if (e == 0) {
+        e = ext2fs_extent_fix_parents (h);
+        if (e == EXT2_ET_NO_CURRENT_NODE)
+          e = 0;
+      }
+    }
+    else {
+      ex.e_len--;
+      e = ext2fs_extent_replace (h, 0, &ex);
+    }
+  }
+  ext2fs_extent_free (h);
+  if (e) {
+    fs_set_broken_locked (ip->fsi, "unmapping the last block failed");
+    return extent_error (ip, "unmap last block", e, err);
+  }
+  bmap_free_locked (ip->fsi, pblk, 1);
+  ext2fs_iblk_sub_blocks (fs, (struct ext2_inode *) &ip->raw, 1);
+  return inode_write_locked (ip, err);
+}
+
 /* libext2fs 1.47.0's punch overflows for ranges of 2^31 blocks or more
  * (fixed in 1.47.3): punch in bounded pieces.
  */
@@ -601,21 +646,21 @@ bmap_punch_locked (struct ext4fs_inode *ip, const struct ext4fs_map *map,
       uint64_t pend = r->pblk + (s - r->lblk) + n;
 
       /* libext2fs 1.47.0 refuses to free a range that ends at the last
-       * block of the filesystem (off by one, fixed in 1.47.4): leave
-       * that one block mapped (trim is advisory; zero writes it).
+       * block of the filesystem (off by one, fixed in 1.47.4): punch
+       * the rest, and unmap that block ourselves.
        */
-      if (pend == fsi->blocks_count) {
-        if (--n == 0) {
-          b = s + 1;
-          continue;
+      bool last = pend == fsi->blocks_count;
+
+      if (n - last > 0) {
+        e = ext2fs_punch (fs, ip->ino, (struct ext2_inode *) &ip->raw, NULL,
+                          s, s + n - last - 1);
+        if (e) {
+          fs_set_broken_locked (fsi, "punching an extent failed");
+          return extent_error (ip, "punch", e, err);
         }
       }
-      e = ext2fs_punch (fs, ip->ino, (struct ext2_inode *) &ip->raw, NULL,
-                        s, s + n - 1);
-      if (e) {
-        fs_set_broken_locked (fsi, "punching an extent failed");
-        return extent_error (ip, "punch", e, err);
-      }
+      if (last && unmap_last_block_locked (ip, s + n - 1, pend - 1, err) == -1)
+        return -1;
     }
     else {
       /* libext2fs 1.47.0's indirect punch removes blocks past the

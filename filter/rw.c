@@ -684,8 +684,12 @@ rw_extents (struct ext4fs_inode *ip, uint32_t count, uint64_t offset,
       type = r->unwritten ? NBDKIT_EXTENT_ZERO : 0;
       n = bytes_to (fsi, offset, r->lblk + r->len);
     }
-    /* Never past the end of the file. */
+    /* Never past the end of the file, nor of the request: nbdkit 1.32
+     * asserts (aborting the server) when one extent is longer than the
+     * request (a hole of more than 4 GiB, for example).
+     */
     n = min64 (n, ip->size - offset);
+    n = min64 (n, end - offset);
     if (n == 0)
       break;
     if (nbdkit_add_extent (extents, offset, n, type) == -1) {
