@@ -36,11 +36,19 @@
  */
 #define META_MARGIN 64
 
+/* The cached map of one file holds at most this many runs (24 bytes
+ * each, so 96 MiB): the documented bound on map memory per open file.
+ * A file more fragmented than this (or a corrupt one) cannot be
+ * opened.
+ */
+#define MAX_RUNS (4 * 1024 * 1024)
+
 struct builder {
   struct ext4fs_inode *ip;
   struct ext4fs_map *map;
   size_t cap;
   uint64_t next_lblk;           /* runs must not overlap */
+  uint64_t nblocks;             /* blocks covering i_size */
   errcode_t error;
 };
 
@@ -64,6 +72,12 @@ push_run (struct builder *b, uint64_t lblk, uint64_t pblk, uint64_t len,
     return -1;
   }
   b->next_lblk = lblk + len;
+  if (fs_is_metadata (fsi, pblk, len)) {
+    nbdkit_error ("inode %u: corrupt block map: logical block %" PRIu64
+                  " -> physical %" PRIu64 " (+%" PRIu64 ") points at "
+                  "filesystem metadata", b->ip->ino, lblk, pblk, len);
+    return -1;
+  }
 
   if (b->map->n > 0) {
     last = &b->map->runs[b->map->n - 1];
@@ -79,6 +93,11 @@ push_run (struct builder *b, uint64_t lblk, uint64_t pblk, uint64_t len,
   }
   if (b->map->n == b->cap) {
     size_t ncap = b->cap ? b->cap * 2 : 16;
+    if (ncap > MAX_RUNS) {
+      nbdkit_error ("inode %u: more than %d fragments: too fragmented "
+                    "to map (or corrupt)", b->ip->ino, MAX_RUNS);
+      return -1;
+    }
     struct ext4fs_map *m = realloc (b->map, sizeof *m + ncap * sizeof m->runs[0]);
     if (m == NULL) {
       nbdkit_error ("realloc: %m");
@@ -135,8 +154,26 @@ ind_callback (ext2_filsys fs, blk64_t *blocknr, e2_blkcnt_t blockcnt,
 {
   struct builder *b = priv;
 
-  if (blockcnt < 0)
+  if (blockcnt < 0) {
+    /* An indirect block, reported before it is read: libext2fs loses
+     * its own error for a bad one and then counts blocks wrongly.
+     */
+    struct ext4fs_fs *fsi = b->ip->fsi;
+    if (*blocknr < fsi->first_data_block || *blocknr >= fsi->blocks_count ||
+        fs_is_metadata (fsi, *blocknr, 1)) {
+      nbdkit_error ("inode %u: corrupt indirect block number %llu",
+                    b->ip->ino, (unsigned long long) *blocknr);
+      b->error = EXT2_ET_BAD_IND_BLOCK;
+      return BLOCK_ABORT;
+    }
     return 0;
+  }
+  /* Blocks past the end of the file are never read: stop there (a
+   * hostile indirect tree could otherwise cost a lot of time and
+   * memory under the fs mutex).  Data blocks come in logical order.
+   */
+  if ((uint64_t) blockcnt >= b->nblocks)
+    return BLOCK_ABORT;
   if (push_run (b, blockcnt, *blocknr, 1, false) == -1) {
     b->error = EXT2_ET_BAD_BLOCK_NUM;
     return BLOCK_ABORT;
@@ -150,8 +187,7 @@ build_indirect (struct builder *b)
   struct ext4fs_inode *ip = b->ip;
   errcode_t e;
 
-  e = ext2fs_block_iterate3 (ip->fsi->fs, ip->ino,
-                             BLOCK_FLAG_DATA_ONLY | BLOCK_FLAG_READ_ONLY,
+  e = ext2fs_block_iterate3 (ip->fsi->fs, ip->ino, BLOCK_FLAG_READ_ONLY,
                              NULL, ind_callback, b);
   if (b->error)
     return -1;
@@ -165,7 +201,10 @@ build_indirect (struct builder *b)
 struct ext4fs_map *
 bmap_build_locked (struct ext4fs_inode *ip, int *err)
 {
-  struct builder b = { .ip = ip };
+  struct builder b = {
+    .ip = ip,
+    .nblocks = (ip->size + ip->fsi->blocksize - 1) >> ip->fsi->blockbits,
+  };
   int r = 0;
 
   b.map = calloc (1, sizeof *b.map);
@@ -273,6 +312,15 @@ bmap_alloc_locked (struct ext4fs_fs *fsi, uint64_t goal, uint64_t len,
     *err = EIO;
     return -1;
   }
+  if (fs_is_metadata (fsi, start, n)) {
+    /* The block bitmap says metadata blocks are free: corrupt. */
+    nbdkit_error ("the block bitmap marks filesystem metadata (blocks %llu+"
+                  "%llu) as free: the filesystem is corrupt, run e2fsck",
+                  (unsigned long long) start, (unsigned long long) n);
+    fs_set_broken_locked (fsi, "corrupt block bitmap");
+    *err = EIO;
+    return -1;
+  }
   ext2fs_block_alloc_stats_range (fs, start, n, +1);
   /* libext2fs 1.47.0 calls the range callback with the range already
    * consumed (num == 0), so record the dirty groups here.
@@ -323,38 +371,36 @@ merge_at (struct ext4fs_inode *ip, ext2_extent_handle_t h, uint64_t lblk)
   int side;
 
   for (side = 0; side < 2; ++side) {
-    e = ext2fs_extent_goto (h, lblk);
-    if (e)
-      return e;
-    e = ext2fs_extent_get (h, EXT2_EXTENT_CURRENT, &cur);
-    if (e)
-      return e;
+    /* Looking: merging is only an optimisation, so a failure here
+     * (nothing changed yet) just stops merging.
+     */
+    if (ext2fs_extent_goto (h, lblk) ||
+        ext2fs_extent_get (h, EXT2_EXTENT_CURRENT, &cur))
+      return 0;
     e = ext2fs_extent_get (h, side == 0 ? EXT2_EXTENT_PREV_LEAF
                                         : EXT2_EXTENT_NEXT_LEAF, &other);
-    if (e == EXT2_ET_EXTENT_NO_PREV || e == EXT2_ET_EXTENT_NO_NEXT)
-      continue;
     if (e)
-      return e;
+      continue;
     if (side == 0 ? !mergeable (&other, &cur) : !mergeable (&cur, &other))
       continue;
+    if (side == 1 && ext2fs_extent_goto (h, lblk))
+      return 0;
+    /* Changing: from here a failure leaves the tree half changed. */
     if (side == 0) {
       /* Extend the previous extent over cur, then delete cur. */
       other.e_len += cur.e_len;
       e = ext2fs_extent_replace (h, 0, &other);
       if (e)
-        return e;
+        goto broken;
       lblk = other.e_lblk;
       e = ext2fs_extent_get (h, EXT2_EXTENT_NEXT_LEAF, &cur);
     }
     else {
       /* Extend cur over the next extent, then delete that. */
-      e = ext2fs_extent_goto (h, lblk);
-      if (e)
-        return e;
       cur.e_len += other.e_len;
       e = ext2fs_extent_replace (h, 0, &cur);
       if (e)
-        return e;
+        goto broken;
       e = ext2fs_extent_get (h, EXT2_EXTENT_NEXT_LEAF, &other);
     }
     if (e)
@@ -390,15 +436,23 @@ extent_insert_one (struct ext4fs_inode *ip, uint64_t lblk, uint64_t pblk,
   struct ext2_extent_info info;
   errcode_t e;
 
+  if (lblk + len > (UINT64_C (1) << 32)) {
+    nbdkit_error ("inode %u: logical block %" PRIu64 " is beyond what "
+                  "extents can map", ip->ino, lblk + len - 1);
+    *err = EFBIG;
+    return -1;
+  }
   e = ext2fs_extent_open2 (fs, ip->ino, (struct ext2_inode *) &ip->raw, &h);
   if (e)
     return extent_error (ip, "extent open", e, err);
   e = ext2fs_extent_get_info (h, &info);
   if (e)
-    goto fail;
+    goto fail_before;
   if (info.max_depth == 0 && info.num_entries == 0) {
     e = ext2fs_extent_insert (h, 0, &nex);
-    goto out;
+    if (e)
+      goto fail_after;
+    goto merge;
   }
   e = ext2fs_extent_goto (h, lblk);
   if (e == 0) {
@@ -409,10 +463,10 @@ extent_insert_one (struct ext4fs_inode *ip, uint64_t lblk, uint64_t pblk,
     return -1;
   }
   if (e != EXT2_ET_EXTENT_NOT_FOUND)
-    goto fail;
+    goto fail_before;
   e = ext2fs_extent_get (h, EXT2_EXTENT_CURRENT, &ex);
   if (e)
-    goto fail;
+    goto fail_before;
   if (!(ex.e_flags & EXT2_EXTENT_FLAGS_UNINIT) &&
       ex.e_lblk + ex.e_len == lblk && ex.e_pblk + ex.e_len == pblk &&
       (uint64_t) ex.e_len + len <= EXT_INIT_MAX_LEN) {
@@ -424,18 +478,28 @@ extent_insert_one (struct ext4fs_inode *ip, uint64_t lblk, uint64_t pblk,
   else
     e = ext2fs_extent_insert (h, EXT2_EXTENT_INSERT_AFTER, &nex);
   if (e)
-    goto fail;
+    goto fail_after;
   e = ext2fs_extent_fix_parents (h);
- out:
-  if (e == 0)
-    e = merge_at (ip, h, lblk);
   if (e)
-    goto fail;
+    goto fail_after;
+ merge:
+  e = merge_at (ip, h, lblk);   /* marks broken itself on failure */
   ext2fs_extent_free (h);
+  if (e) {
+    extent_error (ip, "merging extents", e, err);
+    return -2;
+  }
   return 0;
- fail:
+
+ fail_before:
   ext2fs_extent_free (h);
   return extent_error (ip, "extent insert", e, err);
+ fail_after:
+  /* The tree may reference the blocks now: they must not be freed. */
+  ext2fs_extent_free (h);
+  fs_set_broken_locked (ip->fsi, "inserting an extent failed half way");
+  extent_error (ip, "extent insert", e, err);
+  return -2;
 }
 
 int
@@ -449,7 +513,10 @@ bmap_insert_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t pblk,
   if (ip->extents) {
     for (i = 0; i < len; ) {
       uint32_t n = len - i > EXT_INIT_MAX_LEN ? EXT_INIT_MAX_LEN : len - i;
-      if (extent_insert_one (ip, lblk + i, pblk + i, n, err) == -1)
+      int r = extent_insert_one (ip, lblk + i, pblk + i, n, err);
+      if (r == -2)
+        i += n;                 /* maybe mapped: never free these */
+      if (r < 0)
         goto fail;
       i += n;
     }
@@ -460,7 +527,12 @@ bmap_insert_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t pblk,
       e = ext2fs_bmap2 (fs, ip->ino, (struct ext2_inode *) &ip->raw, NULL,
                         BMAP_ALLOC | BMAP_SET, lblk + i, NULL, &p);
       if (e) {
+        /* Indirect blocks may have been allocated and written: the
+         * block may be mapped.
+         */
         extent_error (ip, "mapping block", e, err);
+        fs_set_broken_locked (ip->fsi, "mapping a block failed half way");
+        i++;
         goto fail;
       }
     }
@@ -468,20 +540,24 @@ bmap_insert_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t pblk,
   e = ext2fs_iblk_add_blocks (fs, (struct ext2_inode *) &ip->raw, len);
   if (e) {
     extent_error (ip, "block count", e, err);
-    goto fail;
+    fs_set_broken_locked (ip->fsi, "inode block count");
+    return -1;
   }
   return inode_write_locked (ip, err);
 
  fail:
   /* Blocks [pblk+i, pblk+len) are not referenced: free them.  The ones
-   * already mapped stay, but i_blocks does not count them: metadata is
-   * inconsistent.
+   * before stay allocated (they are, or may be, mapped); if any of
+   * them is, i_blocks must count them.
    */
-  bmap_free_locked (ip->fsi, pblk + i, len - i);
-  if (i > 0) {
-    ext2fs_iblk_add_blocks (fs, (struct ext2_inode *) &ip->raw, i);
-    if (inode_write_locked (ip, err) == -1)
-      fs_set_broken_locked (ip->fsi, "inode block count not written");
+  {
+    int err2;
+    bmap_free_locked (ip->fsi, pblk + i, len - i);
+    if (i > 0) {
+      ext2fs_iblk_add_blocks (fs, (struct ext2_inode *) &ip->raw, i);
+      if (inode_write_locked (ip, &err2) == -1)
+        fs_set_broken_locked (ip->fsi, "inode block count not written");
+    }
   }
   return -1;
 }
@@ -543,22 +619,23 @@ bmap_convert_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t len,
         .e_len = ex_end - pend, .e_flags = EXT2_EXTENT_FLAGS_LEAF | from,
       };
 
+    /* From the first change on, a failure leaves the tree (and
+     * ip->raw) half changed: the filesystem is marked as having
+     * errors, and nothing more is written to it (inode_write_locked
+     * refuses), so the half change stays in memory only when it is in
+     * the inode.
+     */
     e = ext2fs_extent_replace (h, 0, &pieces[0]);
-    if (e)
-      goto fail;
-    for (i = 1; i < npieces; ++i) {
+    for (i = 1; e == 0 && i < npieces; ++i)
       e = ext2fs_extent_insert (h, EXT2_EXTENT_INSERT_AFTER, &pieces[i]);
-      if (e) {
-        /* The tree lost part of the extent. */
-        fs_set_broken_locked (ip->fsi, "splitting an extent failed");
-        goto fail;
-      }
-    }
-    e = ext2fs_extent_fix_parents (h);
-    if (e == 0 && !to_unwritten)
-      e = merge_at (ip, h, lblk);
-    if (e)
+    if (e == 0)
+      e = ext2fs_extent_fix_parents (h);
+    if (e) {
+      fs_set_broken_locked (ip->fsi, "splitting an extent failed");
       goto fail;
+    }
+    if (!to_unwritten && (e = merge_at (ip, h, lblk)) != 0)
+      goto fail;                /* marked broken by merge_at */
     lblk = pend;
   }
   ext2fs_extent_free (h);

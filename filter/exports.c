@@ -343,6 +343,12 @@ export_resolve (struct ext4fs_fs *fsi, const char *path, int client,
     *err = LINUX_S_ISDIR (inode.i_mode) ? EISDIR : EINVAL;
     return -1;
   }
+  if (*ino < EXT2_FIRST_INODE (fsi->fs->super)) {
+    nbdkit_error ("%s: is reserved inode %u (journal, resize or other "
+                  "filesystem-internal data), not a file: refused", path, *ino);
+    *err = EACCES;
+    return -1;
+  }
   return 0;
 }
 
@@ -397,16 +403,37 @@ list_cb (struct ext2_dir_entry *dirent, int offset, int blocksize,
   return 0;
 }
 
+/* Bounds for a walk over a hostile image: directories visited in all
+ * (a directory hard-linked into itself would otherwise make the walk
+ * exponential), and the ancestors of the current directory.
+ */
+#define MAX_DIRS_VISITED 100000
+
+struct list_state {
+  size_t count;                 /* exports added */
+  size_t dirs;                  /* directories visited */
+  ext2_ino_t ancestors[MAX_DEPTH];
+};
+
 static int
 list_dir (struct ext4fs_fs *fsi, ext2_ino_t dir, char *path, size_t plen,
-          int depth, struct nbdkit_exports *exports, size_t *count)
+          int depth, struct nbdkit_exports *exports, struct list_state *st)
 {
   struct dir_list l = { 0 };
   errcode_t e;
   size_t i;
+  int d;
 
-  if (depth >= MAX_DEPTH)
+  if (depth >= MAX_DEPTH || st->dirs >= MAX_DIRS_VISITED)
     return 0;
+  for (d = 0; d < depth; ++d)
+    if (st->ancestors[d] == dir) {
+      nbdkit_debug ("ext4fs: directory inode %u contains itself "
+                    "(corrupt filesystem): not listed again", dir);
+      return 0;
+    }
+  st->ancestors[depth] = dir;
+  st->dirs++;
   {
     ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&fsi->lock);
     e = ext2fs_dir_iterate (fsi->fs, dir, 0, NULL, list_cb, &l);
@@ -417,7 +444,7 @@ list_dir (struct ext4fs_fs *fsi, ext2_ino_t dir, char *path, size_t plen,
     free (l.v);
     return 0;                   /* skip it, keep listing */
   }
-  for (i = 0; i < l.n && *count < MAX_EXPORTS; ++i) {
+  for (i = 0; i < l.n && st->count < MAX_EXPORTS; ++i) {
     struct ext2_inode_large inode;
     size_t nlen = strlen (l.v[i].name);
 
@@ -428,7 +455,8 @@ list_dir (struct ext4fs_fs *fsi, ext2_ino_t dir, char *path, size_t plen,
       continue;
     path[plen] = '/';
     memcpy (path + plen + 1, l.v[i].name, nlen + 1);
-    if (LINUX_S_ISREG (inode.i_mode)) {
+    if (LINUX_S_ISREG (inode.i_mode) &&
+        l.v[i].ino >= EXT2_FIRST_INODE (fsi->fs->super)) {
       char desc[128];
 
       snprintf (desc, sizeof desc, "%" PRIu64 " bytes, inode %u",
@@ -437,11 +465,11 @@ list_dir (struct ext4fs_fs *fsi, ext2_ino_t dir, char *path, size_t plen,
         free (l.v);
         return -1;
       }
-      (*count)++;
+      st->count++;
     }
     else if (LINUX_S_ISDIR (inode.i_mode)) {
       if (list_dir (fsi, l.v[i].ino, path, plen + 1 + nlen, depth + 1,
-                    exports, count) == -1) {
+                    exports, st) == -1) {
         free (l.v);
         return -1;
       }
@@ -456,9 +484,10 @@ int
 export_list (struct ext4fs_fs *fsi, struct nbdkit_exports *exports)
 {
   CLEANUP_FREE char *path = malloc (MAX_PATH + EXT2_NAME_LEN + 2);
-  size_t count = 0, plen;
+  CLEANUP_FREE struct list_state *st = calloc (1, sizeof *st);
+  size_t plen;
 
-  if (path == NULL) {
+  if (path == NULL || st == NULL) {
     nbdkit_error ("malloc: %m");
     return -1;
   }
@@ -468,5 +497,5 @@ export_list (struct ext4fs_fs *fsi, struct nbdkit_exports *exports)
   plen = 0;
   path[0] = '\0';
   return list_dir (fsi, root_stack[root_depth - 1], path, plen, 0,
-                   exports, &count);
+                   exports, st);
 }

@@ -220,6 +220,14 @@ ext4fs_open (nbdkit_next_open *next, nbdkit_context *nxdata,
     goto err2;
   }
   h->can_write = !readonly && h->fsi->rw;
+  if (!h->fsi->rw &&
+      (h->fsi->fs->super->s_feature_incompat & EXT3_FEATURE_INCOMPAT_RECOVER)) {
+    static bool warned;
+    if (!__atomic_exchange_n (&warned, true, __ATOMIC_RELAXED))
+      fprintf (stderr, "nbdkit: ext4fs: warning: the filesystem's journal "
+               "needs recovery; serving it read-only without replaying it: "
+               "the most recent changes may be missing\n");
+  }
   if (h->can_write) {
     const char *why = NULL;
 
@@ -232,6 +240,10 @@ ext4fs_open (nbdkit_next_open *next, nbdkit_context *nxdata,
     else if (fl & EXT4_INLINE_DATA_FL)
       why = "the file's data is inline in its inode, which ext4fs "
         "does not write";
+    else if ((fl & EXT4_EXTENTS_FL) && h->ip->size > 0 &&
+             ((h->ip->size - 1) >> h->fsi->blockbits) >= (UINT64_C (1) << 32))
+      why = "the file's size is beyond what extents can map (corrupt "
+        "inode?)";
     if (why) {
       nbdkit_debug ("ext4fs: %s: %s: serving it read-only", h->path, why);
       fprintf (stderr, "nbdkit: ext4fs: %s: %s: serving it read-only\n",
@@ -316,8 +328,11 @@ ext4fs_block_size (nbdkit_next *next, void *handle, uint32_t *minimum,
    */
   if (pmax > 0 && pmax < *maximum)
     *maximum = pmax;
-  if (*preferred > *maximum)
-    *preferred = *maximum;
+  /* preferred must be a power of two between 512 and maximum. */
+  while (*preferred > *maximum && *preferred > 512)
+    *preferred >>= 1;
+  if (*maximum < *preferred)
+    *maximum = *preferred;
   return 0;
 }
 

@@ -41,6 +41,125 @@ static struct ext4fs_fs *the_fs;
 static unsigned fs_users;
 static bool rw_refused_plugin;  /* the plugin cannot write: stay RO */
 
+static int write_super_locked (struct ext4fs_fs *fsi, int *err);
+
+/*----------------------------------------------------------------------
+ * The metadata map.
+ */
+
+struct meta_builder {
+  struct ext4fs_meta_range *v;
+  size_t n, cap;
+  bool failed;
+};
+
+static void
+meta_add (struct meta_builder *mb, uint64_t start, uint64_t len)
+{
+  if (len == 0 || mb->failed)
+    return;
+  if (mb->n == mb->cap) {
+    size_t ncap = mb->cap ? mb->cap * 2 : 64;
+    struct ext4fs_meta_range *v = realloc (mb->v, ncap * sizeof *v);
+    if (v == NULL) {
+      mb->failed = true;
+      return;
+    }
+    mb->v = v;
+    mb->cap = ncap;
+  }
+  mb->v[mb->n].start = start;
+  mb->v[mb->n].end = start + len < start ? UINT64_MAX : start + len;
+  mb->n++;
+}
+
+static int
+meta_cmp (const void *a, const void *b)
+{
+  const struct ext4fs_meta_range *x = a, *y = b;
+  return x->start < y->start ? -1 : x->start > y->start;
+}
+
+static int
+journal_cb (ext2_filsys fs, blk64_t *blocknr, e2_blkcnt_t blockcnt,
+            blk64_t ref_blk, int ref_offset, void *priv)
+{
+  meta_add (priv, *blocknr, 1);
+  return 0;
+}
+
+/* Build fsi->meta.  Runs before the instance is published. */
+static int
+build_meta_map (struct ext4fs_fs *fsi)
+{
+  ext2_filsys fs = fsi->fs;
+  struct meta_builder mb = { 0 };
+  dgrp_t g;
+  size_t i, j;
+
+  for (g = 0; g < fs->group_desc_count; ++g) {
+    blk64_t super_blk = 0, old_desc = 0, new_desc = 0;
+    blk_t used = 0;
+
+    ext2fs_super_and_bgd_loc2 (fs, g, &super_blk, &old_desc, &new_desc, &used);
+    if (super_blk || g == 0)
+      meta_add (&mb, super_blk, 1);
+    if (old_desc)
+      meta_add (&mb, old_desc,
+                fs->desc_blocks + fs->super->s_reserved_gdt_blocks);
+    if (new_desc)
+      meta_add (&mb, new_desc, 1);
+    meta_add (&mb, ext2fs_block_bitmap_loc (fs, g), 1);
+    meta_add (&mb, ext2fs_inode_bitmap_loc (fs, g), 1);
+    meta_add (&mb, ext2fs_inode_table_loc (fs, g), fs->inode_blocks_per_group);
+  }
+  if (ext2fs_has_feature_journal (fs->super) &&
+      fs->super->s_journal_inum != 0 &&
+      fs->super->s_journal_inum <= fs->super->s_inodes_count)
+    /* Errors here are not fatal: a corrupt journal is not our data. */
+    ext2fs_block_iterate3 (fs, fs->super->s_journal_inum,
+                           BLOCK_FLAG_READ_ONLY, NULL, journal_cb, &mb);
+  if (fs->super->s_feature_incompat & EXT4_FEATURE_INCOMPAT_MMP)
+    meta_add (&mb, fs->super->s_mmp_block, 1);
+  if (mb.failed) {
+    free (mb.v);
+    nbdkit_error ("out of memory building the metadata map");
+    return -1;
+  }
+  if (mb.n > 0) {
+    qsort (mb.v, mb.n, sizeof mb.v[0], meta_cmp);
+    for (i = 0, j = 1; j < mb.n; ++j) {
+      if (mb.v[j].start <= mb.v[i].end) {
+        if (mb.v[j].end > mb.v[i].end)
+          mb.v[i].end = mb.v[j].end;
+      }
+      else
+        mb.v[++i] = mb.v[j];
+    }
+    mb.n = i + 1;
+  }
+  fsi->meta = mb.v;
+  fsi->nmeta = mb.n;
+  return 0;
+}
+
+bool
+fs_is_metadata (const struct ext4fs_fs *fsi, uint64_t pblk, uint64_t len)
+{
+  size_t lo = 0, hi = fsi->nmeta;
+  uint64_t end = pblk + len;
+
+  /* First range whose end is past pblk. */
+  while (lo < hi) {
+    size_t mid = lo + (hi - lo) / 2;
+    if (fsi->meta[mid].end <= pblk)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo < fsi->nmeta && fsi->meta[lo].start < end;
+}
+
 /* libext2fs calls these (under fsi->lock) for every block it
  * allocates or frees, ours and its own (extent tree and indirect
  * blocks): the groups to write back at the next sync.
@@ -70,7 +189,6 @@ check_features (ext2_filsys fs, bool rw)
 {
   struct ext2_super_block *sb = fs->super;
   static const struct { int kind; uint32_t mask; const char *name; } no_write[] = {
-    { 0, EXT3_FEATURE_INCOMPAT_RECOVER, NULL }, /* handled below */
     { 0, EXT4_FEATURE_INCOMPAT_ENCRYPT, "encrypt" },
     { 0, EXT4_FEATURE_INCOMPAT_CASEFOLD, "casefold" },
     { 1, EXT4_FEATURE_RO_COMPAT_BIGALLOC, "bigalloc" },
@@ -87,6 +205,31 @@ check_features (ext2_filsys fs, bool rw)
                   "not a filesystem");
     return -1;
   }
+  if (!rw)
+    return 0;
+  for (i = 0; i < sizeof no_write / sizeof no_write[0]; ++i) {
+    uint32_t f = no_write[i].kind == 0 ? sb->s_feature_incompat
+                                       : sb->s_feature_ro_compat;
+    if (f & no_write[i].mask) {
+      nbdkit_error ("the filesystem has the '%s' feature, which ext4fs "
+                    "cannot write safely: serve it read-only with nbdkit -r",
+                    no_write[i].name);
+      return -1;
+    }
+  }
+  return 0;
+}
+
+/* The filesystem's state: a journal that needs recovery, errors, or
+ * not cleanly closed.  For writing, this runs after the MMP claim (if
+ * any): another node holding the filesystem is the better diagnosis
+ * than the state it leaves.
+ */
+static int
+check_state (ext2_filsys fs, bool rw)
+{
+  struct ext2_super_block *sb = fs->super;
+
   if (sb->s_feature_incompat & EXT3_FEATURE_INCOMPAT_RECOVER) {
     if (rw) {
       nbdkit_error ("the filesystem's journal needs recovery (it was not "
@@ -95,12 +238,9 @@ check_features (ext2_filsys fs, bool rw)
                     "it once) first, or serve it read-only with nbdkit -r");
       return -1;
     }
-    nbdkit_debug ("warning: the filesystem's journal needs recovery; "
-                  "serving it read-only without replaying the journal, so "
-                  "the most recent changes may be missing");
-    fprintf (stderr, "nbdkit: ext4fs: warning: the filesystem's journal "
-             "needs recovery; serving read-only without replaying it: "
-             "recent changes may be missing\n");
+    /* The warning is printed when a read-only connection is served
+     * (ext4fs.c): this read-only open may only be the start-up check.
+     */
   }
   if (!rw)
     return 0;
@@ -110,15 +250,17 @@ check_features (ext2_filsys fs, bool rw)
                   "read-only with nbdkit -r");
     return -1;
   }
-  for (i = 1; i < sizeof no_write / sizeof no_write[0]; ++i) {
-    uint32_t f = no_write[i].kind == 0 ? sb->s_feature_incompat
-                                       : sb->s_feature_ro_compat;
-    if (f & no_write[i].mask) {
-      nbdkit_error ("the filesystem has the '%s' feature, which ext4fs "
-                    "cannot write safely: serve it read-only with nbdkit -r",
-                    no_write[i].name);
-      return -1;
-    }
+  if (!(sb->s_state & EXT2_VALID_FS)) {
+    /* Not cleanly unmounted or closed (or mid-e2fsck).  Without a
+     * journal to replay, its bitmaps may not match its files: blocks
+     * a file uses could be handed to another.  (ext4fs itself clears
+     * this flag from the first write until a clean exit.)
+     */
+    nbdkit_error ("the filesystem was not cleanly unmounted or closed "
+                  "(its state is not clean), so its free-space bitmaps "
+                  "cannot be trusted for writing: run 'e2fsck -f IMAGE' "
+                  "first, or serve it read-only with nbdkit -r");
+    return -1;
   }
   return 0;
 }
@@ -182,6 +324,10 @@ fs_open_dev (struct ext4fs_dev *dev, bool rw)
                   ext4fs_dev_size (fsi->dev));
     goto err;
   }
+  if (build_meta_map (fsi) == -1)
+    goto err;
+  if (!rw && check_state (fsi->fs, rw) == -1)
+    goto err;
   if (rw) {
     e = ext2fs_read_bitmaps (fsi->fs);
     if (e) {
@@ -199,6 +345,8 @@ fs_open_dev (struct ext4fs_dev *dev, bool rw)
       if (fsi->mmp == NULL)
         goto err;
     }
+    if (check_state (fsi->fs, rw) == -1)
+      goto err;
     fsi->fs->priv_data = fsi;
     ext2fs_set_block_alloc_stats_callback (fsi->fs, alloc_stats_cb, NULL);
     ext2fs_set_block_alloc_stats_range_callback (fsi->fs,
@@ -211,8 +359,10 @@ fs_open_dev (struct ext4fs_dev *dev, bool rw)
   return fsi;
 
  err:
+  mmp_release (fsi->mmp);
   if (fsi->fs)
     ext2fs_close_free (&fsi->fs);  /* nothing is dirty: writes nothing */
+  free (fsi->meta);
   free (fsi->dirty_groups);
   pthread_mutex_destroy (&fsi->lock);
   free (fsi);
@@ -233,17 +383,21 @@ fs_close_dev (struct ext4fs_fs *fsi)
     ext2fs_free (fsi->fs);
     fsi->fs = NULL;
   }
+  if (fsi->fs && fsi->rw && fsi->broken) {
+    /* Only the errors flag goes to disk (see fs_writeback_locked). */
+    pthread_mutex_lock (&fsi->lock);
+    fsi->fs->super->s_state |= EXT2_ERROR_FS;
+    fsi->fs->super->s_state &= ~EXT2_VALID_FS;
+    write_super_locked (fsi, &err);
+    ext2fs_free (fsi->fs);
+    fsi->fs = NULL;
+    pthread_mutex_unlock (&fsi->lock);
+  }
   if (fsi->fs) {
     pthread_mutex_lock (&fsi->lock);
-    if (fsi->rw) {
-      if (fsi->marked_unclean && !fsi->broken) {
-        fsi->fs->super->s_state = fsi->orig_state;
-        ext2fs_mark_super_dirty (fsi->fs);
-      }
-      else if (fsi->broken) {
-        fsi->fs->super->s_state |= EXT2_ERROR_FS;
-        ext2fs_mark_super_dirty (fsi->fs);
-      }
+    if (fsi->rw && fsi->marked_unclean) {
+      fsi->fs->super->s_state = fsi->orig_state;
+      ext2fs_mark_super_dirty (fsi->fs);
     }
     e = ext2fs_close2 (fsi->fs, 0);
     if (e) {
@@ -256,6 +410,7 @@ fs_close_dev (struct ext4fs_fs *fsi)
   mmp_release (fsi->mmp);      /* after the last metadata write */
   if (fsi->rw)
     ext4fs_dev_flush (fsi->dev, &err);
+  free (fsi->meta);
   free (fsi->dirty_groups);
   pthread_mutex_destroy (&fsi->lock);
   free (fsi);
@@ -530,6 +685,16 @@ fs_writeback_locked (struct ext4fs_fs *fsi, int *err)
 
   if (!fsi->rw || !fsi->super_dirty)
     return 0;
+  if (fsi->broken) {
+    /* Bitmaps and descriptors may not match the files any more: write
+     * only the superblock, which carries the errors flag, and leave
+     * the rest to e2fsck.
+     */
+    if (write_super_locked (fsi, err) == -1)
+      return -1;
+    fsi->super_dirty = false;
+    return 0;
+  }
   if (mmp_lost (fsi->mmp)) {
     nbdkit_error ("MMP: another host or program took the filesystem; "
                   "not writing metadata");

@@ -38,6 +38,15 @@ struct ext4fs_fs {
   bool broken;                /* metadata may be inconsistent: no more allocation */
 
   struct ext4fs_mmp *mmp;     /* MMP claim, read-write with mmp only */
+
+  /* Block ranges holding filesystem metadata (superblocks, group
+   * descriptors and reserved GDT blocks, bitmaps, inode tables, the
+   * journal), sorted and merged; immutable after open.  No file's
+   * block map may point into them (a corrupt one would otherwise let
+   * a client overwrite the superblock).
+   */
+  struct ext4fs_meta_range { uint64_t start, end; } *meta;
+  size_t nmeta;
 };
 
 /* Open the filesystem on an existing device (no registry, no
@@ -47,6 +56,10 @@ struct ext4fs_fs {
  */
 extern struct ext4fs_fs *fs_open_dev (struct ext4fs_dev *dev, bool rw);
 extern void fs_close_dev (struct ext4fs_fs *fsi);
+
+/* Does [pblk, pblk+len) overlap filesystem metadata?  No lock needed. */
+extern bool fs_is_metadata (const struct ext4fs_fs *fsi, uint64_t pblk,
+                            uint64_t len);
 
 /* Called once from .after_fork: open read-only, check the filesystem
  * and the fixed ext4file (if any).  Returns -1 after nbdkit_error, and

@@ -208,6 +208,13 @@ inode_write_locked (struct ext4fs_inode *ip, int *err)
 {
   errcode_t e;
 
+  if (ip->fsi->broken) {
+    /* Metadata may be half changed in memory: write no more of it. */
+    nbdkit_error ("inode %u: not written: the filesystem was marked as "
+                  "having errors", ip->ino);
+    *err = EIO;
+    return -1;
+  }
   e = ext2fs_write_inode_full (ip->fsi->fs, ip->ino,
                                (struct ext2_inode *) &ip->raw,
                                sizeof ip->raw);

@@ -45,16 +45,55 @@
 
 #define ZEROOUT_BYTES (32 * 1024)
 
-/* Stripe locks for partial-block read-modify-write, by physical block. */
+/* Stripe locks, by physical block.  A partial-block read-modify-write
+ * holds its block's stripe exclusive; an in-place write of whole
+ * blocks holds its blocks' stripes shared (taken in ascending stripe
+ * order).  So two partial writes to one block never lose each other's
+ * bytes, and a partial write never undoes a concurrent whole-block
+ * write of the same block, while whole-block writes still run in
+ * parallel with each other.
+ */
 #define NSTRIPES 256
-static pthread_mutex_t stripes[NSTRIPES] = {
-  [0 ... NSTRIPES - 1] = PTHREAD_MUTEX_INITIALIZER
+static pthread_rwlock_t stripes[NSTRIPES] = {
+  [0 ... NSTRIPES - 1] = PTHREAD_RWLOCK_INITIALIZER
 };
 
-static pthread_mutex_t *
-stripe (uint64_t pblk)
+static unsigned
+stripe_of (uint64_t pblk)
 {
-  return &stripes[(pblk * 0x9E3779B97F4A7C15ull) >> 56];
+  return (pblk * 0x9E3779B97F4A7C15ull) >> 56;
+}
+
+struct stripe_set {
+  uint64_t bits[NSTRIPES / 64];
+};
+
+static void
+stripes_lock_shared (uint64_t pblk, uint64_t n, struct stripe_set *set)
+{
+  uint64_t i;
+  unsigned s;
+
+  memset (set, 0, sizeof *set);
+  for (i = 0; i < n && i < 64 * NSTRIPES; ++i) {
+    s = stripe_of (pblk + i);
+    set->bits[s / 64] |= UINT64_C (1) << (s % 64);
+  }
+  if (n > 64 * NSTRIPES)
+    memset (set, 0xff, sizeof *set);
+  for (s = 0; s < NSTRIPES; ++s)
+    if (set->bits[s / 64] & (UINT64_C (1) << (s % 64)))
+      pthread_rwlock_rdlock (&stripes[s]);
+}
+
+static void
+stripes_unlock (const struct stripe_set *set)
+{
+  unsigned s;
+
+  for (s = 0; s < NSTRIPES; ++s)
+    if (set->bits[s / 64] & (UINT64_C (1) << (s % 64)))
+      pthread_rwlock_unlock (&stripes[s]);
 }
 
 /* Bytes from offset (inside block lblk) to the end of block endblk. */
@@ -170,7 +209,7 @@ rmw_block (struct ext4fs_inode *ip, uint64_t pblk, uint32_t boff,
     nbdkit_error ("malloc: %m");
     return -1;
   }
-  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (stripe (pblk));
+  ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&stripes[stripe_of (pblk)]);
   if (ext4fs_dev_pread (fsi->dev, blk, fsi->blocksize, pos, err) == -1)
     return -1;
   memcpy (blk + boff, data, n);
@@ -208,9 +247,15 @@ write_mapped (struct ext4fs_inode *ip, const struct ext4fs_map *map,
     }
     else {
       /* Whole blocks up to the end of the run. */
+      struct stripe_set set;
+      int ret;
+
       n = min64 (count & ~(uint64_t) bmask,
                  bytes_to (fsi, offset, r->lblk + r->len));
-      if (ext4fs_dev_pwrite (fsi->dev, buf, n, pblk << bits, flags, err) == -1)
+      stripes_lock_shared (pblk, n >> bits, &set);
+      ret = ext4fs_dev_pwrite (fsi->dev, buf, n, pblk << bits, flags, err);
+      stripes_unlock (&set);
+      if (ret == -1)
         return -1;
     }
     buf += n;
@@ -400,8 +445,6 @@ rw_pwrite (struct ext4fs_inode *ip, const void *buf, uint32_t count,
 
   if (count == 0)
     return 0;
-  if (fs_begin_write (fsi, err) == -1)
-    return -1;
 
   if (!ip->inline_data) {
     /* Fast path: every block is already written: overwrite in place. */
@@ -410,6 +453,11 @@ rw_pwrite (struct ext4fs_inode *ip, const void *buf, uint32_t count,
     if (map == NULL)
       return -1;
     if (all_written (map, b0, b1)) {
+      /* The image changes only from here (a corrupt map above has
+       * changed nothing, not even the clean flag).
+       */
+      if (fs_begin_write (fsi, err) == -1)
+        return -1;
       r = write_mapped (ip, map, buf, count, offset, flags, err);
       if (r == 0)
         inode_touch (ip);
@@ -424,6 +472,8 @@ rw_pwrite (struct ext4fs_inode *ip, const void *buf, uint32_t count,
      */
     map = inode_map (ip, err);
     if (map == NULL)
+      return -1;
+    if (fs_begin_write (fsi, err) == -1)
       return -1;
     r = write_allocating (ip, map, buf, count, offset, err);
     inode_map_changed (ip);
@@ -520,7 +570,9 @@ any_mapped (const struct ext4fs_map *map, uint64_t b0, uint64_t b1)
  * ones (blocks stay allocated, read as zeros).  Takes ip->lock
  * exclusive: no request is doing I/O through the old map, and none
  * ever will (the generation changes), so a freed block is never read
- * or written through this file again.
+ * or written through this file again.  Returns 1 if the map changed
+ * (and the inode's times are due), 0 if there was nothing to change,
+ * -1 on error.
  */
 static int
 remap_range (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1, bool punch,
@@ -535,7 +587,7 @@ remap_range (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1, bool punch,
   if (map == NULL)
     return -1;
   if (!any_mapped (map, b0, b1))
-    return 0;
+    return 0;                   /* nothing to change */
   if (fs_begin_write (fsi, err) == -1)
     return -1;
   pthread_mutex_lock (&fsi->lock);
@@ -559,7 +611,9 @@ remap_range (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1, bool punch,
   }
   pthread_mutex_unlock (&fsi->lock);
   inode_map_changed (ip);
-  return r;
+  if (r == 0)
+    inode_touch (ip);
+  return r == 0 ? 1 : -1;
 }
 
 /* Zero the parts of [offset, offset+count) outside whole blocks
@@ -626,7 +680,6 @@ rw_zero (struct ext4fs_inode *ip, uint32_t count, uint64_t offset,
     return -1;
   if (b0 < b1 && remap_range (ip, b0, b1, may_trim, err) == -1)
     return -1;
-  inode_touch (ip);
   r = 0;
   if (flags & NBDKIT_FLAG_FUA)
     r = fs_sync (fsi, err);
@@ -645,11 +698,9 @@ rw_trim (struct ext4fs_inode *ip, uint32_t count, uint64_t offset,
   /* Trim is advisory: partial blocks at the edges stay; inline data
    * is left alone.
    */
-  if (!ip->inline_data && b0 < b1) {
-    if (remap_range (ip, b0, b1, true, err) == -1)
-      return -1;
-    inode_touch (ip);
-  }
+  if (!ip->inline_data && b0 < b1 &&
+      remap_range (ip, b0, b1, true, err) == -1)
+    return -1;
   if (flags & NBDKIT_FLAG_FUA)
     return fs_sync (fsi, err);
   return 0;

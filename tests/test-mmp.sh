@@ -55,8 +55,10 @@ dump_cmp img /f expected
 # sequence does not move) and takes over.
 sock2=$tmpdir/c.sock
 start_nbdkit "$sock2" --filter="$FILTER" file img ext4file=/f
-nbdsh -u "nbd+unix:///?socket=$sock2" -c 'h.pwrite(b"C" * 4096, 8192); h.flush()'
-printf 'C%.0s' $(seq 4096) | dd of=expected bs=1 seek=8192 conv=notrunc status=none
+# (A writable connection claims MMP; it only reads, so that the
+# filesystem stays clean: after a kill -9 that followed writes, ext4fs
+# refuses to write until e2fsck has run, which is tested below.)
+nbdsh -u "nbd+unix:///?socket=$sock2" -c 'assert not h.is_read_only(); h.pread(4096, 0)'
 kill -9 "$(cat "$sock2.pid")"
 sleep 0.5
 [ "$(seq_of)" != ff4d4d50 ] || fail "kill -9 should leave the MMP block claimed"
@@ -64,6 +66,26 @@ nbdkit_srv -U - --filter="$FILTER" file img ext4file=/f \
     --run 'nbdsh -u "$uri" -c "h.pwrite(b\"D\" * 4096, 16384); h.flush()"'
 printf 'D%.0s' $(seq 4096) | dd of=expected bs=1 seek=16384 conv=notrunc status=none
 [ "$(seq_of)" = ff4d4d50 ] || fail "MMP not released after takeover"
+fsck_clean img
+dump_cmp img /f expected
+
+# A kill -9 after writes leaves the filesystem not clean: writing is
+# refused (with a message) until e2fsck -f has run; -r still works.
+sock3=$tmpdir/e.sock
+start_nbdkit "$sock3" --filter="$FILTER" file img ext4file=/f
+nbdsh -u "nbd+unix:///?socket=$sock3" -c 'h.pwrite(b"E" * 4096, 0); h.flush()'
+printf 'E%.0s' $(seq 4096) | dd of=expected conv=notrunc status=none
+kill -9 "$(cat "$sock3.pid")"
+sleep 0.5
+if nbdkit_srv -U - --filter="$FILTER" file img ext4file=/f \
+       --run 'nbdsh -u "$uri" -c "h.pwrite(b\"F\" * 4096, 0)"' 2> f.err; then
+    fail "writing allowed on a filesystem left unclean by kill -9"
+fi
+grep -q "not cleanly unmounted or closed" f.err || { cat f.err; fail "no unclean message"; }
+nbdkit_srv -r -U - --filter="$FILTER" file img ext4file=/f \
+    --run 'nbdcopy "$uri" after-kill.out'
+cmp after-kill.out expected || fail "read-only after kill -9: wrong bytes"
+e2fsck -fy img >/dev/null 2>&1 || true     # waits out the stale MMP claim
 fsck_clean img
 dump_cmp img /f expected
 
