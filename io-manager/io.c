@@ -40,6 +40,7 @@ struct ext4fs_dev {
   uint64_t size;                /* cached get_size */
   int can_write, can_flush, can_fua, can_zero, can_cache, can_trim;
   int serialize;
+  uint32_t max_io;              /* largest single request to the plugin */
   pthread_mutex_t ctx_lock;     /* Protects: calls into next, if serialize */
 };
 
@@ -85,6 +86,13 @@ ext4fs_dev_new (nbdkit_next *next, int serialize)
   }
   dev->serialize = serialize;
   pthread_mutex_init (&dev->ctx_lock, NULL);
+  {
+    uint32_t pmin = 0, ppref = 0, pmax = 0;
+    dev->max_io = EXT4FS_DEV_MAX_IO;
+    if (next->block_size (next, &pmin, &ppref, &pmax) == 0 &&
+        pmax > 0 && pmax < dev->max_io)
+      dev->max_io = pmax;
+  }
 
   pthread_mutex_lock (&dev_table_lock);
   for (i = 0; i < MAX_DEVS; ++i)
@@ -160,7 +168,7 @@ ext4fs_dev_pread (struct ext4fs_dev *dev, void *buf, uint64_t count,
   if (check_range (dev, "read", count, offset, err) == -1)
     return -1;
   while (count > 0) {
-    uint32_t n = count > EXT4FS_DEV_MAX_IO ? EXT4FS_DEV_MAX_IO : count;
+    uint32_t n = count > dev->max_io ? dev->max_io : count;
     int r;
 
     CTX_LOCK (dev);
@@ -205,7 +213,7 @@ ext4fs_dev_pwrite (struct ext4fs_dev *dev, const void *buf, uint64_t count,
   if ((flags & NBDKIT_FLAG_FUA) && dev->can_fua > NBDKIT_FUA_NONE)
     down = NBDKIT_FLAG_FUA;
   while (count > 0) {
-    uint32_t n = count > EXT4FS_DEV_MAX_IO ? EXT4FS_DEV_MAX_IO : count;
+    uint32_t n = count > dev->max_io ? dev->max_io : count;
     int r;
 
     CTX_LOCK (dev);
@@ -235,7 +243,7 @@ ext4fs_dev_zero (struct ext4fs_dev *dev, uint64_t count, uint64_t offset,
     int r;
 
     if (dev->can_zero > NBDKIT_ZERO_NONE) {
-      n = count > EXT4FS_DEV_MAX_IO ? EXT4FS_DEV_MAX_IO : count;
+      n = count > dev->max_io ? dev->max_io : count;
       CTX_LOCK (dev);
       r = dev->next->zero (dev->next, n, offset, 0, err);
       CTX_UNLOCK (dev);
@@ -261,7 +269,7 @@ ext4fs_dev_cache (struct ext4fs_dev *dev, uint64_t count, uint64_t offset,
   if (dev->can_cache <= NBDKIT_CACHE_NONE)
     return 0;
   while (count > 0) {
-    uint32_t n = count > EXT4FS_DEV_MAX_IO ? EXT4FS_DEV_MAX_IO : count;
+    uint32_t n = count > dev->max_io ? dev->max_io : count;
     int r;
 
     CTX_LOCK (dev);
