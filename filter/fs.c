@@ -372,7 +372,6 @@ fs_open_dev (struct ext4fs_dev *dev, bool rw)
 void
 fs_close_dev (struct ext4fs_fs *fsi)
 {
-  errcode_t e;
   int err;
 
   /* The MMP updater must not race the last metadata writes, and if
@@ -396,14 +395,24 @@ fs_close_dev (struct ext4fs_fs *fsi)
   if (fsi->fs) {
     pthread_mutex_lock (&fsi->lock);
     if (fsi->rw && fsi->marked_unclean) {
-      fsi->fs->super->s_state = fsi->orig_state;
-      ext2fs_mark_super_dirty (fsi->fs);
+      /* Everything dirty first, made durable; only then the clean
+       * flag.  (Not ext2fs_close2: it would rewrite every bitmap and
+       * descriptor and all backups, for nothing.  Backup superblocks
+       * and descriptors are left as they were, as the kernel does.)
+       */
+      if (fs_writeback_locked (fsi, &err) == 0 &&
+          ext4fs_dev_flush (fsi->dev, &err) == 0) {
+        fsi->fs->super->s_state = fsi->orig_state;
+        if (write_super_locked (fsi, &err) == -1)
+          nbdkit_error ("closing the filesystem: the clean flag could not "
+                        "be written: %s", strerror (err));
+      }
+      else
+        nbdkit_error ("closing the filesystem: metadata could not be "
+                      "written (%s); it stays marked not clean",
+                      strerror (err));
     }
-    e = ext2fs_close2 (fsi->fs, 0);
-    if (e) {
-      nbdkit_error ("closing the filesystem: %s", error_message (e));
-      ext2fs_free (fsi->fs);
-    }
+    ext2fs_free (fsi->fs);
     fsi->fs = NULL;
     pthread_mutex_unlock (&fsi->lock);
   }
@@ -741,9 +750,6 @@ fs_writeback_locked (struct ext4fs_fs *fsi, int *err)
     return -1;
   memset (fsi->dirty_groups, 0, fs->group_desc_count);
   fsi->super_dirty = false;
-  /* libext2fs's own flags stay dirty: ext2fs_close2 at shutdown then
-   * also refreshes the backup superblocks and descriptors.
-   */
   return 0;
 }
 

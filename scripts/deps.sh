@@ -6,7 +6,7 @@ EXT4FS_DEPS=(
     nbdkit nbdkit-plugin-dev libext2fs-dev comerr-dev
     libnbd-dev libnbd-bin python3-libnbd
     e2fsprogs qemu-utils fio perl
-    clang libclang-rt-dev
+    clang libclang-rt-dev gdb
 )
 
 install_missing_deps ()
