@@ -577,6 +577,16 @@ write_super_locked (struct ext4fs_fs *fsi, int *err)
 int
 fs_begin_write (struct ext4fs_fs *fsi, int *err)
 {
+  /* Fast path, taken by every write after the first: no fs mutex (it
+   * would serialize all writers on one lock).  The flags are only ever
+   * set, under the mutex; reading a stale "not yet" just takes the
+   * slow path.
+   */
+  if (__atomic_load_n (&fsi->marked_unclean, __ATOMIC_ACQUIRE) &&
+      !__atomic_load_n (&fsi->broken, __ATOMIC_RELAXED) &&
+      !mmp_lost (fsi->mmp))
+    return 0;
+
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&fsi->lock);
 
   if (!fsi->rw) {
@@ -606,7 +616,7 @@ fs_begin_write (struct ext4fs_fs *fsi, int *err)
     fsi->fs->super->s_state = fsi->orig_state;
     return -1;
   }
-  fsi->marked_unclean = true;
+  __atomic_store_n (&fsi->marked_unclean, true, __ATOMIC_RELEASE);
   return 0;
 }
 
@@ -630,7 +640,7 @@ fs_set_broken_locked (struct ext4fs_fs *fsi, const char *why)
 {
   nbdkit_error ("filesystem metadata may be inconsistent (%s): marking "
                 "the filesystem as having errors; run e2fsck", why);
-  fsi->broken = true;
+  __atomic_store_n (&fsi->broken, true, __ATOMIC_RELAXED);
   fsi->fs->super->s_state |= EXT2_ERROR_FS;
   fsi->super_dirty = true;
 }

@@ -170,7 +170,7 @@ updater (void *arg)
                     "else (%s): another host or program is using the "
                     "filesystem; ext4fs stops writing to it", who);
       pthread_mutex_lock (&mmp->lock);
-      mmp->lost = true;
+      __atomic_store_n (&mmp->lost, true, __ATOMIC_RELEASE);
       break;
     }
     if (r == 0) {
@@ -311,14 +311,8 @@ mmp_start (struct ext4fs_fs *fsi)
 bool
 mmp_lost (struct ext4fs_mmp *mmp)
 {
-  bool r;
-
-  if (mmp == NULL)
-    return false;
-  pthread_mutex_lock (&mmp->lock);
-  r = mmp->lost;
-  pthread_mutex_unlock (&mmp->lock);
-  return r;
+  /* Called on every write: an atomic read, no lock. */
+  return mmp != NULL && __atomic_load_n (&mmp->lost, __ATOMIC_ACQUIRE);
 }
 
 void
