@@ -45,42 +45,45 @@
 
 #define ZEROOUT_BYTES (32 * 1024)
 
-/* Stripe locks, by physical block.  A partial-block read-modify-write
- * holds its block's stripe exclusive; an in-place write of whole
- * blocks holds its blocks' stripes shared (taken in ascending stripe
- * order).  So two partial writes to one block never lose each other's
- * bytes, and a partial write never undoes a concurrent whole-block
- * write of the same block, while whole-block writes still run in
- * parallel with each other.
+/* Stripe locks, by 2 MiB region of the device.  A partial-block
+ * read-modify-write holds its block's stripe exclusive; an in-place
+ * write of whole blocks holds the stripes of its regions shared (taken
+ * in ascending stripe order, each once).  So two partial writes to one
+ * block never lose each other's bytes, and a partial write never undoes
+ * a concurrent whole-block write of the same block, while whole-block
+ * writes run in parallel.  Regions keep the number of locks one request
+ * holds small (a 64 MiB request: at most 33; ThreadSanitizer allows 64
+ * per thread).
  */
 #define NSTRIPES 256
+#define REGION_SHIFT 21
 static pthread_rwlock_t stripes[NSTRIPES] = {
   [0 ... NSTRIPES - 1] = PTHREAD_RWLOCK_INITIALIZER
 };
 
 static unsigned
-stripe_of (uint64_t pblk)
+stripe_of (uint64_t byte_offset)
 {
-  return (pblk * 0x9E3779B97F4A7C15ull) >> 56;
+  return ((byte_offset >> REGION_SHIFT) * 0x9E3779B97F4A7C15ull) >> 56;
 }
 
 struct stripe_set {
   uint64_t bits[NSTRIPES / 64];
 };
 
+/* Lock, shared, the stripes of device bytes [offset, offset+len). */
 static void
-stripes_lock_shared (uint64_t pblk, uint64_t n, struct stripe_set *set)
+stripes_lock_shared (uint64_t offset, uint64_t len, struct stripe_set *set)
 {
-  uint64_t i;
+  uint64_t r, first = offset >> REGION_SHIFT;
+  uint64_t last = (offset + len - 1) >> REGION_SHIFT;
   unsigned s;
 
   memset (set, 0, sizeof *set);
-  for (i = 0; i < n && i < 64 * NSTRIPES; ++i) {
-    s = stripe_of (pblk + i);
+  for (r = first; r <= last && r - first < NSTRIPES; ++r) {
+    s = stripe_of (r << REGION_SHIFT);
     set->bits[s / 64] |= UINT64_C (1) << (s % 64);
   }
-  if (n > 64 * NSTRIPES)
-    memset (set, 0xff, sizeof *set);
   for (s = 0; s < NSTRIPES; ++s)
     if (set->bits[s / 64] & (UINT64_C (1) << (s % 64)))
       pthread_rwlock_rdlock (&stripes[s]);
@@ -209,7 +212,7 @@ rmw_block (struct ext4fs_inode *ip, uint64_t pblk, uint32_t boff,
     nbdkit_error ("malloc: %m");
     return -1;
   }
-  ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&stripes[stripe_of (pblk)]);
+  ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&stripes[stripe_of (pos)]);
   if (ext4fs_dev_pread (fsi->dev, blk, fsi->blocksize, pos, err) == -1)
     return -1;
   memcpy (blk + boff, data, n);
@@ -252,7 +255,7 @@ write_mapped (struct ext4fs_inode *ip, const struct ext4fs_map *map,
 
       n = min64 (count & ~(uint64_t) bmask,
                  bytes_to (fsi, offset, r->lblk + r->len));
-      stripes_lock_shared (pblk, n >> bits, &set);
+      stripes_lock_shared (pblk << bits, n, &set);
       ret = ext4fs_dev_pwrite (fsi->dev, buf, n, pblk << bits, flags, err);
       stripes_unlock (&set);
       if (ret == -1)
