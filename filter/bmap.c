@@ -227,12 +227,12 @@ bmap_build_locked (struct ext4fs_inode *ip, int *err)
   return b.map;
 }
 
-const struct ext4fs_run *
-bmap_lookup (const struct ext4fs_map *map, uint64_t lblk, uint64_t *hole_end)
+/* Index of the first run with run.lblk > lblk (binary search). */
+static size_t
+first_run_after (const struct ext4fs_map *map, uint64_t lblk)
 {
   size_t lo = 0, hi = map->n;
 
-  /* First run with run.lblk > lblk. */
   while (lo < hi) {
     size_t mid = lo + (hi - lo) / 2;
     if (map->runs[mid].lblk <= lblk)
@@ -240,6 +240,14 @@ bmap_lookup (const struct ext4fs_map *map, uint64_t lblk, uint64_t *hole_end)
     else
       hi = mid;
   }
+  return lo;
+}
+
+const struct ext4fs_run *
+bmap_lookup (const struct ext4fs_map *map, uint64_t lblk, uint64_t *hole_end)
+{
+  size_t lo = first_run_after (map, lblk);
+
   if (lo > 0) {
     const struct ext4fs_run *r = &map->runs[lo - 1];
     if (lblk < r->lblk + r->len)
@@ -253,15 +261,8 @@ uint64_t
 bmap_goal (struct ext4fs_inode *ip, const struct ext4fs_map *map,
            uint64_t lblk)
 {
-  size_t lo = 0, hi = map->n;
+  size_t lo = first_run_after (map, lblk);
 
-  while (lo < hi) {
-    size_t mid = lo + (hi - lo) / 2;
-    if (map->runs[mid].lblk <= lblk)
-      lo = mid + 1;
-    else
-      hi = mid;
-  }
   if (lo > 0) {
     /* Keep the logical-to-physical offset of the run before, so that
      * sequential writes into a sparse file stay contiguous.
