@@ -27,8 +27,8 @@
 #include "inode.h"
 #include "rw.h"
 
-/* -D ext4fs.verbose=1 */
-NBDKIT_DLL_PUBLIC int ext4fs_debug_verbose;
+/* -D ext4fs.writeback=1: log each metadata writeback (fs.c). */
+NBDKIT_DLL_PUBLIC int ext4fs_debug_writeback;
 
 static const char *ext4file;    /* absolute path, or NULL in exportname mode */
 static bool exportname_mode;

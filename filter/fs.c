@@ -730,7 +730,8 @@ fs_writeback_locked (struct ext4fs_fs *fsi, int *err)
   for (g = 0; g < fs->group_desc_count; ++g) {
     if (!fsi->dirty_groups[g])
       continue;
-    nbdkit_debug ("ext4fs: writeback: block bitmap of group %u", g);
+    if (ext4fs_debug_writeback)
+      nbdkit_debug ("ext4fs: writeback: block bitmap of group %u", g);
     if (write_block_bitmap_locked (fsi, g, buf, err) == -1)
       return -1;
   }

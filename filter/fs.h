@@ -49,6 +49,9 @@ struct ext4fs_fs {
   size_t nmeta;
 };
 
+/* -D ext4fs.writeback=1 (defined in ext4fs.c). */
+extern int ext4fs_debug_writeback;
+
 /* Open the filesystem on an existing device (no registry, no
  * context management): used by fs_open and by the fuzz target.
  * Returns NULL after nbdkit_error.  fs_close_dev writes back, marks

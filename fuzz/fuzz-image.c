@@ -30,6 +30,8 @@
 #include "io.h"
 #include "rw.h"
 
+int ext4fs_debug_writeback;
+
 /* --- nbdkit's functions, which the server would provide. --- */
 
 void nbdkit_error (const char *fs, ...) { }
