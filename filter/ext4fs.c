@@ -4,7 +4,7 @@
  * This file holds only the nbdkit callbacks and the registration
  * table: each callback validates and dispatches.  Every callback is
  * decided explicitly: ext4fs never calls next() in .open (all I/O
- * goes through one shared context, see io-manager/), so any callback
+ * goes through the shared contexts, see io-manager/), so any callback
  * left out would be sent to a NULL context and crash nbdkit, or, for
  * .extents, report the image's map instead of the file's.
  *
@@ -33,7 +33,8 @@ NBDKIT_DLL_PUBLIC int ext4fs_debug_writeback;
 static const char *ext4file;    /* absolute path, or NULL in exportname mode */
 static bool exportname_mode;
 static const char *ext4root;    /* exportname mode only */
-static int final_model_serializes;
+static int final_thread_model = NBDKIT_THREAD_MODEL_PARALLEL;
+static unsigned ext4contexts = 4;  /* contexts into the plugin, at most */
 
 struct handle {
   struct ext4fs_fs *fsi;
@@ -66,6 +67,16 @@ ext4fs_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
   }
   if (strcmp (key, "ext4root") == 0) {
     ext4root = value;
+    return 0;
+  }
+  if (strcmp (key, "ext4contexts") == 0) {
+    if (nbdkit_parse_unsigned ("ext4contexts", value, &ext4contexts) == -1)
+      return -1;
+    if (ext4contexts < 1 || ext4contexts > EXT4FS_DEV_MAX_LANES) {
+      nbdkit_error ("ext4contexts=%s: must be between 1 and %d",
+                    value, EXT4FS_DEV_MAX_LANES);
+      return -1;
+    }
     return 0;
   }
   return next (nxdata, key, value);
@@ -104,7 +115,9 @@ ext4fs_config_complete (nbdkit_next_config_complete *next,
   "                       inside the filesystem, or 'exportname' to take\n" \
   "                       the path from the client's export name.\n" \
   "ext4root=<DIR>         With ext4file=exportname, serve only files\n" \
-  "                       under this directory."
+  "                       under this directory.\n" \
+  "ext4contexts=<N>       Open up to N contexts (connections) into the\n" \
+  "                       plugin and spread requests over them (default 4)."
 
 /* Fully parallel: libext2fs calls are serialized by our fs mutex and
  * data I/O takes per-inode locks (DESIGN.md).
@@ -121,8 +134,8 @@ ext4fs_get_ready (int thread_model)
   /* A serializing plugin or filter underneath: our shared context is
    * called from many connections at once, so serialize the calls.
    */
-  final_model_serializes = thread_model < NBDKIT_THREAD_MODEL_PARALLEL;
-  if (final_model_serializes)
+  final_thread_model = thread_model;
+  if (thread_model < NBDKIT_THREAD_MODEL_PARALLEL)
     nbdkit_debug ("ext4fs: final thread model %d is below parallel: "
                   "serializing calls into the plugin", thread_model);
   return 0;
@@ -138,7 +151,7 @@ ext4fs_after_fork (nbdkit_backend *backend)
   /* Validate now, read-only (we do not know about -r yet), so that a
    * bad image or a bad fixed ext4file= stops nbdkit with a message.
    */
-  if (fs_startup (backend, final_model_serializes) == -1)
+  if (fs_startup (backend, final_thread_model, ext4contexts) == -1)
     return -1;
   fsi = fs_get (1);
   if (fsi == NULL)
@@ -193,7 +206,7 @@ ext4fs_open (nbdkit_next_open *next, nbdkit_context *nxdata,
   int err;
   uint32_t fl;
 
-  /* We do not call next: all I/O goes through the shared context. */
+  /* We do not call next: all I/O goes through the shared contexts. */
   h = calloc (1, sizeof *h);
   if (h == NULL) {
     nbdkit_error ("calloc: %m");

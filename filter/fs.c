@@ -36,7 +36,8 @@
 static pthread_mutex_t reg_lock = PTHREAD_MUTEX_INITIALIZER;
 /* Protected by reg_lock: */
 static nbdkit_backend *the_backend;
-static int serializes;
+static int serializes;           /* lanes need their locks */
+static unsigned max_lanes = 1;    /* contexts into the plugin, at most */
 static struct ext4fs_fs *the_fs;
 static unsigned fs_users;
 static bool rw_refused_plugin;  /* the plugin cannot write: stay RO */
@@ -425,7 +426,57 @@ fs_close_dev (struct ext4fs_fs *fsi)
   free (fsi);
 }
 
-/* Open the shared context and the filesystem.  Caller holds reg_lock. */
+/* Open more contexts into the plugin (DESIGN.md §8).  Several lanes
+ * see the same bytes only if the plugin says can_multi_conn (a flush
+ * on one context then persists the writes of all); a filesystem opened
+ * read-only never writes, so any plugin will do then.  Failing to open
+ * one is not an error: we go on with the lanes we have.  Caller holds
+ * reg_lock; the device is not in use yet.
+ */
+static void
+add_lanes (struct ext4fs_dev *dev, bool rw)
+{
+  nbdkit_next *first = ext4fs_dev_next (dev);
+  unsigned want = max_lanes, i;
+
+  if (want > 1 && rw && first->can_multi_conn (first) != 1) {
+    nbdkit_debug ("ext4fs: the plugin does not support multi-conn: "
+                  "one context for a writable filesystem");
+    want = 1;
+  }
+  for (i = 1; i < want; ++i) {
+    nbdkit_next *next = nbdkit_next_context_open (the_backend, !rw, "", 1);
+
+    if (next == NULL)
+      break;
+    if (next->prepare (next) == -1) {
+      nbdkit_next_context_close (next);
+      break;
+    }
+    if (ext4fs_dev_add_lane (dev, next) == -1) {
+      next->finalize (next);
+      nbdkit_next_context_close (next);
+      break;
+    }
+  }
+  nbdkit_debug ("ext4fs: %u context(s) into the plugin (%s)",
+                ext4fs_dev_nr_lanes (dev), rw ? "read-write" : "read-only");
+}
+
+/* Finalize and close every lane but lane 0. */
+static void
+close_lanes (struct ext4fs_dev *dev)
+{
+  unsigned i;
+
+  for (i = ext4fs_dev_nr_lanes (dev); i > 1; --i) {
+    nbdkit_next *next = ext4fs_dev_lane (dev, i - 1);
+    next->finalize (next);
+    nbdkit_next_context_close (next);
+  }
+}
+
+/* Open the shared contexts and the filesystem.  Caller holds reg_lock. */
 static struct ext4fs_fs *
 fs_open (bool rw)
 {
@@ -455,12 +506,14 @@ fs_open (bool rw)
     rw = false;
     rw_refused_plugin = true;
   }
+  add_lanes (dev, rw);
   fsi = fs_open_dev (dev, rw);
   if (fsi == NULL)
     goto err3;
   return fsi;
 
  err3:
+  close_lanes (dev);
   ext4fs_dev_free (dev);
  err2:
   next->finalize (next);
@@ -479,18 +532,24 @@ fs_close (struct ext4fs_fs *fsi)
   nbdkit_next *next = fsi->next;
 
   fs_close_dev (fsi);
+  close_lanes (dev);
   ext4fs_dev_free (dev);
   next->finalize (next);
   nbdkit_next_context_close (next);
 }
 
 int
-fs_startup (nbdkit_backend *backend, int final_model_serializes)
+fs_startup (nbdkit_backend *backend, int thread_model, unsigned lanes)
 {
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&reg_lock);
 
   the_backend = backend;
-  serializes = final_model_serializes;
+  /* Below PARALLEL each context takes one call at a time, so a lane is
+   * locked around each call.  Below SERIALIZE_REQUESTS nbdkit would
+   * not run two contexts of the plugin at once: one lane only.
+   */
+  serializes = thread_model < NBDKIT_THREAD_MODEL_PARALLEL;
+  max_lanes = thread_model < NBDKIT_THREAD_MODEL_SERIALIZE_REQUESTS ? 1 : lanes;
   the_fs = fs_open (false);
   return the_fs ? 0 : -1;
 }

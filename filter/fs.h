@@ -1,7 +1,7 @@
 /* ext4fs: the one filesystem instance of the process.
  *
  * Lock order (DESIGN.md): registry lock > inode table lock > inode
- * rwlock > block stripe lock > fs->lock > context mutex (io-manager).
+ * rwlock > block stripe lock > fs->lock > lane lock (io-manager).
  */
 #ifndef EXT4FS_FS_H
 #define EXT4FS_FS_H
@@ -19,7 +19,7 @@
 struct ext4fs_fs {
   ext2_filsys fs;             /* every libext2fs call holds ->lock */
   struct ext4fs_dev *dev;     /* thread-safe, no lock needed */
-  nbdkit_next *next;          /* the shared context */
+  nbdkit_next *next;          /* lane 0 of the shared contexts */
   bool rw;                    /* opened read-write (immutable) */
   unsigned blocksize;         /* immutable */
   unsigned blockbits;         /* log2 (blocksize), immutable */
@@ -68,7 +68,8 @@ extern bool fs_is_metadata (const struct ext4fs_fs *fsi, uint64_t pblk,
  * and the fixed ext4file (if any).  Returns -1 after nbdkit_error, and
  * nbdkit exits.
  */
-extern int fs_startup (nbdkit_backend *backend, int final_model_serializes);
+extern int fs_startup (nbdkit_backend *backend, int thread_model,
+                       unsigned lanes);
 
 /* Get (and reference) the instance, opening it if needed.  A read-write
  * request gets a read-write instance if the plugin and the filesystem

@@ -1,7 +1,7 @@
 /* ext4fs: the I/O paths.
  *
  * Owns: mapping a request's byte range to physical runs and doing the
- * data I/O straight through the shared context (no ext2_file_t, no
+ * data I/O straight through the shared contexts (no ext2_file_t, no
  * shared position, no single-block buffer); read-modify-write of
  * partial blocks; allocation into holes and conversion of unwritten
  * extents; zero, trim, block status and cache.

@@ -4,12 +4,23 @@
  * vtable, the bounds checks in front of every call into the context,
  * and the errno <-> errcode_t mapping.
  *
+ * A device has one or more contexts ("lanes") into the plugin.  All
+ * lanes reach the same bytes; more than one is used only where that is
+ * safe (the plugin says can_multi_conn, or nothing is ever written:
+ * DESIGN.md §8), so any call may go down any lane.  Lane 0 also answers
+ * the negotiation questions and takes flushes.  Several lanes let a
+ * plugin that keeps a limited number of requests in flight per handle
+ * (the nbd plugin: one connection, served by the far server's threads
+ * for that connection) or that serializes requests per handle work on
+ * several requests at once.
+ *
  * Locks: dev_table_lock protects the device table only (taken in
  * ext4fs_dev_new/free and in the io_manager's open).  If a device
- * serializes (final thread model below PARALLEL), dev->ctx_lock is
- * held around each single call into the context; it is the innermost
- * lock of DESIGN.md's lock order and nothing is called with it held
- * but the context.
+ * serializes (final thread model below PARALLEL), a lane's lock is
+ * held around each single call into that lane's context; lane locks
+ * are the innermost locks of DESIGN.md's lock order, one is held at a
+ * time, and nothing is called with one held but the context.  Lanes
+ * are added only before the device is used (single-threaded).
  *
  * Every io_manager callback is reentrant: a channel's only mutable
  * field after open is block_size, which libext2fs changes only while
@@ -33,20 +44,52 @@
 
 #include "io.h"
 
-struct ext4fs_dev {
+struct lane {
   nbdkit_next *next;
+  pthread_mutex_t lock;         /* Protects: calls into next, if serialize */
+};
+
+struct ext4fs_dev {
+  struct lane lanes[EXT4FS_DEV_MAX_LANES];
+  unsigned nlanes;              /* fixed once the device is in use */
   unsigned id;                  /* index in dev_table */
   char name[32];                /* "ext4fs:<id>" */
   uint64_t size;                /* cached get_size */
   int can_write, can_flush, can_fua, can_zero, can_cache, can_trim;
   int serialize;
   uint32_t max_io;              /* largest single request to the plugin */
-  pthread_mutex_t ctx_lock;     /* Protects: calls into next, if serialize */
 };
+
+/* Which lane a thread prefers: 1 + a number handed out round-robin at
+ * the thread's first call, 0 before that.  Threads stay on their lane,
+ * so the threads of one connection spread over the lanes.  (720720 is
+ * divisible by every lane count up to 16.)
+ */
+static __thread unsigned thread_lane;
+static unsigned lane_counter;   /* atomic */
 
 #define MAX_DEVS 64
 static pthread_mutex_t dev_table_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct ext4fs_dev *dev_table[MAX_DEVS]; /* Protected by dev_table_lock */
+
+/* Ask the negotiation questions once, while single-threaded: nbdkit
+ * caches the answers in the context without a lock.
+ */
+static int
+warm_context (nbdkit_next *next)
+{
+  int r = 0;
+
+  if (next->can_write (next) == -1 || next->can_flush (next) == -1 ||
+      next->can_fua (next) == -1 || next->can_zero (next) == -1 ||
+      next->can_trim (next) == -1 || next->can_cache (next) == -1)
+    r = -1;
+  (void) next->can_fast_zero (next);
+  (void) next->can_extents (next);
+  (void) next->can_multi_conn (next);
+  (void) next->is_rotational (next);
+  return r;
+}
 
 struct ext4fs_dev *
 ext4fs_dev_new (nbdkit_next *next, int serialize)
@@ -58,12 +101,16 @@ ext4fs_dev_new (nbdkit_next *next, int serialize)
   size = next->get_size (next);
   if (size == -1)
     return NULL;
+  if (warm_context (next) == -1)
+    return NULL;
   dev = calloc (1, sizeof *dev);
   if (dev == NULL) {
     nbdkit_error ("calloc: %m");
     return NULL;
   }
-  dev->next = next;
+  dev->lanes[0].next = next;
+  pthread_mutex_init (&dev->lanes[0].lock, NULL);
+  dev->nlanes = 1;
   dev->size = size;
   dev->can_write = next->can_write (next);
   dev->can_flush = next->can_flush (next);
@@ -71,21 +118,7 @@ ext4fs_dev_new (nbdkit_next *next, int serialize)
   dev->can_zero = next->can_zero (next);
   dev->can_trim = next->can_trim (next);
   dev->can_cache = next->can_cache (next);
-  /* Warm the remaining cached negotiation values too: nbdkit caches
-   * them in the context without a lock, so ask once now while we are
-   * single-threaded.
-   */
-  (void) next->can_fast_zero (next);
-  (void) next->can_extents (next);
-  (void) next->can_multi_conn (next);
-  (void) next->is_rotational (next);
-  if (dev->can_write == -1 || dev->can_flush == -1 || dev->can_fua == -1 ||
-      dev->can_zero == -1 || dev->can_trim == -1 || dev->can_cache == -1) {
-    free (dev);
-    return NULL;
-  }
   dev->serialize = serialize;
-  pthread_mutex_init (&dev->ctx_lock, NULL);
   {
     uint32_t pmin = 0, ppref = 0, pmax = 0;
     dev->max_io = EXT4FS_DEV_MAX_IO;
@@ -101,7 +134,7 @@ ext4fs_dev_new (nbdkit_next *next, int serialize)
   if (i == MAX_DEVS) {
     pthread_mutex_unlock (&dev_table_lock);
     nbdkit_error ("too many open devices");
-    pthread_mutex_destroy (&dev->ctx_lock);
+    pthread_mutex_destroy (&dev->lanes[0].lock);
     free (dev);
     return NULL;
   }
@@ -112,15 +145,60 @@ ext4fs_dev_new (nbdkit_next *next, int serialize)
   return dev;
 }
 
+int
+ext4fs_dev_add_lane (struct ext4fs_dev *dev, nbdkit_next *next)
+{
+  struct lane *l;
+  uint32_t pmin = 0, ppref = 0, pmax = 0;
+
+  if (dev->nlanes >= EXT4FS_DEV_MAX_LANES)
+    return -1;
+  /* The lane must show the same device as lane 0. */
+  if (next->get_size (next) != (int64_t) dev->size ||
+      warm_context (next) == -1 ||
+      next->can_write (next) != dev->can_write ||
+      next->can_flush (next) != dev->can_flush ||
+      next->can_fua (next) != dev->can_fua ||
+      next->can_zero (next) != dev->can_zero ||
+      next->can_trim (next) != dev->can_trim ||
+      next->can_cache (next) != dev->can_cache) {
+    nbdkit_debug ("%s: another context into the plugin differs from the "
+                  "first; not using it", dev->name);
+    return -1;
+  }
+  if (next->block_size (next, &pmin, &ppref, &pmax) == 0 &&
+      pmax > 0 && pmax < dev->max_io)
+    dev->max_io = pmax;
+  l = &dev->lanes[dev->nlanes++];
+  l->next = next;
+  pthread_mutex_init (&l->lock, NULL);
+  return 0;
+}
+
+unsigned
+ext4fs_dev_nr_lanes (const struct ext4fs_dev *dev)
+{
+  return dev->nlanes;
+}
+
+nbdkit_next *
+ext4fs_dev_lane (const struct ext4fs_dev *dev, unsigned i)
+{
+  return i < dev->nlanes ? dev->lanes[i].next : NULL;
+}
+
 void
 ext4fs_dev_free (struct ext4fs_dev *dev)
 {
+  unsigned i;
+
   if (dev == NULL)
     return;
   pthread_mutex_lock (&dev_table_lock);
   dev_table[dev->id] = NULL;
   pthread_mutex_unlock (&dev_table_lock);
-  pthread_mutex_destroy (&dev->ctx_lock);
+  for (i = 0; i < dev->nlanes; ++i)
+    pthread_mutex_destroy (&dev->lanes[i].lock);
   free (dev);
 }
 
@@ -134,7 +212,7 @@ uint64_t ext4fs_dev_size (const struct ext4fs_dev *dev) { return dev->size; }
 int ext4fs_dev_can_write (const struct ext4fs_dev *dev) { return dev->can_write; }
 int ext4fs_dev_can_fua (const struct ext4fs_dev *dev) { return dev->can_fua; }
 int ext4fs_dev_can_cache (const struct ext4fs_dev *dev) { return dev->can_cache; }
-nbdkit_next *ext4fs_dev_next (const struct ext4fs_dev *dev) { return dev->next; }
+nbdkit_next *ext4fs_dev_next (const struct ext4fs_dev *dev) { return dev->lanes[0].next; }
 
 /* Is [offset, offset+count) inside the device?  Reports the error. */
 static int
@@ -154,10 +232,43 @@ check_range (const struct ext4fs_dev *dev, const char *op,
   return 0;
 }
 
-#define CTX_LOCK(dev) \
-  do { if ((dev)->serialize) pthread_mutex_lock (&(dev)->ctx_lock); } while (0)
-#define CTX_UNLOCK(dev) \
-  do { if ((dev)->serialize) pthread_mutex_unlock (&(dev)->ctx_lock); } while (0)
+/* Take a lane for one call into the plugin; lane_put gives it back.
+ * Without serialization a lane is just the thread's own.  With it, the
+ * thread takes its own lane if free, else any free one, else waits for
+ * its own.
+ */
+static struct lane *
+lane_get (struct ext4fs_dev *dev)
+{
+  unsigned i, k, n = dev->nlanes;
+  struct lane *l;
+
+  if (n == 1)
+    i = 0;
+  else {
+    if (thread_lane == 0)
+      thread_lane = 1 + __atomic_fetch_add (&lane_counter, 1,
+                                            __ATOMIC_RELAXED) % 720720;
+    i = (thread_lane - 1) % n;
+  }
+  l = &dev->lanes[i];
+  if (!dev->serialize)
+    return l;
+  for (k = 0; k < n && n > 1; ++k) {
+    struct lane *t = &dev->lanes[(i + k) % n];
+    if (pthread_mutex_trylock (&t->lock) == 0)
+      return t;
+  }
+  pthread_mutex_lock (&l->lock);
+  return l;
+}
+
+static void
+lane_put (struct ext4fs_dev *dev, struct lane *l)
+{
+  if (dev->serialize)
+    pthread_mutex_unlock (&l->lock);
+}
 
 int
 ext4fs_dev_pread (struct ext4fs_dev *dev, void *buf, uint64_t count,
@@ -170,10 +281,11 @@ ext4fs_dev_pread (struct ext4fs_dev *dev, void *buf, uint64_t count,
   while (count > 0) {
     uint32_t n = count > dev->max_io ? dev->max_io : count;
     int r;
+    struct lane *l;
 
-    CTX_LOCK (dev);
-    r = dev->next->pread (dev->next, p, n, offset, 0, err);
-    CTX_UNLOCK (dev);
+    l = lane_get (dev);
+    r = l->next->pread (l->next, p, n, offset, 0, err);
+    lane_put (dev, l);
     if (r == -1)
       return -1;
     p += n;
@@ -187,12 +299,19 @@ int
 ext4fs_dev_flush (struct ext4fs_dev *dev, int *err)
 {
   int r;
+  struct lane *l;
 
   if (dev->can_flush != 1)
     return 0;
-  CTX_LOCK (dev);
-  r = dev->next->flush (dev->next, 0, err);
-  CTX_UNLOCK (dev);
+  /* One flush covers every lane: several lanes are used for writing
+   * only over a plugin that says can_multi_conn, whose flush persists
+   * the writes completed on all of its contexts.
+   */
+  l = &dev->lanes[0];
+  if (dev->serialize)
+    pthread_mutex_lock (&l->lock);
+  r = l->next->flush (l->next, 0, err);
+  lane_put (dev, l);
   return r;
 }
 
@@ -215,10 +334,11 @@ ext4fs_dev_pwrite (struct ext4fs_dev *dev, const void *buf, uint64_t count,
   while (count > 0) {
     uint32_t n = count > dev->max_io ? dev->max_io : count;
     int r;
+    struct lane *l;
 
-    CTX_LOCK (dev);
-    r = dev->next->pwrite (dev->next, p, n, offset, down, err);
-    CTX_UNLOCK (dev);
+    l = lane_get (dev);
+    r = l->next->pwrite (l->next, p, n, offset, down, err);
+    lane_put (dev, l);
     if (r == -1)
       return -1;
     p += n;
@@ -244,9 +364,9 @@ ext4fs_dev_zero (struct ext4fs_dev *dev, uint64_t count, uint64_t offset,
 
     if (dev->can_zero > NBDKIT_ZERO_NONE) {
       n = count > dev->max_io ? dev->max_io : count;
-      CTX_LOCK (dev);
-      r = dev->next->zero (dev->next, n, offset, 0, err);
-      CTX_UNLOCK (dev);
+      struct lane *l = lane_get (dev);
+      r = l->next->zero (l->next, n, offset, 0, err);
+      lane_put (dev, l);
     }
     else {
       n = count > sizeof zeros ? sizeof zeros : count;
@@ -271,10 +391,11 @@ ext4fs_dev_cache (struct ext4fs_dev *dev, uint64_t count, uint64_t offset,
   while (count > 0) {
     uint32_t n = count > dev->max_io ? dev->max_io : count;
     int r;
+    struct lane *l;
 
-    CTX_LOCK (dev);
-    r = dev->next->cache (dev->next, n, offset, 0, err);
-    CTX_UNLOCK (dev);
+    l = lane_get (dev);
+    r = l->next->cache (l->next, n, offset, 0, err);
+    lane_put (dev, l);
     if (r == -1)
       return -1;
     offset += n;
@@ -289,9 +410,12 @@ ext4fs_dev_block_size (struct ext4fs_dev *dev, uint32_t *minimum,
 {
   int r;
 
-  CTX_LOCK (dev);
-  r = dev->next->block_size (dev->next, minimum, preferred, maximum);
-  CTX_UNLOCK (dev);
+  struct lane *l = &dev->lanes[0];
+
+  if (dev->serialize)
+    pthread_mutex_lock (&l->lock);
+  r = l->next->block_size (l->next, minimum, preferred, maximum);
+  lane_put (dev, l);
   return r;
 }
 

@@ -14,8 +14,8 @@
  * Thread safety: every function here may be called from any thread at
  * any time between ext4fs_dev_new and ext4fs_dev_free.  If the device
  * was created with serialize != 0 (the final thread model is below
- * PARALLEL), one mutex (the "context mutex", innermost in the lock
- * order of DESIGN.md) is held around each call into the context.
+ * PARALLEL), the lock of one lane (innermost in the lock order of
+ * DESIGN.md) is held around each call into that lane's context.
  */
 #ifndef EXT4FS_IO_H
 #define EXT4FS_IO_H
@@ -34,8 +34,20 @@ extern io_manager ext4fs_io_manager;
  * locking).  Returns NULL (after nbdkit_error) on failure.
  */
 extern struct ext4fs_dev *ext4fs_dev_new (nbdkit_next *next, int serialize);
-/* Forget the device.  Does not close the context. */
+/* Forget the device.  Does not close its contexts. */
 extern void ext4fs_dev_free (struct ext4fs_dev *dev);
+
+/* More contexts ("lanes") onto the same bytes, added before the device
+ * is used.  Only for a plugin whose can_multi_conn is true, or a
+ * device that is never written: requests go down any lane, flushes
+ * down lane 0 only.  Returns -1 (the context is not taken) if it is
+ * full or the context does not look like lane 0.
+ */
+#define EXT4FS_DEV_MAX_LANES 16
+extern int ext4fs_dev_add_lane (struct ext4fs_dev *dev, nbdkit_next *next);
+extern unsigned ext4fs_dev_nr_lanes (const struct ext4fs_dev *dev);
+/* Lane i's context (0 is the one given to ext4fs_dev_new), or NULL. */
+extern nbdkit_next *ext4fs_dev_lane (const struct ext4fs_dev *dev, unsigned i);
 
 /* The name to pass to ext2fs_open2 with ext4fs_io_manager. */
 extern const char *ext4fs_dev_name (const struct ext4fs_dev *dev);

@@ -6,7 +6,10 @@
  * advertises CHANNEL_FLAGS_THREADS; reads past the end become
  * EXT2_ET_SHORT_READ without reaching the plugin; data-path calls are
  * bounds-checked; 4 threads reading at once get the right bytes; the
- * errcode <-> errno mapping.
+ * errcode <-> errno mapping; lanes (several contexts): a context of
+ * another size is refused, reads from 4 threads spread over the lanes
+ * and get the right bytes, a serializing device never enters one lane
+ * from two threads at once, flushes go to lane 0.
  *
  * Usage: test-io-manager IMAGE
  */
@@ -16,6 +19,7 @@
 #include <assert.h>
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -48,6 +52,44 @@ static char *image;
 static uint64_t image_size;
 static unsigned long preads;
 
+/* Lanes: the fake contexts are copies of 'fake', told apart by address. */
+#define NLANES 3
+static struct nbdkit_next_ops lane_ops[NLANES];
+static unsigned long lane_calls[NLANES];   /* atomic */
+static int lane_inflight[NLANES];          /* atomic */
+static int lane_overlap;                   /* atomic: a lane entered twice */
+static unsigned long lane_flushes[NLANES]; /* atomic */
+
+static int
+lane_index (nbdkit_next *n)
+{
+  int i;
+  for (i = 0; i < NLANES; ++i)
+    if ((void *) n == (void *) &lane_ops[i])
+      return i;
+  return -1;
+}
+
+static void
+lane_enter (nbdkit_next *n)
+{
+  int i = lane_index (n);
+  if (i < 0)
+    return;
+  __atomic_add_fetch (&lane_calls[i], 1, __ATOMIC_RELAXED);
+  if (__atomic_add_fetch (&lane_inflight[i], 1, __ATOMIC_SEQ_CST) > 1)
+    __atomic_store_n (&lane_overlap, 1, __ATOMIC_SEQ_CST);
+}
+
+static void
+lane_leave (nbdkit_next *n)
+{
+  int i = lane_index (n);
+  if (i >= 0)
+    __atomic_sub_fetch (&lane_inflight[i], 1, __ATOMIC_SEQ_CST);
+}
+static int64_t fake_small_size (nbdkit_next *n) { return image_size - 512; }
+
 static int64_t fake_get_size (nbdkit_next *n) { return image_size; }
 static int fake_one (nbdkit_next *n) { return 1; }
 static int fake_zero_ (nbdkit_next *n) { return 0; }
@@ -62,7 +104,12 @@ fake_pread (nbdkit_next *n, void *buf, uint32_t count, uint64_t offset,
     abort ();
   }
   __atomic_add_fetch (&preads, 1, __ATOMIC_RELAXED);
+  lane_enter (n);
   memcpy (buf, image + offset, count);
+  /* Give another thread the chance to enter the same lane. */
+  if (lane_index (n) >= 0)
+    sched_yield ();
+  lane_leave (n);
   return 0;
 }
 
@@ -79,6 +126,9 @@ fake_pwrite (nbdkit_next *n, const void *buf, uint32_t count, uint64_t offset,
 static int
 fake_flush (nbdkit_next *n, uint32_t flags, int *err)
 {
+  int i = lane_index (n);
+  if (i >= 0)
+    __atomic_add_fetch (&lane_flushes[i], 1, __ATOMIC_RELAXED);
   return 0;
 }
 
@@ -225,6 +275,49 @@ main (int argc, char *argv[])
   assert (ext4fs_errno_to_errcode (EIO) == EIO);
 
   ext4fs_dev_free (dev);
+
+  /* Lanes, on a serializing device. */
+  for (i = 0; i < NLANES; ++i)
+    lane_ops[i] = fake;
+  dev = ext4fs_dev_new ((nbdkit_next *) &lane_ops[0], 1);
+  assert (dev);
+  {
+    struct nbdkit_next_ops other = fake;
+    other.get_size = fake_small_size;
+    if (ext4fs_dev_add_lane (dev, (nbdkit_next *) &other) != -1) {
+      fprintf (stderr, "FAIL: a context of another size became a lane\n");
+      exit (1);
+    }
+  }
+  for (i = 1; i < NLANES; ++i)
+    assert (ext4fs_dev_add_lane (dev, (nbdkit_next *) &lane_ops[i]) == 0);
+  assert (ext4fs_dev_nr_lanes (dev) == NLANES);
+  assert (ext4fs_dev_lane (dev, 1) == (nbdkit_next *) &lane_ops[1]);
+  assert (ext4fs_dev_lane (dev, NLANES) == NULL);
+  for (i = 0; i < 4; ++i)
+    pthread_create (&th[i], NULL, reader, &seeds[i]);
+  for (i = 0; i < 4; ++i)
+    pthread_join (th[i], NULL);
+  {
+    int used = 0;
+    for (i = 0; i < NLANES; ++i)
+      used += lane_calls[i] > 0;
+    if (used < 2) {
+      fprintf (stderr, "FAIL: 4 threads used %d lane(s) of %d\n", used, NLANES);
+      exit (1);
+    }
+  }
+  if (lane_overlap) {
+    fprintf (stderr, "FAIL: a serializing device entered a lane twice\n");
+    exit (1);
+  }
+  if (ext4fs_dev_flush (dev, &err) == -1 || lane_flushes[0] != 1 ||
+      lane_flushes[1] != 0 || lane_flushes[2] != 0) {
+    fprintf (stderr, "FAIL: flush did not go to lane 0 only\n");
+    exit (1);
+  }
+  ext4fs_dev_free (dev);
+
   free (image);
   printf ("test-io-manager: all checks passed\n");
   return 0;

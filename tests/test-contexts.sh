@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Several contexts ("lanes") into the plugin (ext4contexts=N).
+# The log filter sits BELOW ext4fs, so each context the filter opens
+# shows up there as its own "connection=K Connect".
+#  1. a plugin that supports multi-conn (file), writable: N contexts,
+#     and 4 concurrent writers' requests reach the plugin through more
+#     than one of them; a flush after the writes, kill -9, and the
+#     image is clean and holds every byte;
+#  2. multi-conn disabled underneath (--filter=multi-conn
+#     multi-conn-mode=disable): a writable filesystem uses exactly one
+#     context; read-only (-r) it may use N;
+#  3. a plugin that serializes all requests: one context; one that
+#     serializes requests per handle: N, each called one at a time;
+#  4. bad values of ext4contexts are refused with a message.
+source "$srcdir/functions.sh"
+requires nbdsh --version
+requires python3 -c 'import nbd'
+requires debugfs -V
+cd "$tmpdir"
+
+mkdir src
+head -c $((8*1024*1024)) /dev/urandom > src/f
+truncate -s 64M img
+mke2fs -q -F -t ext4 -d src img
+cp img img.orig
+
+# The "context(s) into the plugin (MODE)" debug lines of a log.
+contexts () { grep -o "[0-9]* context(s) into the plugin ([a-z-]*)" "$1" | sort -u; }
+
+# Distinct plugin-side connection ids that saw a request of type $2.
+ids_with () { grep -E "connection=[0-9]+ $2 " "$1" | grep -o 'connection=[0-9]*' | sort -u | wc -l; }
+
+# --- 1. multi-conn plugin, writable, 4 writers at once.
+sock=$tmpdir/sock
+rm -f plog
+start_nbdkit "$sock" -v --filter="$FILTER" --filter=log \
+    file img ext4file=/f ext4contexts=3 logfile="$tmpdir/plog" 2> log1
+cp src/f expected
+pids=()
+for i in 0 1 2 3; do
+    head -c $((1024*1024)) /dev/urandom > part$i
+    dd if=part$i of=expected bs=1M seek=$((i*2)) conv=notrunc status=none
+    nbdsh -u "nbd+unix:///?socket=$sock" -c "
+import os
+d = open('part$i', 'rb').read()
+# 64 KiB writes, 8 in flight, then the reads back.
+cmds = []
+for off in range(0, len(d), 65536):
+    cmds.append(h.aio_pwrite(d[off:off+65536], $((i*2))*1048576 + off))
+    while h.aio_in_flight() >= 8:
+        h.poll(-1)
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+for c in cmds:
+    assert h.aio_command_completed(c)
+h.flush()
+assert h.pread(len(d), $((i*2))*1048576) == d
+" &
+    pids+=($!)
+done
+for p in "${pids[@]}"; do wait "$p" || fail "writer $p failed"; done
+# Everything was flushed: kill -9 now must lose nothing.
+pid=$(cat "$sock.pid")
+kill -9 "$pid"
+for ((i=0; i<100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+kill -0 "$pid" 2>/dev/null && fail "nbdkit $pid survived kill -9"
+contexts log1 | grep -q "^3 context(s) into the plugin (read-write)" ||
+    fail "expected 3 read-write contexts: $(contexts log1)"
+n=$(ids_with plog Write)
+[ "$n" -ge 2 ] || fail "writes went down $n context(s) only"
+n=$(ids_with plog Read)
+[ "$n" -ge 2 ] || fail "reads went down $n context(s) only"
+e2fsck -fn img > fsck1.log 2>&1 ||
+    { cat fsck1.log; fail "e2fsck after kill -9 following flushes"; }
+dump_cmp img /f expected
+
+# --- 2. multi-conn disabled underneath.
+cp img.orig img
+nbdkit_srv -v -U - --filter="$FILTER" --filter=multi-conn \
+    file img ext4file=/f multi-conn-mode=disable \
+    --run 'nbdsh -u "$uri" -c "h.pwrite(b\"x\" * 4096, 0); h.flush()"' 2> log2 ||
+    { tail log2; fail "write over a non-multi-conn plugin failed"; }
+contexts log2 | grep -q "^1 context(s) into the plugin (read-write)" ||
+    fail "a writable filesystem over a non-multi-conn plugin must use one context: $(contexts log2)"
+grep -q "does not support multi-conn" log2 || fail "no message about multi-conn"
+fsck_clean img
+{ printf 'x%.0s' $(seq 4096); tail -c +4097 src/f; } > expected2
+dump_cmp img /f expected2
+
+cp img.orig img
+nbdkit_srv -v -r -U - --filter="$FILTER" --filter=multi-conn \
+    file img ext4file=/f multi-conn-mode=disable \
+    --run 'nbdcopy --connections=2 "$uri" out2' 2> log3 ||
+    { tail log3; fail "read-only copy failed"; }
+cmp out2 src/f || fail "read-only copy over several contexts differs"
+contexts log3 | grep -q "^4 context(s) into the plugin (read-only)" ||
+    fail "a read-only filesystem should use the default 4 contexts: $(contexts log3)"
+cmp img img.orig || fail "read-only server changed the image"
+
+# --- 3. serializing plugins.
+nbdkit_srv -v -U - --filter="$FILTER" --filter=noparallel \
+    file img ext4file=/f serialize=all-requests \
+    --run 'nbdcopy --connections=2 "$uri" out3' 2> log4 ||
+    { tail log4; fail "copy over serialize=all-requests failed"; }
+cmp out3 src/f || fail "copy over serialize=all-requests differs"
+[ "$(contexts log4 | grep -c '^1 context')" -ge 1 ] &&
+    ! contexts log4 | grep -qv '^1 context' ||
+    fail "serialize=all-requests must use one context: $(contexts log4)"
+nbdkit_srv -v -U - --filter="$FILTER" --filter=noparallel \
+    file img ext4file=/f serialize=requests ext4contexts=2 \
+    --run 'nbdcopy --connections=2 "$uri" out4' 2> log5 ||
+    { tail log5; fail "copy over serialize=requests failed"; }
+cmp out4 src/f || fail "copy over serialize=requests differs"
+contexts log5 | grep -q "^2 context(s)" ||
+    fail "serialize=requests may use 2 contexts: $(contexts log5)"
+
+# --- 4. bad values.
+for v in 0 17 abc -1 ""; do
+    if nbdkit_srv -U - --filter="$FILTER" file img ext4file=/f \
+           ext4contexts="$v" --run true 2> log6; then
+        fail "ext4contexts=$v was accepted"
+    fi
+    grep -q "ext4contexts" log6 || { cat log6; fail "no message naming ext4contexts=$v"; }
+done
+echo ok
