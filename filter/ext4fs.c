@@ -29,6 +29,10 @@
 
 /* -D ext4fs.writeback=1: log each metadata writeback (fs.c). */
 NBDKIT_DLL_PUBLIC int ext4fs_debug_writeback;
+/* -D ext4fs.verify_map=1: check every in-memory map update against
+ * the map built from disk; abort on a difference (inode.c, tests).
+ */
+NBDKIT_DLL_PUBLIC int ext4fs_debug_verify_map;
 
 static const char *ext4file;    /* absolute path, or NULL in exportname mode */
 static bool exportname_mode;
@@ -68,6 +72,19 @@ ext4fs_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
   if (strcmp (key, "ext4root") == 0) {
     ext4root = value;
     return 0;
+  }
+  /* The nbd plugin's dynamic-export=true passes each client's export
+   * name to the far server, which needs a client connection at open:
+   * our contexts are opened outside any (in nbdkit 1.32.5 the plugin
+   * then fails an assertion and nbdkit aborts).  Say so instead.
+   */
+  if (strcmp (key, "dynamic-export") == 0 &&
+      nbdkit_parse_bool (value) == 1) {
+    nbdkit_error ("dynamic-export=%s cannot be used under ext4fs: the "
+                  "filter opens the plugin once for all clients, outside "
+                  "any client connection; use export=NAME to choose the "
+                  "far server's export", value);
+    return -1;
   }
   if (strcmp (key, "ext4contexts") == 0) {
     if (nbdkit_parse_unsigned ("ext4contexts", value, &ext4contexts) == -1)

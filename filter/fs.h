@@ -51,6 +51,7 @@ struct ext4fs_fs {
 
 /* -D ext4fs.writeback=1 (defined in ext4fs.c). */
 extern int ext4fs_debug_writeback;
+extern int ext4fs_debug_verify_map;
 
 /* Open the filesystem on an existing device (no registry, no
  * context management): used by fs_open and by the fuzz target.

@@ -270,25 +270,53 @@ lane_put (struct ext4fs_dev *dev, struct lane *l)
     pthread_mutex_unlock (&l->lock);
 }
 
-int
-ext4fs_dev_pread (struct ext4fs_dev *dev, void *buf, uint64_t count,
-                  uint64_t offset, int *err)
+/* Lane 0, for the calls that must go there (flush, block_size). */
+static struct lane *
+lane_get_first (struct ext4fs_dev *dev)
 {
-  char *p = buf;
+  struct lane *l = &dev->lanes[0];
 
-  if (check_range (dev, "read", count, offset, err) == -1)
-    return -1;
+  if (dev->serialize)
+    pthread_mutex_lock (&l->lock);
+  return l;
+}
+
+enum dev_op { OP_READ, OP_WRITE, OP_ZERO, OP_CACHE };
+
+/* Send one data call down the lanes, split into pieces of at most
+ * max_io bytes.  rbuf is the read buffer, wbuf the write buffer (the
+ * other is NULL).  The range has been checked.
+ */
+static int
+split_call (struct ext4fs_dev *dev, enum dev_op op, char *rbuf,
+            const char *wbuf, uint64_t count, uint64_t offset,
+            uint32_t flags, int *err)
+{
   while (count > 0) {
     uint32_t n = count > dev->max_io ? dev->max_io : count;
+    struct lane *l = lane_get (dev);
+    nbdkit_next *next = l->next;
     int r;
-    struct lane *l;
 
-    l = lane_get (dev);
-    r = l->next->pread (l->next, p, n, offset, 0, err);
+    switch (op) {
+    case OP_READ:
+      r = next->pread (next, rbuf, n, offset, 0, err);
+      rbuf += n;
+      break;
+    case OP_WRITE:
+      r = next->pwrite (next, wbuf, n, offset, flags, err);
+      wbuf += n;
+      break;
+    case OP_ZERO:
+      r = next->zero (next, n, offset, 0, err);
+      break;
+    default:
+      r = next->cache (next, n, offset, 0, err);
+      break;
+    }
     lane_put (dev, l);
     if (r == -1)
       return -1;
-    p += n;
     offset += n;
     count -= n;
   }
@@ -296,10 +324,19 @@ ext4fs_dev_pread (struct ext4fs_dev *dev, void *buf, uint64_t count,
 }
 
 int
+ext4fs_dev_pread (struct ext4fs_dev *dev, void *buf, uint64_t count,
+                  uint64_t offset, int *err)
+{
+  if (check_range (dev, "read", count, offset, err) == -1)
+    return -1;
+  return split_call (dev, OP_READ, buf, NULL, count, offset, 0, err);
+}
+
+int
 ext4fs_dev_flush (struct ext4fs_dev *dev, int *err)
 {
-  int r;
   struct lane *l;
+  int r;
 
   if (dev->can_flush != 1)
     return 0;
@@ -307,9 +344,7 @@ ext4fs_dev_flush (struct ext4fs_dev *dev, int *err)
    * only over a plugin that says can_multi_conn, whose flush persists
    * the writes completed on all of its contexts.
    */
-  l = &dev->lanes[0];
-  if (dev->serialize)
-    pthread_mutex_lock (&l->lock);
+  l = lane_get_first (dev);
   r = l->next->flush (l->next, 0, err);
   lane_put (dev, l);
   return r;
@@ -319,7 +354,6 @@ int
 ext4fs_dev_pwrite (struct ext4fs_dev *dev, const void *buf, uint64_t count,
                    uint64_t offset, uint32_t flags, int *err)
 {
-  const char *p = buf;
   uint32_t down = 0;
 
   if (dev->can_write != 1) {
@@ -331,20 +365,8 @@ ext4fs_dev_pwrite (struct ext4fs_dev *dev, const void *buf, uint64_t count,
     return -1;
   if ((flags & NBDKIT_FLAG_FUA) && dev->can_fua > NBDKIT_FUA_NONE)
     down = NBDKIT_FLAG_FUA;
-  while (count > 0) {
-    uint32_t n = count > dev->max_io ? dev->max_io : count;
-    int r;
-    struct lane *l;
-
-    l = lane_get (dev);
-    r = l->next->pwrite (l->next, p, n, offset, down, err);
-    lane_put (dev, l);
-    if (r == -1)
-      return -1;
-    p += n;
-    offset += n;
-    count -= n;
-  }
+  if (split_call (dev, OP_WRITE, NULL, buf, count, offset, down, err) == -1)
+    return -1;
   if ((flags & NBDKIT_FLAG_FUA) && !down)
     return ext4fs_dev_flush (dev, err);
   return 0;
@@ -358,21 +380,12 @@ ext4fs_dev_zero (struct ext4fs_dev *dev, uint64_t count, uint64_t offset,
 
   if (check_range (dev, "zero", count, offset, err) == -1)
     return -1;
+  if (dev->can_zero > NBDKIT_ZERO_NONE)
+    return split_call (dev, OP_ZERO, NULL, NULL, count, offset, 0, err);
   while (count > 0) {
-    uint32_t n;
-    int r;
+    uint32_t n = count > sizeof zeros ? sizeof zeros : count;
 
-    if (dev->can_zero > NBDKIT_ZERO_NONE) {
-      n = count > dev->max_io ? dev->max_io : count;
-      struct lane *l = lane_get (dev);
-      r = l->next->zero (l->next, n, offset, 0, err);
-      lane_put (dev, l);
-    }
-    else {
-      n = count > sizeof zeros ? sizeof zeros : count;
-      r = ext4fs_dev_pwrite (dev, zeros, n, offset, 0, err);
-    }
-    if (r == -1)
+    if (ext4fs_dev_pwrite (dev, zeros, n, offset, 0, err) == -1)
       return -1;
     offset += n;
     count -= n;
@@ -388,32 +401,16 @@ ext4fs_dev_cache (struct ext4fs_dev *dev, uint64_t count, uint64_t offset,
     return -1;
   if (dev->can_cache <= NBDKIT_CACHE_NONE)
     return 0;
-  while (count > 0) {
-    uint32_t n = count > dev->max_io ? dev->max_io : count;
-    int r;
-    struct lane *l;
-
-    l = lane_get (dev);
-    r = l->next->cache (l->next, n, offset, 0, err);
-    lane_put (dev, l);
-    if (r == -1)
-      return -1;
-    offset += n;
-    count -= n;
-  }
-  return 0;
+  return split_call (dev, OP_CACHE, NULL, NULL, count, offset, 0, err);
 }
 
 int
 ext4fs_dev_block_size (struct ext4fs_dev *dev, uint32_t *minimum,
                        uint32_t *preferred, uint32_t *maximum)
 {
+  struct lane *l = lane_get_first (dev);
   int r;
 
-  struct lane *l = &dev->lanes[0];
-
-  if (dev->serialize)
-    pthread_mutex_lock (&l->lock);
   r = l->next->block_size (l->next, minimum, preferred, maximum);
   lane_put (dev, l);
   return r;

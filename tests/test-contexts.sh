@@ -11,7 +11,11 @@
 #     context; read-only (-r) it may use N;
 #  3. a plugin that serializes all requests: one context; one that
 #     serializes requests per handle: N, each called one at a time;
-#  4. bad values of ext4contexts are refused with a message.
+#  4. bad values of ext4contexts are refused with a message;
+#  5. over the nbd plugin (a second nbdkit serving the image): 4
+#     contexts, i.e. 4 NBD connections to the far server; writes from 2
+#     clients, flush, stop, e2fsck and the bytes; the nbd plugin's
+#     dynamic-export=true is refused with a message (it aborted nbdkit).
 source "$srcdir/functions.sh"
 requires nbdsh --version
 requires python3 -c 'import nbd'
@@ -122,4 +126,43 @@ for v in 0 17 abc -1 ""; do
     fi
     grep -q "ext4contexts" log6 || { cat log6; fail "no message naming ext4contexts=$v"; }
 done
+
+# --- 5. over the nbd plugin.
+if nbdkit nbd --version >/dev/null 2>&1; then
+    cp img.orig img
+    far=$tmpdir/far.sock
+    start_nbdkit "$far" -v file img 2> farlog
+    sock5=$tmpdir/sock5
+    start_nbdkit "$sock5" -v --filter="$FILTER" nbd socket="$far" ext4file=/f 2> log7
+    cp src/f expected5
+    pids=()
+    for i in 0 1; do
+        head -c $((256*1024)) /dev/urandom > p5.$i
+        dd if=p5.$i of=expected5 bs=256K seek=$((i*5)) conv=notrunc status=none
+        nbdsh -u "nbd+unix:///?socket=$sock5" \
+            -c "h.pwrite(open('p5.$i','rb').read(), $((i*5))*262144); h.flush()" &
+        pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p" || fail "nbd-plugin writer $p failed"; done
+    nbdcopy "nbd+unix:///?socket=$sock5" out5 || fail "copy over the nbd plugin failed"
+    cmp out5 expected5 || fail "read back over the nbd plugin differs"
+    stop_nbdkit "$sock5"
+    stop_nbdkit "$far"
+    contexts log7 | grep -q "^4 context(s) into the plugin (read-write)" ||
+        fail "expected 4 read-write contexts over the nbd plugin: $(contexts log7)"
+    # Each context is an NBD connection to the far server.
+    n=$(grep -c "accepted connection" farlog || true)
+    [ "$n" -ge 4 ] || fail "the far server saw $n connection(s), expected >= 4"
+    fsck_clean img
+    dump_cmp img /f expected5
+
+    if nbdkit_srv -U - --filter="$FILTER" nbd socket="$far" ext4file=/f \
+           dynamic-export=true --run true 2> log8; then
+        fail "dynamic-export=true was accepted"
+    fi
+    grep -q "dynamic-export=true cannot be used under ext4fs" log8 ||
+        { cat log8; fail "no message for dynamic-export=true"; }
+else
+    echo "nbd plugin not installed: skipping part 5"
+fi
 echo ok
