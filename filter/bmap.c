@@ -105,6 +105,7 @@ push_run (struct builder *b, uint64_t lblk, uint64_t pblk, uint64_t len,
     }
     b->map = m;
     b->cap = ncap;
+    m->cap = ncap;
   }
   b->map->runs[b->map->n++] = (struct ext4fs_run) {
     .lblk = lblk, .pblk = pblk, .len = len, .unwritten = unwritten,
@@ -243,6 +244,98 @@ first_run_after (const struct ext4fs_map *map, uint64_t lblk)
   return lo;
 }
 
+static bool
+runs_mergeable (const struct ext4fs_run *a, const struct ext4fs_run *b)
+{
+  return !a->unwritten && !b->unwritten &&
+    a->lblk + a->len == b->lblk && a->pblk + a->len == b->pblk &&
+    (uint64_t) a->len + b->len <= UINT32_MAX;
+}
+
+int
+bmap_map_set (struct ext4fs_map **mapp, uint64_t lblk, uint32_t len,
+              uint64_t pblk)
+{
+  struct ext4fs_map *m = *mapp;
+  uint64_t end = lblk + len;
+  struct ext4fs_run pieces[3];
+  size_t i, j, k, np = 0, nn;
+  bool left = false;
+
+  if (len == 0)
+    return 0;
+  /* Runs [i, j) overlap [lblk, end). */
+  i = first_run_after (m, lblk);
+  if (i > 0 && m->runs[i - 1].lblk + m->runs[i - 1].len > lblk)
+    i--;
+  for (j = i; j < m->n && m->runs[j].lblk < end; ++j)
+    ;
+  if (i < j && m->runs[i].lblk < lblk) {
+    pieces[np] = m->runs[i];
+    pieces[np++].len = lblk - m->runs[i].lblk;
+    left = true;
+  }
+  pieces[np++] = (struct ext4fs_run) { .lblk = lblk, .pblk = pblk, .len = len };
+  if (i < j && m->runs[j - 1].lblk + m->runs[j - 1].len > end) {
+    const struct ext4fs_run *r = &m->runs[j - 1];
+    uint64_t off = end - r->lblk;
+    pieces[np++] = (struct ext4fs_run) {
+      .lblk = end, .pblk = r->pblk + off, .len = r->len - off,
+      .unwritten = r->unwritten,
+    };
+  }
+
+  nn = m->n - (j - i) + np;
+  if (nn > m->cap) {
+    size_t ncap = m->cap * 2 > nn ? m->cap * 2 : nn + 16;
+    struct ext4fs_map *t;
+    if (nn > MAX_RUNS)
+      return -1;
+    if (ncap > MAX_RUNS)
+      ncap = MAX_RUNS;
+    t = realloc (m, sizeof *t + ncap * sizeof t->runs[0]);
+    if (t == NULL)
+      return -1;
+    m = *mapp = t;
+    m->cap = ncap;
+  }
+  memmove (&m->runs[i + np], &m->runs[j], (m->n - j) * sizeof m->runs[0]);
+  memcpy (&m->runs[i], pieces, np * sizeof pieces[0]);
+  m->n = nn;
+
+  /* Merge the new run with its neighbours, as bmap_build would. */
+  k = i + left;
+  if (k + 1 < m->n && runs_mergeable (&m->runs[k], &m->runs[k + 1])) {
+    m->runs[k].len += m->runs[k + 1].len;
+    memmove (&m->runs[k + 1], &m->runs[k + 2],
+             (m->n - k - 2) * sizeof m->runs[0]);
+    m->n--;
+  }
+  if (k > 0 && runs_mergeable (&m->runs[k - 1], &m->runs[k])) {
+    m->runs[k - 1].len += m->runs[k].len;
+    memmove (&m->runs[k], &m->runs[k + 1],
+             (m->n - k - 1) * sizeof m->runs[0]);
+    m->n--;
+  }
+  return 0;
+}
+
+bool
+bmap_map_equal (const struct ext4fs_map *a, const struct ext4fs_map *b)
+{
+  size_t i;
+
+  if (a->n != b->n)
+    return false;
+  for (i = 0; i < a->n; ++i)
+    if (a->runs[i].lblk != b->runs[i].lblk ||
+        a->runs[i].pblk != b->runs[i].pblk ||
+        a->runs[i].len != b->runs[i].len ||
+        a->runs[i].unwritten != b->runs[i].unwritten)
+      return false;
+  return true;
+}
+
 const struct ext4fs_run *
 bmap_lookup (const struct ext4fs_map *map, uint64_t lblk, uint64_t *hole_end)
 {
@@ -258,19 +351,45 @@ bmap_lookup (const struct ext4fs_map *map, uint64_t lblk, uint64_t *hole_end)
 }
 
 uint64_t
-bmap_goal (struct ext4fs_inode *ip, const struct ext4fs_map *map,
-           uint64_t lblk)
+bmap_goal_locked (struct ext4fs_inode *ip, const struct ext4fs_map *map,
+                  uint64_t lblk)
 {
+  struct ext4fs_fs *fsi = ip->fsi;
+  ext2_filsys fs = fsi->fs;
   size_t lo = first_run_after (map, lblk);
+  const struct ext4fs_run *r;
 
+  /* Aim to put logical block L at physical block base + L, the place
+   * a sequential writer would have given it: take the base from the
+   * run before lblk, else from the run after it, else (no block yet)
+   * from the first free block of the inode's group.  Writers filling
+   * one file at several places at once (nbdcopy's threads, a VM) then
+   * each extend their own contiguous range instead of taking turns
+   * with the next free block, which interleaved their extents.
+   */
   if (lo > 0) {
-    /* Keep the logical-to-physical offset of the run before, so that
-     * sequential writes into a sparse file stay contiguous.
-     */
-    const struct ext4fs_run *r = &map->runs[lo - 1];
-    uint64_t g = r->pblk + (lblk - r->lblk);
-    if (g < ip->fsi->blocks_count)
-      return g;
+    r = &map->runs[lo - 1];
+    if (lblk - r->lblk < fsi->blocks_count - r->pblk)
+      return r->pblk + (lblk - r->lblk);
+  }
+  else if (lo < map->n) {
+    r = &map->runs[lo];
+    if (r->pblk >= fsi->first_data_block &&
+        r->lblk - lblk <= r->pblk - fsi->first_data_block)
+      return r->pblk - (r->lblk - lblk);
+  }
+  else if (fs->block_map && fs->super->s_inodes_per_group > 0) {
+    dgrp_t group = (ip->ino - 1) / fs->super->s_inodes_per_group;
+    blk64_t start, first_free;
+
+    if (group < fs->group_desc_count) {
+      start = ext2fs_group_first_block2 (fs, group);
+      if (ext2fs_find_first_zero_block_bitmap2 (fs->block_map, start,
+                                                fsi->blocks_count - 1,
+                                                &first_free) == 0 &&
+          lblk < fsi->blocks_count - first_free)
+        return first_free + lblk;
+    }
   }
   return 0;                     /* let libext2fs choose */
 }

@@ -20,6 +20,19 @@ extern struct ext4fs_map *bmap_build_locked (struct ext4fs_inode *ip, int *err);
 extern const struct ext4fs_run *bmap_lookup (const struct ext4fs_map *map,
                                              uint64_t lblk, uint64_t *hole_end);
 
+/* Change a cached map in memory as a request changed the file: map
+ * logical [lblk, lblk+len) to physical [pblk, pblk+len), written,
+ * replacing what was there (a hole, or part of an unwritten run whose
+ * blocks these are), splitting and merging runs as bmap_build_locked
+ * would have built them from the new tree.  May realloc *mapp.  Returns
+ * -1 (map unchanged or partly changed: discard it) if out of memory or
+ * over the run limit.  Caller holds ip->lock exclusive.
+ */
+extern int bmap_map_set (struct ext4fs_map **mapp, uint64_t lblk,
+                         uint32_t len, uint64_t pblk);
+extern bool bmap_map_equal (const struct ext4fs_map *a,
+                            const struct ext4fs_map *b);
+
 /* Allocate up to len contiguous free blocks near goal.  Returns the
  * number allocated (>= 1) and the first in *pblk, or -1 with *err
  * (ENOSPC when only the reserved blocks are left).  The blocks are
@@ -54,10 +67,11 @@ extern int bmap_punch_locked (struct ext4fs_inode *ip,
                               const struct ext4fs_map *map,
                               uint64_t lblk, uint64_t len, int *err);
 
-/* A goal for allocating logical block lblk: just after the physical
- * block mapped before it, if any.
+/* A goal for allocating logical block lblk (0: no preference): where
+ * it would be if the file were contiguous with its neighbours.  Caller
+ * holds fsi->lock.
  */
-extern uint64_t bmap_goal (struct ext4fs_inode *ip, const struct ext4fs_map *map,
-                           uint64_t lblk);
+extern uint64_t bmap_goal_locked (struct ext4fs_inode *ip,
+                                  const struct ext4fs_map *map, uint64_t lblk);
 
 #endif /* EXT4FS_BMAP_H */

@@ -22,6 +22,7 @@
 
 #include "bmap.h"
 #include "cleanup.h"
+#include "fs.h"
 #include "inode.h"
 
 #define NBUCKETS 1024
@@ -201,6 +202,45 @@ inode_map_changed (struct ext4fs_inode *ip)
   ip->gen++;
   old = __atomic_exchange_n (&ip->map, NULL, __ATOMIC_ACQ_REL);
   free (old);
+}
+
+void
+inode_map_update (struct ext4fs_inode *ip, const struct ext4fs_run *changes,
+                  size_t n)
+{
+  struct ext4fs_map *m = ip->map;   /* ip->lock exclusive: no reader */
+  size_t i;
+
+  if (m == NULL) {
+    ip->gen++;                  /* nothing cached: built when needed */
+    return;
+  }
+  for (i = 0; i < n; ++i) {
+    if (bmap_map_set (&m, changes[i].lblk, changes[i].len,
+                      changes[i].pblk) == -1) {
+      __atomic_store_n (&ip->map, m, __ATOMIC_RELEASE);
+      inode_map_changed (ip);   /* frees m, bumps gen */
+      return;
+    }
+  }
+  ip->gen++;
+  m->gen = ip->gen;
+  if (ext4fs_debug_verify_map) {
+    struct ext4fs_map *disk;
+    int err;
+
+    pthread_mutex_lock (&ip->fsi->lock);
+    disk = bmap_build_locked (ip, &err);
+    pthread_mutex_unlock (&ip->fsi->lock);
+    if (disk == NULL || !bmap_map_equal (m, disk)) {
+      nbdkit_error ("inode %u: the map updated in memory (%zu runs) differs "
+                    "from the map on disk (%zu runs)", ip->ino, m->n,
+                    disk ? disk->n : (size_t) 0);
+      abort ();
+    }
+    free (disk);
+  }
+  __atomic_store_n (&ip->map, m, __ATOMIC_RELEASE);
 }
 
 int

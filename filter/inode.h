@@ -23,13 +23,16 @@ struct ext4fs_run {
   uint32_t unwritten;
 };
 
-/* The cached block map: runs sorted by lblk, not overlapping.  Built
- * for one generation of the inode and never changed after; freed only
- * by a holder of the inode's lock in exclusive mode.
+/* The cached block map: runs sorted by lblk, not overlapping, written
+ * runs merged wherever contiguous, each unwritten run exactly one
+ * extent.  Built for one generation of the inode; changed (and
+ * realloc'd) or freed only by a holder of the inode's lock in
+ * exclusive mode (inode_map_update, inode_map_changed).
  */
 struct ext4fs_map {
   uint64_t gen;
   size_t n;
+  size_t cap;                   /* runs allocated */
   struct ext4fs_run runs[];
 };
 
@@ -91,6 +94,18 @@ extern const struct ext4fs_map *inode_map (struct ext4fs_inode *ip, int *err);
  * Caller holds ip->lock exclusive.
  */
 extern void inode_map_changed (struct ext4fs_inode *ip);
+
+/* The block map changed by exactly these written runs (each mapped in
+ * place of a hole or of part of an unwritten run, in this order): bump
+ * the generation and update the cached map in memory instead of
+ * dropping it, so the next request does not walk the whole extent
+ * tree again.  Falls back to inode_map_changed if the update fails.
+ * With -D ext4fs.verify_map=1 the result is compared with a map built
+ * from disk and nbdkit aborts on a difference (tests).  Caller holds
+ * ip->lock exclusive.
+ */
+extern void inode_map_update (struct ext4fs_inode *ip,
+                              const struct ext4fs_run *changes, size_t n);
 
 /* Write ip->raw to disk.  Caller holds fsi->lock. */
 extern int inode_write_locked (struct ext4fs_inode *ip, int *err);

@@ -328,16 +328,49 @@ write_fresh (struct ext4fs_inode *ip, uint64_t pblk, uint64_t lblk,
   return 0;
 }
 
+/* The map changes one allocating request made, in order, to apply to
+ * the cached map at the end (inode_map_update).  If one cannot be
+ * recorded, the map is rebuilt from disk instead.
+ */
+struct changes {
+  struct ext4fs_run *v;
+  size_t n, cap;
+  bool lost;
+};
+
+static void
+note_change (struct changes *c, uint64_t lblk, uint64_t len, uint64_t pblk)
+{
+  if (c->lost)
+    return;
+  if (len > UINT32_MAX) {
+    c->lost = true;
+    return;
+  }
+  if (c->n == c->cap) {
+    size_t ncap = c->cap ? c->cap * 2 : 8;
+    struct ext4fs_run *t = realloc (c->v, ncap * sizeof *t);
+    if (t == NULL) {
+      c->lost = true;
+      return;
+    }
+    c->v = t;
+    c->cap = ncap;
+  }
+  c->v[c->n++] = (struct ext4fs_run) { .lblk = lblk, .pblk = pblk, .len = len };
+}
+
 /* Fill the hole [s, e) (logical blocks) with newly allocated blocks
  * holding the request's data.  Caller holds ip->lock exclusive.
  */
 static int
 fill_hole (struct ext4fs_inode *ip, const struct ext4fs_map *map,
            uint64_t s, uint64_t e, const char *buf, uint64_t count,
-           uint64_t offset, int *err)
+           uint64_t offset, struct changes *ch, int *err)
 {
   struct ext4fs_fs *fsi = ip->fsi;
-  uint64_t goal = bmap_goal (ip, map, s);
+  uint64_t goal = 0;
+  bool first = true;
 
   while (s < e) {
     uint64_t pblk;
@@ -345,6 +378,9 @@ fill_hole (struct ext4fs_inode *ip, const struct ext4fs_map *map,
     int r;
 
     pthread_mutex_lock (&fsi->lock);
+    if (first)
+      goal = bmap_goal_locked (ip, map, s);
+    first = false;
     n = bmap_alloc_locked (fsi, goal, e - s, &pblk, err);
     pthread_mutex_unlock (&fsi->lock);
     if (n == -1)
@@ -360,6 +396,7 @@ fill_hole (struct ext4fs_inode *ip, const struct ext4fs_map *map,
     pthread_mutex_unlock (&fsi->lock);
     if (r == -1)
       return -1;
+    note_change (ch, s, n, pblk);
     s += n;
     goal = pblk + n;
   }
@@ -373,7 +410,7 @@ fill_hole (struct ext4fs_inode *ip, const struct ext4fs_map *map,
 static int
 fill_unwritten (struct ext4fs_inode *ip, const struct ext4fs_run *r,
                 uint64_t s, uint64_t e, const char *buf, uint64_t count,
-                uint64_t offset, int *err)
+                uint64_t offset, struct changes *ch, int *err)
 {
   struct ext4fs_fs *fsi = ip->fsi;
   uint64_t zblocks = ZEROOUT_BYTES >> fsi->blockbits;
@@ -390,6 +427,8 @@ fill_unwritten (struct ext4fs_inode *ip, const struct ext4fs_run *r,
   pthread_mutex_lock (&fsi->lock);
   ret = bmap_convert_locked (ip, cs, ce - cs, false, err);
   pthread_mutex_unlock (&fsi->lock);
+  if (ret == 0)
+    note_change (ch, cs, ce - cs, r->pblk + (cs - r->lblk));
   return ret;
 }
 
@@ -398,7 +437,8 @@ fill_unwritten (struct ext4fs_inode *ip, const struct ext4fs_run *r,
  */
 static int
 write_allocating (struct ext4fs_inode *ip, const struct ext4fs_map *map,
-                  const char *buf, uint64_t count, uint64_t offset, int *err)
+                  const char *buf, uint64_t count, uint64_t offset,
+                  struct changes *ch, int *err)
 {
   struct ext4fs_fs *fsi = ip->fsi;
   unsigned bits = fsi->blockbits;
@@ -420,11 +460,11 @@ write_allocating (struct ext4fs_inode *ip, const struct ext4fs_map *map,
     e = min64 (bend, r ? r->lblk + r->len : hole_end);
     eo = min64 (offset + count, e << bits);
     if (r == NULL) {
-      if (fill_hole (ip, map, b, e, buf, count, offset, err) == -1)
+      if (fill_hole (ip, map, b, e, buf, count, offset, ch, err) == -1)
         return -1;
     }
     else if (r->unwritten) {
-      if (fill_unwritten (ip, r, b, e, buf, count, offset, err) == -1)
+      if (fill_unwritten (ip, r, b, e, buf, count, offset, ch, err) == -1)
         return -1;
     }
     else {
@@ -476,10 +516,17 @@ rw_pwrite (struct ext4fs_inode *ip, const void *buf, uint32_t count,
     map = inode_map (ip, err);
     if (map == NULL)
       return -1;
+    struct changes ch = { 0 };
+
     if (fs_begin_write (fsi, err) == -1)
       return -1;
-    r = write_allocating (ip, map, buf, count, offset, err);
-    inode_map_changed (ip);
+    r = write_allocating (ip, map, buf, count, offset, &ch, err);
+    /* After a failure the tree may hold changes we did not note. */
+    if (r == 0 && !ch.lost)
+      inode_map_update (ip, ch.v, ch.n);
+    else
+      inode_map_changed (ip);
+    free (ch.v);
   }
   inode_touch (ip);
   if (r == 0 && (flags & NBDKIT_FLAG_FUA))

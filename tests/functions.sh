@@ -45,13 +45,23 @@ fail () { echo "FAIL: $*" >&2; exit 1; }
 # crash under ThreadSanitizer), so captive mode is emulated: the
 # server runs in the background on a socket and the command runs here
 # with $uri, $unixsocket and $nbd set as nbdkit would set them.
+# A server with our filter also gets -D ext4fs.verify_map=1 (every
+# in-memory map update is checked against the map on disk; nbdkit
+# aborts on a difference) unless EXT4FS_NO_VERIFY_MAP is set.
 nbdkit_srv ()
 {
+    local dflag=() a
+    if [ -z "${EXT4FS_NO_VERIFY_MAP:-}" ]; then
+        for a in "$@"; do
+            [ "$a" = "--filter=$FILTER" ] && dflag=(-D ext4fs.verify_map=1)
+        done
+    fi
     if [ -z "$EXT4FS_SERVER_ENV" ]; then
-        nbdkit "$@"
+        nbdkit "${dflag[@]}" "$@"
         return
     fi
-    local args=() cmd= prev= a
+    set -- "${dflag[@]}" "$@"
+    local args=() cmd= prev=
     local sock
     sock=$(mktemp -u "$tmpdir/srv.XXXXXX")
     for a in "$@"; do
@@ -131,6 +141,26 @@ stop_nbdkit ()
 }
 
 # fsck_clean IMG: e2fsck -fn must report no problem.
+# release_clients N PID...: the barrier of the concurrency tests.  Wait
+# until N client processes have each created a file ready.*, create
+# the file "go" they wait for, so that they start together, then wait
+# for every PID.  Fails if they do not all get ready or one fails.
+release_clients ()
+{
+    local total=$1 i st=0; shift
+    for ((i=0; i<600; i++)); do
+        [ "$(ls ready.* 2>/dev/null | wc -l)" -eq "$total" ] && break
+        sleep 0.1
+    done
+    [ "$(ls ready.* 2>/dev/null | wc -l)" -eq "$total" ] ||
+        fail "clients did not connect"
+    touch go
+    for i in "$@"; do
+        wait "$i" || st=1
+    done
+    [ $st -eq 0 ] || fail "a client failed"
+}
+
 fsck_clean ()
 {
     if ! e2fsck -fn "$1" > "$tmpdir/fsck.out" 2>&1; then

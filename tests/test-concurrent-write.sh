@@ -199,18 +199,7 @@ run_clients ()
             total=$((total+1))
         done
     done
-    for ((i=0; i<600; i++)); do
-        [ "$(ls ready.* 2>/dev/null | wc -l)" -eq $total ] && break
-        sleep 0.1
-    done
-    [ "$(ls ready.* 2>/dev/null | wc -l)" -eq $total ] ||
-        fail "clients did not connect"
-    touch go
-    local st=0
-    for i in "${!pids[@]}"; do
-        wait ${pids[$i]} || st=1
-    done
-    [ $st -eq 0 ] || fail "a client failed"
+    release_clients $total "${pids[@]}"
 }
 
 export SEED=$RANDOM
