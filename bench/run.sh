@@ -41,7 +41,7 @@ MEM_FILES=${MEM_FILES:-10000}
 MEM_CONNS=${MEM_CONNS:-256}
 MEM_REPEATS=${MEM_REPEATS:-1}
 CONFIGS=${CONFIGS:-raw ext2 ext4fs}
-ALL_WORKLOADS="w1-1 w1-4 w2 w3 w4-over w4-fill w5 w6 w6-nbd w7-1 w7-2 w7-4 w7-8 w8 w9 mem-1t mem-10k mem-256 mem-256t4"
+ALL_WORKLOADS="w1-1 w1-4 w2 w3 w4-over w4-fill w5 w6 w6-nbd w7-1 w7-2 w7-4 w7-8 w8 w9 w9-hole mem-1t mem-10k mem-256 mem-256t4"
 WORKLOADS=${*:-$ALL_WORKLOADS}
 
 for w in $WORKLOADS; do
@@ -110,6 +110,11 @@ sync
 W9_SEED=1234
 if [[ " $WORKLOADS " == *" w9 "* ]]; then
     SHA_W9=$(python3 "$here/w9.py" expect "$WD/src/data" "$BYTES" "$W9_IOS" 2 "$W9_SEED")
+fi
+if [[ " $WORKLOADS " == *" w9-hole "* ]]; then
+    rm -f "$WD/zero.src"; truncate -s "$BYTES" "$WD/zero.src"
+    SHA_W9H=$(python3 "$here/w9.py" expect "$WD/zero.src" "$BYTES" "$W9_IOS" 2 "$W9_SEED")
+    rm -f "$WD/zero.src"
 fi
 want() { local w; for w in $WORKLOADS; do case $w in $1) return 0;; esac; done; return 1; }
 if want w5; then   # W5: W5_SIZE sparse file, W5_DATA of data in 16 pieces
@@ -500,15 +505,17 @@ print("%.0f" % (ios/wall) if wall>0 and err==0 else "NA")' "$WD/fio.json" "$t0" 
         val=$(echo "$out" | awk '{printf "%.3f", $2}')
         [ "$rc" = 0 ] && [ -n "$val" ] || { valid=0; val=${val:-NA}; }
         ;;
-    w9)
-        reset_target "$cfg" data
-        start_server "$cfg" rw data || { record "$w" "$cfg" "$rep" NA IOPS 0 0; return; }
+    w9|w9-hole)
+        local file=data sha=$SHA_W9
+        [ $w = w9-hole ] && { file=hole; sha=$SHA_W9H; }
+        reset_target "$cfg" $file
+        start_server "$cfg" rw $file || { record "$w" "$cfg" "$rep" NA IOPS 0 0; return; }
         local out
         out=$(python3 "$here/w9.py" run "$URI" "$BYTES" "$W9_IOS" 2 "$W9_SEED" 2>>"$LOG") || rc=1
         rss=$(stop_server)
         unit=IOPS
         val=$(python3 -c 'import sys; n,t=sys.argv[1].split(); print("%.0f" % (int(n)/float(t)))' "$out" 2>/dev/null) || { val=NA; rc=1; }
-        [ "$rc" = 0 ] && verify_written "$cfg" data "$SHA_W9" || valid=0
+        [ "$rc" = 0 ] && verify_written "$cfg" $file "$sha" || valid=0
         ;;
     esac
     record "$w" "$cfg" "$rep" "$val" "$unit" "$valid" "$rss"
@@ -557,6 +564,7 @@ desc = {"w1-1": "seq read nbdcopy 1 conn", "w1-4": "seq read nbdcopy 4 conn",
         "w2": "4 concurrent nbdcopy", "w3": "fio randread 4k qd32 x2",
         "w4-over": "overwrite + flush", "w4-fill": "fill sparse + flush",
         "w9": "rand 4k write, flush/16",
+        "w9-hole": "w9 into a sparse file",
         "w5": "sparse file -> null:", "w6": "randread, delay filter",
         "w6-nbd": "randread, nbd+delay back", "w7-1": "1 file, 1 client",
         "w7-2": "2 files, 2 clients", "w7-4": "4 files, 4 clients",
