@@ -31,6 +31,7 @@
 #include "rw.h"
 
 int ext4fs_debug_writeback;
+int ext4fs_debug_verify_map;
 
 /* --- nbdkit's functions, which the server would provide. --- */
 
