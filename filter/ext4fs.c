@@ -38,7 +38,7 @@ static const char *ext4file;    /* absolute path, or NULL in exportname mode */
 static bool exportname_mode;
 static const char *ext4root;    /* exportname mode only */
 static int final_thread_model = NBDKIT_THREAD_MODEL_PARALLEL;
-static unsigned ext4contexts = 4;  /* contexts into the plugin, at most */
+static unsigned ext4contexts = 1;  /* contexts into the plugin, at most */
 
 struct handle {
   struct ext4fs_fs *fsi;
@@ -134,7 +134,7 @@ ext4fs_config_complete (nbdkit_next_config_complete *next,
   "ext4root=<DIR>         With ext4file=exportname, serve only files\n" \
   "                       under this directory.\n" \
   "ext4contexts=<N>       Open up to N contexts (connections) into the\n" \
-  "                       plugin and spread requests over them (default 4)."
+  "                       plugin and spread requests over them (default 1)."
 
 /* Fully parallel: libext2fs calls are serialized by our fs mutex and
  * data I/O takes per-inode locks (DESIGN.md).
