@@ -46,11 +46,36 @@
 struct builder {
   struct ext4fs_inode *ip;
   struct ext4fs_map *map;
-  size_t cap;
   uint64_t next_lblk;           /* runs must not overlap */
   uint64_t nblocks;             /* blocks covering i_size */
   errcode_t error;
 };
+
+/* Make room for need runs in *mapp, doubling.  Returns -1 (and leaves
+ * *mapp as it was) beyond MAX_RUNS or out of memory.
+ */
+static int
+map_reserve (struct ext4fs_map **mapp, size_t need)
+{
+  struct ext4fs_map *m = *mapp;
+  size_t ncap;
+
+  if (need <= m->cap)
+    return 0;
+  if (need > MAX_RUNS)
+    return -1;
+  ncap = m->cap ? m->cap * 2 : 16;
+  if (ncap < need)
+    ncap = need;
+  if (ncap > MAX_RUNS)
+    ncap = MAX_RUNS;
+  m = realloc (m, sizeof *m + ncap * sizeof m->runs[0]);
+  if (m == NULL)
+    return -1;
+  m->cap = ncap;
+  *mapp = m;
+  return 0;
+}
 
 static int
 push_run (struct builder *b, uint64_t lblk, uint64_t pblk, uint64_t len,
@@ -91,21 +116,14 @@ push_run (struct builder *b, uint64_t lblk, uint64_t pblk, uint64_t len,
       return 0;
     }
   }
-  if (b->map->n == b->cap) {
-    size_t ncap = b->cap ? b->cap * 2 : 16;
-    if (ncap > MAX_RUNS) {
-      nbdkit_error ("inode %u: more than %d fragments: too fragmented "
-                    "to map (or corrupt)", b->ip->ino, MAX_RUNS);
-      return -1;
-    }
-    struct ext4fs_map *m = realloc (b->map, sizeof *m + ncap * sizeof m->runs[0]);
-    if (m == NULL) {
-      nbdkit_error ("realloc: %m");
-      return -1;
-    }
-    b->map = m;
-    b->cap = ncap;
-    m->cap = ncap;
+  if (b->map->n >= MAX_RUNS) {
+    nbdkit_error ("inode %u: more than %d fragments: too fragmented "
+                  "to map (or corrupt)", b->ip->ino, MAX_RUNS);
+    return -1;
+  }
+  if (map_reserve (&b->map, b->map->n + 1) == -1) {
+    nbdkit_error ("realloc: %m");
+    return -1;
   }
   b->map->runs[b->map->n++] = (struct ext4fs_run) {
     .lblk = lblk, .pblk = pblk, .len = len, .unwritten = unwritten,
@@ -286,19 +304,9 @@ bmap_map_set (struct ext4fs_map **mapp, uint64_t lblk, uint32_t len,
   }
 
   nn = m->n - (j - i) + np;
-  if (nn > m->cap) {
-    size_t ncap = m->cap * 2 > nn ? m->cap * 2 : nn + 16;
-    struct ext4fs_map *t;
-    if (nn > MAX_RUNS)
-      return -1;
-    if (ncap > MAX_RUNS)
-      ncap = MAX_RUNS;
-    t = realloc (m, sizeof *t + ncap * sizeof t->runs[0]);
-    if (t == NULL)
-      return -1;
-    m = *mapp = t;
-    m->cap = ncap;
-  }
+  if (map_reserve (mapp, nn) == -1)
+    return -1;
+  m = *mapp;
   memmove (&m->runs[i + np], &m->runs[j], (m->n - j) * sizeof m->runs[0]);
   memcpy (&m->runs[i], pieces, np * sizeof pieces[0]);
   m->n = nn;

@@ -281,7 +281,6 @@ fs_open_dev (struct ext4fs_dev *dev, bool rw)
   }
   pthread_mutex_init (&fsi->lock, NULL);
   fsi->dev = dev;
-  fsi->next = ext4fs_dev_next (dev);
 
   flags = EXT2_FLAG_64BITS | EXT2_FLAG_THREADS | EXT2_FLAG_SKIP_MMP |
     EXT2_FLAG_JOURNAL_DEV_OK;   /* so that we can say what it is */
@@ -463,13 +462,13 @@ add_lanes (struct ext4fs_dev *dev, bool rw)
                 ext4fs_dev_nr_lanes (dev), rw ? "read-write" : "read-only");
 }
 
-/* Finalize and close every lane but lane 0. */
+/* Finalize and close every lane, lane 0 last. */
 static void
 close_lanes (struct ext4fs_dev *dev)
 {
   unsigned i;
 
-  for (i = ext4fs_dev_nr_lanes (dev); i > 1; --i) {
+  for (i = ext4fs_dev_nr_lanes (dev); i > 0; --i) {
     nbdkit_next *next = ext4fs_dev_lane (dev, i - 1);
     next->finalize (next);
     nbdkit_next_context_close (next);
@@ -515,6 +514,8 @@ fs_open (bool rw)
  err3:
   close_lanes (dev);
   ext4fs_dev_free (dev);
+  return NULL;
+
  err2:
   next->finalize (next);
  err1:
@@ -523,19 +524,16 @@ fs_open (bool rw)
 }
 
 /* Close an instance: write back, mark clean, close, release the
- * context.  Caller holds reg_lock and no one else uses fsi.
+ * contexts.  Caller holds reg_lock and no one else uses fsi.
  */
 static void
 fs_close (struct ext4fs_fs *fsi)
 {
   struct ext4fs_dev *dev = fsi->dev;
-  nbdkit_next *next = fsi->next;
 
   fs_close_dev (fsi);
   close_lanes (dev);
   ext4fs_dev_free (dev);
-  next->finalize (next);
-  nbdkit_next_context_close (next);
 }
 
 int

@@ -19,7 +19,6 @@
 struct ext4fs_fs {
   ext2_filsys fs;             /* every libext2fs call holds ->lock */
   struct ext4fs_dev *dev;     /* thread-safe, no lock needed */
-  nbdkit_next *next;          /* lane 0 of the shared contexts */
   bool rw;                    /* opened read-write (immutable) */
   unsigned blocksize;         /* immutable */
   unsigned blockbits;         /* log2 (blocksize), immutable */

@@ -369,8 +369,7 @@ fill_hole (struct ext4fs_inode *ip, const struct ext4fs_map *map,
            uint64_t offset, struct changes *ch, int *err)
 {
   struct ext4fs_fs *fsi = ip->fsi;
-  uint64_t goal = 0;
-  bool first = true;
+  uint64_t goal = 0;             /* after the first allocation: pblk + n > 0 */
 
   while (s < e) {
     uint64_t pblk;
@@ -378,9 +377,8 @@ fill_hole (struct ext4fs_inode *ip, const struct ext4fs_map *map,
     int r;
 
     pthread_mutex_lock (&fsi->lock);
-    if (first)
+    if (goal == 0)
       goal = bmap_goal_locked (ip, map, s);
-    first = false;
     n = bmap_alloc_locked (fsi, goal, e - s, &pblk, err);
     pthread_mutex_unlock (&fsi->lock);
     if (n == -1)
