@@ -51,9 +51,9 @@ build_sanitized ()
     # shellcheck disable=SC2046
     gcc -shared -fPIC -g -O1 -fno-omit-frame-pointer "$@" \
         -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers \
-        -I. -Iio-manager -pthread \
+        -I. -Iio-manager -Ijournal -pthread \
         $(pkg-config --cflags nbdkit ext2fs com_err) \
-        filter/*.c io-manager/io.c \
+        filter/*.c journal/*.c io-manager/io.c \
         -Wl,--version-script=filter/ext4fs.syms \
         -o "$out/nbdkit-ext4fs-filter.so" \
         $(pkg-config --libs ext2fs com_err) -lpthread

@@ -250,14 +250,6 @@ ext4fs_open (nbdkit_next_open *next, nbdkit_context *nxdata,
     goto err2;
   }
   h->can_write = !readonly && h->fsi->rw;
-  if (!h->fsi->rw &&
-      (h->fsi->fs->super->s_feature_incompat & EXT3_FEATURE_INCOMPAT_RECOVER)) {
-    static bool warned;
-    if (!__atomic_exchange_n (&warned, true, __ATOMIC_RELAXED))
-      fprintf (stderr, "nbdkit: ext4fs: warning: the filesystem's journal "
-               "needs recovery; serving it read-only without replaying it: "
-               "the most recent changes may be missing\n");
-  }
   if (h->can_write) {
     const char *why = NULL;
 

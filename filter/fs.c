@@ -23,6 +23,8 @@
 #include <config.h>
 
 #include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +34,7 @@
 #include "fs.h"
 #include "inode.h"
 #include "mmp.h"
+#include "replay.h"
 
 static pthread_mutex_t reg_lock = PTHREAD_MUTEX_INITIALIZER;
 /* Protected by reg_lock: */
@@ -197,7 +200,6 @@ check_features (ext2_filsys fs, bool rw)
     { 1, EXT4_FEATURE_RO_COMPAT_VERITY, "verity" },
     { 1, EXT4_FEATURE_RO_COMPAT_SHARED_BLOCKS, "shared_blocks" },
     { 1, EXT4_FEATURE_RO_COMPAT_READONLY, "read-only" },
-    { 1, EXT4_FEATURE_RO_COMPAT_ORPHAN_PRESENT, "orphan_present" },
   };
   size_t i;
 
@@ -231,17 +233,22 @@ check_state (ext2_filsys fs, bool rw)
 {
   struct ext2_super_block *sb = fs->super;
 
+  /* journal_open replayed an internal journal and the read-write
+   * open cleared the flag; what is left is a journal ext4fs cannot
+   * read.
+   */
   if (sb->s_feature_incompat & EXT3_FEATURE_INCOMPAT_RECOVER) {
     if (rw) {
-      nbdkit_error ("the filesystem's journal needs recovery (it was not "
-                    "unmounted cleanly) and ext4fs cannot replay a journal: "
-                    "run 'e2fsck -E journal_only IMAGE' (or mount and unmount "
-                    "it once) first, or serve it read-only with nbdkit -r");
+      nbdkit_error ("the filesystem's journal needs recovery and %s: run "
+                    "'e2fsck -E journal_only IMAGE' (or mount and unmount "
+                    "it once) first, or serve it read-only with nbdkit -r",
+                    !ext2fs_has_feature_journal (sb) ?
+                    "the filesystem has no journal (needs_recovery without "
+                    "has_journal)" :
+                    "the journal is on an external device, which ext4fs "
+                    "cannot read");
       return -1;
     }
-    /* The warning is printed when a read-only connection is served
-     * (ext4fs.c): this read-only open may only be the start-up check.
-     */
   }
   if (!rw)
     return 0;
@@ -266,21 +273,12 @@ check_state (ext2_filsys fs, bool rw)
   return 0;
 }
 
-struct ext4fs_fs *
-fs_open_dev (struct ext4fs_dev *dev, bool rw)
+/* ext2fs_open2 on fsi->dev into fsi->fs.  Returns -1 after nbdkit_error. */
+static int
+open_handle (struct ext4fs_fs *fsi, bool rw)
 {
-  struct ext4fs_fs *fsi;
   errcode_t e;
   int flags;
-  uint64_t need;
-
-  fsi = calloc (1, sizeof *fsi);
-  if (fsi == NULL) {
-    nbdkit_error ("calloc: %m");
-    return NULL;
-  }
-  pthread_mutex_init (&fsi->lock, NULL);
-  fsi->dev = dev;
 
   flags = EXT2_FLAG_64BITS | EXT2_FLAG_THREADS | EXT2_FLAG_SKIP_MMP |
     EXT2_FLAG_JOURNAL_DEV_OK;   /* so that we can say what it is */
@@ -303,14 +301,204 @@ fs_open_dev (struct ext4fs_dev *dev, bool rw)
     else
       nbdkit_error ("could not open the filesystem: %s", error_message (e));
     fsi->fs = NULL;
-    goto err;
+    return -1;
   }
+  return 0;
+}
+
+/* Close fsi->fs without writing anything and open it again: after the
+ * device's contents changed under libext2fs (an overlay, a replay).
+ */
+static int
+reopen_handle (struct ext4fs_fs *fsi, bool rw)
+{
+  ext2fs_free (fsi->fs);
+  fsi->fs = NULL;
+  return open_handle (fsi, rw);
+}
+
+static void
+note (struct ext4fs_fs *fsi, const char *fmt, ...)
+  __attribute__ ((format (printf, 2, 3)));
+
+/* A note for the user about the state served read-only, printed at
+ * start-up (fs_startup).
+ */
+static void
+note (struct ext4fs_fs *fsi, const char *fmt, ...)
+{
+  size_t len = strlen (fsi->note);
+  va_list ap;
+
+  if (len > 0 && len < sizeof fsi->note - 2) {
+    fsi->note[len++] = ';';
+    fsi->note[len++] = ' ';
+    fsi->note[len] = '\0';
+  }
+  va_start (ap, fmt);
+  vsnprintf (fsi->note + len, sizeof fsi->note - len, fmt, ap);
+  va_end (ap);
+}
+
+/* Orphan inodes: files deleted or truncated while still open when the
+ * kernel went down.  Their blocks are still allocated; the kernel or
+ * e2fsck finishes the deletion at the next mount or check.
+ */
+static bool
+has_orphans (ext2_filsys fs)
+{
+  return fs->super->s_last_orphan != 0 ||
+    ext2fs_has_feature_orphan_present (fs->super);
+}
+
+/* The journal, before anything else looks at the filesystem
+ * (DESIGN.md §14).  fsi->fs is open on the image as it is.  If the
+ * journal needs recovery, replay it into an overlay of the device and
+ * reopen fsi->fs through it, so that every check after this one and
+ * libext2fs see the replayed filesystem; *jrp is then the journal
+ * (read-write opens write it home later, after the MMP claim and the
+ * gate).  Returns -1 after nbdkit_error.
+ */
+static int
+journal_open (struct ext4fs_fs *fsi, bool rw, struct ext4fs_journal **jrp)
+{
+  struct ext2_super_block *sb = fsi->fs->super;
+  struct ext4fs_journal *jr;
+
+  *jrp = NULL;
+  if (!ext2fs_has_feature_journal_needs_recovery (sb))
+    return 0;
+  if (!ext2fs_has_feature_journal (sb) ||
+      sb->s_feature_incompat & EXT3_FEATURE_INCOMPAT_JOURNAL_DEV)
+    return 0;                   /* check_state says what this is */
+  if (sb->s_journal_inum == 0) {
+    fsi->journal_unreplayed = true;
+    note (fsi, "the filesystem's external journal needs recovery and "
+          "ext4fs cannot read an external journal: serving the filesystem "
+          "without it (the most recent changes may be missing)");
+    return 0;
+  }
+  jr = journal_load (fsi->fs, fsi->dev);
+  if (jr == NULL) {
+    nbdkit_error ("the filesystem's journal needs recovery but cannot be "
+                  "replayed (see the previous message): run 'e2fsck -fy "
+                  "IMAGE' to repair it");
+    return -1;
+  }
+  if (jr->r.nblocks > 0) {
+    if (journal_overlay (jr) == -1 || reopen_handle (fsi, rw) == -1) {
+      journal_free (jr);
+      return -1;
+    }
+  }
+  fsi->replay_trans = jr->r.ntrans;
+  fsi->replay_blocks = jr->r.nblocks;
+  if (!rw) {
+    if (jr->j.start != 0)
+      note (fsi, "journal: replayed %" PRIu32 " transaction(s) (%zu "
+            "block(s)) into memory; the image is not changed",
+            jr->r.ntrans, jr->r.nblocks);
+    if (jr->r.failed_commit)
+      note (fsi, "warning: journal transaction %" PRIu32 " is corrupt "
+            "(bad commit checksum): the transactions before it were "
+            "replayed, as e2fsck would; e2fsck would also mark the "
+            "filesystem as having errors", jr->r.failed_tid);
+    if (jr->j.error)
+      note (fsi, "warning: the journal was aborted (error %" PRIi32 "): "
+            "the filesystem may have errors", jr->j.error);
+    if (jr->fc_pending)
+      note (fsi, "warning: the journal holds fast-commit blocks after "
+            "transaction %" PRIu32 ", which ext4fs does not replay: the "
+            "most recent changes may be missing", jr->r.end_tid - 1);
+  }
+  *jrp = jr;
+  return 0;
+}
+
+/* Why a replayed journal must not be written in place and served
+ * read-write: checked before anything is written.  Returns -1 after
+ * nbdkit_error.
+ */
+static int
+journal_check_rw (struct ext4fs_fs *fsi, struct ext4fs_journal *jr)
+{
+  if (jr->r.failed_commit) {
+    nbdkit_error ("the filesystem's journal needs recovery, but transaction "
+                  "%" PRIu32 " in it is corrupt (bad commit checksum): run "
+                  "'e2fsck -fy IMAGE' before writing, or serve it read-only "
+                  "with nbdkit -r", jr->r.failed_tid);
+    return -1;
+  }
+  if (jr->j.error) {
+    nbdkit_error ("the filesystem's journal was aborted (error %" PRIi32
+                  "), so the filesystem may have errors: run 'e2fsck -fy "
+                  "IMAGE' before writing, or serve it read-only with "
+                  "nbdkit -r", jr->j.error);
+    return -1;
+  }
+  if (jr->fc_pending) {
+    nbdkit_error ("the filesystem's journal holds fast-commit blocks, which "
+                  "ext4fs cannot replay: run 'e2fsck -E journal_only IMAGE' "
+                  "(or mount and unmount it once) before writing, or serve "
+                  "it read-only with nbdkit -r");
+    return -1;
+  }
+  return 0;
+}
+
+/* After the journal was emptied: clear needs_recovery, as the kernel
+ * and e2fsck do, with the superblock's free counts summed from the
+ * group descriptors (the kernel does not keep them in the journal).
+ */
+static int
+clear_recovery_flag (struct ext4fs_fs *fsi, int *err)
+{
+  ext2_filsys fs = fsi->fs;
+  uint64_t free_blocks = 0, free_inodes = 0;
+  dgrp_t g;
+
+  for (g = 0; g < fs->group_desc_count; ++g) {
+    free_blocks += ext2fs_bg_free_blocks_count (fs, g);
+    free_inodes += ext2fs_bg_free_inodes_count (fs, g);
+  }
+  ext2fs_free_blocks_count_set (fs->super, free_blocks);
+  if (free_inodes <= fs->super->s_inodes_count)
+    fs->super->s_free_inodes_count = free_inodes;
+  ext2fs_clear_feature_journal_needs_recovery (fs->super);
+  if (write_super_locked (fsi, err) == -1 ||
+      ext4fs_dev_flush (fsi->dev, err) == -1) {
+    nbdkit_error ("journal: clearing needs_recovery: %s", strerror (*err));
+    return -1;
+  }
+  return 0;
+}
+
+struct ext4fs_fs *
+fs_open_dev (struct ext4fs_dev *dev, bool rw)
+{
+  struct ext4fs_fs *fsi;
+  struct ext4fs_journal *jr = NULL;
+  errcode_t e;
+  uint64_t need;
+  int err;
+
+  fsi = calloc (1, sizeof *fsi);
+  if (fsi == NULL) {
+    nbdkit_error ("calloc: %m");
+    return NULL;
+  }
+  pthread_mutex_init (&fsi->lock, NULL);
+  fsi->dev = dev;
+
+  if (open_handle (fsi, rw) == -1)
+    goto err;
   fsi->rw = rw;
   fsi->blocksize = fsi->fs->blocksize;
   fsi->blockbits = 10 + fsi->fs->super->s_log_block_size;
+  if (journal_open (fsi, rw, &jr) == -1)
+    goto err;
   fsi->blocks_count = ext2fs_blocks_count (fsi->fs->super);
   fsi->first_data_block = fsi->fs->super->s_first_data_block;
-  fsi->orig_state = fsi->fs->super->s_state;
 
   if (check_features (fsi->fs, rw) == -1)
     goto err;
@@ -324,11 +512,52 @@ fs_open_dev (struct ext4fs_dev *dev, bool rw)
                   ext4fs_dev_size (fsi->dev));
     goto err;
   }
-  if (build_meta_map (fsi) == -1)
-    goto err;
   if (!rw && check_state (fsi->fs, rw) == -1)
     goto err;
+  if (!rw && has_orphans (fsi->fs))
+    note (fsi, "note: the filesystem has orphan inodes (files deleted or "
+          "truncated while still open when it went down): they are served "
+          "as they are; e2fsck or the next mount would finish them");
   if (rw) {
+    if (jr && journal_check_rw (fsi, jr) == -1)
+      goto err;
+    if (has_orphans (fsi->fs)) {
+      nbdkit_error ("the filesystem has orphan inodes (files deleted or "
+                    "truncated while still open when it went down), which "
+                    "ext4fs does not finish: run 'e2fsck -fy IMAGE' (or "
+                    "mount and unmount it once) before writing, or serve "
+                    "it read-only with nbdkit -r");
+      goto err;
+    }
+    /* Claim MMP before anything is written, replay included. */
+    if (ext2fs_has_feature_mmp (fsi->fs->super)) {
+      fsi->mmp = mmp_start (fsi);
+      if (fsi->mmp == NULL)
+        goto err;
+    }
+    if (jr && jr->r.nblocks > 0) {
+      /* The overlay goes before the writes: it would hide them. */
+      if (ext4fs_dev_set_overlay (fsi->dev, 0, NULL, 0) == -1 ||
+          journal_replay_in_place (jr, &err) == -1 ||
+          reopen_handle (fsi, rw) == -1) {
+        nbdkit_error ("the journal could not be replayed into the image; "
+                      "it still needs recovery (run 'e2fsck -fy IMAGE', or "
+                      "try again)");
+        goto err;
+      }
+    }
+    else if (jr && jr->j.start != 0 &&
+             journal_replay_in_place (jr, &err) == -1)
+      goto err;     /* only revoked or empty transactions: still empty it */
+    if (jr && ext2fs_has_feature_journal_needs_recovery (fsi->fs->super)) {
+      if (clear_recovery_flag (fsi, &err) == -1)
+        goto err;
+      if (jr->j.start != 0)
+        fprintf (stderr, "nbdkit: ext4fs: journal: replayed %" PRIu32
+                 " transaction(s) (%zu block(s)) into the image\n",
+                 jr->r.ntrans, jr->r.nblocks);
+    }
+    fsi->blocks_count = ext2fs_blocks_count (fsi->fs->super);
     e = ext2fs_read_bitmaps (fsi->fs);
     if (e) {
       nbdkit_error ("could not read the filesystem's bitmaps: %s",
@@ -340,11 +569,6 @@ fs_open_dev (struct ext4fs_dev *dev, bool rw)
       nbdkit_error ("calloc: %m");
       goto err;
     }
-    if (ext2fs_has_feature_mmp (fsi->fs->super)) {
-      fsi->mmp = mmp_start (fsi);
-      if (fsi->mmp == NULL)
-        goto err;
-    }
     if (check_state (fsi->fs, rw) == -1)
       goto err;
     fsi->fs->priv_data = fsi;
@@ -352,6 +576,10 @@ fs_open_dev (struct ext4fs_dev *dev, bool rw)
     ext2fs_set_block_alloc_stats_range_callback (fsi->fs,
                                                  alloc_stats_range_cb, NULL);
   }
+  fsi->orig_state = fsi->fs->super->s_state;
+  if (build_meta_map (fsi) == -1)
+    goto err;
+  journal_free (jr);
   nbdkit_debug ("ext4fs: opened filesystem %s, %u byte blocks, "
                 "%" PRIu64 " blocks",
                 rw ? "read-write" : "read-only", fsi->blocksize,
@@ -359,9 +587,10 @@ fs_open_dev (struct ext4fs_dev *dev, bool rw)
   return fsi;
 
  err:
+  journal_free (jr);
   mmp_release (fsi->mmp);
   if (fsi->fs)
-    ext2fs_close_free (&fsi->fs);  /* nothing is dirty: writes nothing */
+    ext2fs_free (fsi->fs);      /* nothing is dirty: write nothing */
   free (fsi->meta);
   free (fsi->dirty_groups);
   pthread_mutex_destroy (&fsi->lock);
@@ -549,7 +778,14 @@ fs_startup (nbdkit_backend *backend, int thread_model, unsigned lanes)
   serializes = thread_model < NBDKIT_THREAD_MODEL_PARALLEL;
   max_lanes = thread_model < NBDKIT_THREAD_MODEL_SERIALIZE_REQUESTS ? 1 : lanes;
   the_fs = fs_open (false);
-  return the_fs ? 0 : -1;
+  if (the_fs == NULL)
+    return -1;
+  /* What a read-only connection will be served (a read-write open
+   * says what it does itself).
+   */
+  if (the_fs->note[0])
+    fprintf (stderr, "nbdkit: ext4fs: %s\n", the_fs->note);
+  return 0;
 }
 
 struct ext4fs_fs *

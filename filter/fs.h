@@ -38,6 +38,13 @@ struct ext4fs_fs {
 
   struct ext4fs_mmp *mmp;     /* MMP claim, read-write with mmp only */
 
+  /* What the open found in the journal (immutable after open). */
+  uint32_t replay_trans;      /* transactions replayed (overlay or home) */
+  size_t replay_blocks;       /* blocks replayed */
+  bool journal_unreplayed;    /* needs recovery, but not replayed */
+  char note[1024];            /* for the user, printed at start-up
+                                 (read-only open); may be empty */
+
   /* Block ranges holding filesystem metadata (superblocks, group
    * descriptors and reserved GDT blocks, bitmaps, inode tables, the
    * journal), sorted and merged; immutable after open.  No file's

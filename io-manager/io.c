@@ -34,6 +34,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -58,7 +59,18 @@ struct ext4fs_dev {
   int can_write, can_flush, can_fua, can_zero, can_cache, can_trim;
   int serialize;
   uint32_t max_io;              /* largest single request to the plugin */
+  struct overlay *overlay;      /* atomic pointer; NULL = none */
+  struct overlay *retired;      /* replaced overlays, freed with the device */
 };
+
+/* An immutable read overlay (ext4fs_dev_set_overlay). */
+struct overlay {
+  unsigned bits;                /* log2 of the block size */
+  size_t n;
+  struct ext4fs_overlay_block *v;
+  struct overlay *next_retired; /* Protected by overlay_lock */
+};
+static pthread_mutex_t overlay_lock = PTHREAD_MUTEX_INITIALIZER;
 
 /* Which lane a thread prefers: 1 + a number handed out round-robin at
  * the thread's first call, 0 before that.  Threads stay on their lane,
@@ -199,6 +211,13 @@ ext4fs_dev_free (struct ext4fs_dev *dev)
   pthread_mutex_unlock (&dev_table_lock);
   for (i = 0; i < dev->nlanes; ++i)
     pthread_mutex_destroy (&dev->lanes[i].lock);
+  ext4fs_dev_set_overlay (dev, 0, NULL, 0);
+  while (dev->retired) {
+    struct overlay *o = dev->retired;
+    dev->retired = o->next_retired;
+    free (o->v);
+    free (o);
+  }
   free (dev);
 }
 
@@ -324,11 +343,135 @@ split_call (struct ext4fs_dev *dev, enum dev_op op, char *rbuf,
 }
 
 int
+ext4fs_dev_set_overlay (struct ext4fs_dev *dev, unsigned blockbits,
+                        struct ext4fs_overlay_block *v, size_t n)
+{
+  struct overlay *o = NULL, *old;
+  size_t i;
+
+  for (i = 0; i < n; ++i) {
+    if ((i > 0 && v[i].home <= v[i - 1].home) ||
+        v[i].home > (dev->size >> blockbits) - 1 ||
+        v[i].src > (dev->size >> blockbits) - 1) {
+      nbdkit_error ("%s: overlay block %zu (%" PRIu64 " -> %" PRIu64 ") is "
+                    "out of order or outside the device", dev->name, i,
+                    v[i].home, v[i].src);
+      free (v);
+      return -1;
+    }
+  }
+  if (n > 0) {
+    o = calloc (1, sizeof *o);
+    if (o == NULL) {
+      nbdkit_error ("calloc: %m");
+      free (v);
+      return -1;
+    }
+    o->bits = blockbits;
+    o->n = n;
+    o->v = v;
+  }
+  else
+    free (v);
+  pthread_mutex_lock (&overlay_lock);
+  old = __atomic_exchange_n (&dev->overlay, o, __ATOMIC_ACQ_REL);
+  if (old) {
+    old->next_retired = dev->retired;
+    dev->retired = old;
+  }
+  pthread_mutex_unlock (&overlay_lock);
+  return 0;
+}
+
+size_t
+ext4fs_dev_overlay_blocks (const struct ext4fs_dev *dev)
+{
+  struct overlay *o = __atomic_load_n (&dev->overlay, __ATOMIC_ACQUIRE);
+
+  return o ? o->n : 0;
+}
+
+/* The first overlay entry whose home block is >= blk. */
+static size_t
+overlay_find (const struct overlay *o, uint64_t blk)
+{
+  size_t lo = 0, hi = o->n;
+
+  while (lo < hi) {
+    size_t mid = lo + (hi - lo) / 2;
+    if (o->v[mid].home < blk)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+/* A read through the overlay: runs of home blocks straight from the
+ * device, replayed blocks from their journal copies.
+ */
+static int
+overlay_read (struct ext4fs_dev *dev, const struct overlay *o, char *buf,
+              uint64_t count, uint64_t offset, int *err)
+{
+  static const unsigned char magic[4] = { 0xC0, 0x3B, 0x39, 0x98 };
+  uint64_t bs = UINT64_C (1) << o->bits, end = offset + count;
+  size_t i = overlay_find (o, offset >> o->bits);
+
+  while (offset < end) {
+    uint64_t hs, boff, n;
+
+    if (i >= o->n || (o->v[i].home << o->bits) >= end)
+      return split_call (dev, OP_READ, buf, NULL, end - offset, offset, 0,
+                         err);
+    hs = o->v[i].home << o->bits;
+    if (hs > offset) {
+      if (split_call (dev, OP_READ, buf, NULL, hs - offset, offset, 0,
+                      err) == -1)
+        return -1;
+      buf += hs - offset;
+      offset = hs;
+    }
+    boff = offset - hs;
+    n = bs - boff < end - offset ? bs - boff : end - offset;
+    if (split_call (dev, OP_READ, buf, NULL, n, (o->v[i].src << o->bits) + boff,
+                    0, err) == -1)
+      return -1;
+    if (o->v[i].escaped && boff < 4) {
+      uint64_t k;
+      for (k = boff; k < 4 && k < boff + n; ++k)
+        buf[k - boff] = magic[k];
+    }
+    buf += n;
+    offset += n;
+    i++;
+  }
+  return 0;
+}
+
+/* No writes under an overlay: it would hide them from every read. */
+static bool
+overlay_refuses (struct ext4fs_dev *dev, const char *op, int *err)
+{
+  if (__atomic_load_n (&dev->overlay, __ATOMIC_ACQUIRE) == NULL)
+    return false;
+  nbdkit_error ("%s: %s refused: the journal is replayed into memory only",
+                dev->name, op);
+  *err = EROFS;
+  return true;
+}
+
+int
 ext4fs_dev_pread (struct ext4fs_dev *dev, void *buf, uint64_t count,
                   uint64_t offset, int *err)
 {
+  struct overlay *o;
+
   if (check_range (dev, "read", count, offset, err) == -1)
     return -1;
+  o = __atomic_load_n (&dev->overlay, __ATOMIC_ACQUIRE);
+  if (o)
+    return overlay_read (dev, o, buf, count, offset, err);
   return split_call (dev, OP_READ, buf, NULL, count, offset, 0, err);
 }
 
@@ -363,6 +506,8 @@ ext4fs_dev_pwrite (struct ext4fs_dev *dev, const void *buf, uint64_t count,
   }
   if (check_range (dev, "write", count, offset, err) == -1)
     return -1;
+  if (overlay_refuses (dev, "write", err))
+    return -1;
   if ((flags & NBDKIT_FLAG_FUA) && dev->can_fua > NBDKIT_FUA_NONE)
     down = NBDKIT_FLAG_FUA;
   if (split_call (dev, OP_WRITE, NULL, buf, count, offset, down, err) == -1)
@@ -378,7 +523,8 @@ ext4fs_dev_zero (struct ext4fs_dev *dev, uint64_t count, uint64_t offset,
 {
   static const char zeros[65536];
 
-  if (check_range (dev, "zero", count, offset, err) == -1)
+  if (check_range (dev, "zero", count, offset, err) == -1 ||
+      overlay_refuses (dev, "zero", err))
     return -1;
   if (dev->can_zero > NBDKIT_ZERO_NONE)
     return split_call (dev, OP_ZERO, NULL, NULL, count, offset, 0, err);

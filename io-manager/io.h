@@ -58,6 +58,24 @@ extern int ext4fs_dev_can_fua (const struct ext4fs_dev *dev);
 extern int ext4fs_dev_can_cache (const struct ext4fs_dev *dev);
 extern nbdkit_next *ext4fs_dev_next (const struct ext4fs_dev *dev);
 
+/* A read overlay (a journal replayed into memory): reads of device
+ * block `home` return device block `src` instead, with the jbd2 magic
+ * number put back into its first 4 bytes if `escaped`.  Entries are
+ * sorted by home, each home once.  ext4fs_dev_set_overlay takes v
+ * (malloc'd; NULL with n = 0 removes the overlay).  It may be called
+ * while other threads read: an overlay that is replaced stays
+ * allocated until ext4fs_dev_free, so a read that still uses it is
+ * safe.  Writes are refused (EROFS) while an overlay is set: the
+ * overlay would hide them.
+ */
+struct ext4fs_overlay_block {
+  uint64_t home, src;
+  uint32_t escaped;
+};
+extern int ext4fs_dev_set_overlay (struct ext4fs_dev *dev, unsigned blockbits,
+                                   struct ext4fs_overlay_block *v, size_t n);
+extern size_t ext4fs_dev_overlay_blocks (const struct ext4fs_dev *dev);
+
 /* Data path.  Each returns 0 on success, or -1 with *err set to a
  * positive errno (EIO for a range outside the device, after
  * nbdkit_error).  count may be any size: requests are split at

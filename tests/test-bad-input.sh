@@ -171,8 +171,10 @@ cp img errors
 debugfs -w -R "ssv state 2" errors >/dev/null 2>&1
 connect_refused "filesystem marked with errors" errors "marked as having errors"
 cp img recover
-debugfs -w -R "feature needs_recovery" recover >/dev/null 2>&1
-connect_refused "journal needs recovery" recover "needs recovery"
+debugfs -w -R "feature has_journal needs_recovery" recover >/dev/null 2>&1
+debugfs -w -R "ssv journal_dev 2049" recover >/dev/null 2>&1
+debugfs -w -R "ssv journal_inum 0" recover >/dev/null 2>&1
+connect_refused "external journal needs recovery" recover "needs recovery"
 
 # Corrupt block maps found while reading: an I/O error with a message,
 # never a crash, wrong data, or a hang.

@@ -6,8 +6,9 @@
 # flags, read-only sessions that must leave the image untouched, and
 # corrupt metadata found after start-up.)
 #
-#  - needs_recovery, errors: a writable client is refused with the
-#    remedy; -r serves the right bytes; the image is unchanged.
+#  - an external journal needing recovery, errors: a writable client is
+#    refused with the remedy; -r serves the right bytes; the image is
+#    unchanged.  An empty log needing recovery is served.
 #  - each refused feature that mke2fs (or debugfs) can make here.
 #  - immutable, append-only, fs-verity and inline-data files are served
 #    read-only with a message; encrypted files are refused.
@@ -234,13 +235,40 @@ gate ()
     [ "$(sha_of "$img")" = "$sha" ] || bad "$name: -r changed the image"
 }
 
-# Journal needs recovery (tune2fs cannot set needs_recovery; debugfs can).
+# A journal that needs recovery but whose log is empty (debugfs sets
+# the flag; tune2fs cannot): nothing to replay.  -r serves it as it is
+# and changes nothing; a writable client is served, and the flag is
+# cleared, as the kernel and e2fsck do.  (Logs with transactions:
+# test-journal-*.sh.)
+echo "== needs_recovery, empty log"
 mkimg rec -t ext4
 debugfs -w -R "feature needs_recovery" rec >/dev/null 2>&1
 dumpe2fs -h rec 2>/dev/null | grep -q '^Filesystem features:.*needs_recovery' ||
     fail "test setup: could not set needs_recovery"
-gate "needs_recovery" rec "journal needs recovery" "e2fsck -E journal_only"
-grep_err "needs_recovery (-r)" gr "warning" "without replaying"
+sha=$(sha_of rec)
+srv_start gr -r --filter="$FILTER" file rec ext4file=exportname
+expect_ok "needs_recovery, empty log (-r)" gr /big src/big 1
+srv_stop gr
+[ "$(sha_of rec)" = "$sha" ] || bad "needs_recovery, empty log: -r changed the image"
+srv_start gw --filter="$FILTER" file rec ext4file=exportname
+expect_ok "needs_recovery, empty log" gw /big src/big 0
+srv_stop gw
+dumpe2fs -h rec 2>/dev/null | grep -q '^Filesystem features:.*needs_recovery' &&
+    bad "needs_recovery, empty log: the flag was not cleared"
+e2fsck -fn rec > fsck.out 2>&1 || bad "needs_recovery, empty log: e2fsck: $(cat fsck.out)"
+
+# A journal on an external device that needs recovery: ext4fs cannot
+# read it.  Writing is refused; -r serves the filesystem with a note.
+mkimg extj -t ext4 -O ^has_journal
+debugfs -w -R "feature has_journal needs_recovery" extj >/dev/null 2>&1
+debugfs -w -R "ssv journal_dev 2049" extj >/dev/null 2>&1
+debugfs -w -R "ssv journal_uuid random" extj >/dev/null 2>&1
+dumpe2fs -h extj 2>/dev/null | grep -q '^Journal device:' ||
+    fail "test setup: could not make an external-journal filesystem"
+gate "external journal needs recovery" extj "journal needs recovery" \
+    "external device" "e2fsck -E journal_only"
+grep_err "external journal needs recovery (-r)" gr "external journal" \
+    "the most recent changes may be missing"
 
 # Marked with errors ("clean with errors"; test-bad-input.sh uses 2).
 mkimg errs -t ext4
@@ -261,8 +289,8 @@ for f in "quota" "bigalloc -C 16384" "casefold" "encrypt" "verity"; do
         { echo "skipped feature $1: not set by mke2fs"; continue; }
     gate "feature $1" feat "'$1' feature"
 done
-# mke2fs refuses to make these three; debugfs sets them.
-for f in shared_blocks read-only orphan_present; do
+# mke2fs refuses to make these; debugfs sets them.
+for f in shared_blocks read-only; do
     mkimg feat -t ext4
     debugfs -w -R "feature $f" feat >/dev/null 2>&1
     if ! dumpe2fs -h feat 2>/dev/null | grep -q "^Filesystem features:.* $f\b"; then
@@ -271,6 +299,19 @@ for f in shared_blocks read-only orphan_present; do
     fi
     gate "feature $f" feat "'$f' feature"
 done
+# Orphan inodes (the orphan file's orphan_present, or the superblock's
+# orphan list after a kernel crash): ext4fs does not finish them.
+mkimg feat -t ext4
+debugfs -w -R "feature orphan_present" feat >/dev/null 2>&1
+dumpe2fs -h feat 2>/dev/null | grep -q "^Filesystem features:.* orphan_present\b" ||
+    fail "test setup: debugfs cannot set orphan_present"
+gate "orphan_present" feat "orphan inodes" "e2fsck -fy"
+grep_err "orphan_present (-r)" gr "orphan inodes" "served as they are"
+mkimg feat -t ext4
+debugfs -w -R "ssv last_orphan 12" feat >/dev/null 2>&1
+dumpe2fs -h feat 2>/dev/null | grep -q "^First orphan inode: *12" ||
+    fail "test setup: debugfs cannot set last_orphan"
+gate "orphan list" feat "orphan inodes" "e2fsck -fy"
 
 # ---------------------------------------------------------------------
 # Per-file flags, on a read-write server (extents flag 0x80000 kept).
