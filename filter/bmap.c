@@ -464,6 +464,7 @@ bmap_free_locked (struct ext4fs_fs *fsi, uint64_t pblk, uint64_t len)
   if (len > 0) {
     ext2fs_block_alloc_stats_range (fsi->fs, pblk, len, -1);
     fs_group_dirty_locked (fsi, pblk, len);  /* see bmap_alloc_locked */
+    fs_blocks_freed_locked (fsi, pblk, len);  /* (the callback has num 0) */
   }
 }
 

@@ -33,6 +33,12 @@ NBDKIT_DLL_PUBLIC int ext4fs_debug_writeback;
  * the map built from disk; abort on a difference (inode.c, tests).
  */
 NBDKIT_DLL_PUBLIC int ext4fs_debug_verify_map;
+/* -D ext4fs.journal=0: metadata changes are not journaled (the old
+ * "not clean" marking instead).
+ */
+NBDKIT_DLL_PUBLIC int ext4fs_debug_journal = 1;
+/* -D ext4fs.journal_stats=1: commit and cache counters at close. */
+NBDKIT_DLL_PUBLIC int ext4fs_debug_journal_stats;
 
 static const char *ext4file;    /* absolute path, or NULL in exportname mode */
 static bool exportname_mode;

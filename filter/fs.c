@@ -35,6 +35,7 @@
 #include "inode.h"
 #include "mmp.h"
 #include "replay.h"
+#include "trans.h"
 
 static pthread_mutex_t reg_lock = PTHREAD_MUTEX_INITIALIZER;
 /* Protected by reg_lock: */
@@ -172,6 +173,8 @@ static void
 alloc_stats_cb (ext2_filsys fs, blk64_t blk, int inuse)
 {
   fs_group_dirty_locked (fs->priv_data, blk, 1);
+  if (inuse < 0)
+    fs_blocks_freed_locked (fs->priv_data, blk, 1);
 }
 
 static void
@@ -473,6 +476,51 @@ clear_recovery_flag (struct ext4fs_fs *fsi, int *err)
   return 0;
 }
 
+/* Journaled writes (DESIGN.md §15): the commit's preparation and the
+ * end of a freed block's reservation.  fs mutex held.
+ */
+static int
+journal_prepare (void *opaque, int *err)
+{
+  return fs_writeback_locked (opaque, err);
+}
+
+static void
+journal_unhold (void *opaque, uint64_t blk, uint64_t n)
+{
+  struct ext4fs_fs *fsi = opaque;
+
+  ext2fs_unmark_block_bitmap_range2 (fsi->fs->block_map, blk, n);
+}
+
+/* A read-write filesystem with an internal journal gets its metadata
+ * changes journaled (-D ext4fs.journal=0 turns that off: the old
+ * "not clean" marking).  The log is empty here (replayed, or clean).
+ */
+static int
+journal_writer_open (struct ext4fs_fs *fsi)
+{
+  struct ext2_super_block *sb = fsi->fs->super;
+  struct ext4fs_journal *jr;
+
+  if (!ext4fs_debug_journal || !ext2fs_has_feature_journal (sb) ||
+      sb->s_journal_inum == 0)
+    return 0;
+  jr = journal_load (fsi->fs, fsi->dev);
+  if (jr == NULL) {
+    nbdkit_error ("the filesystem's journal cannot be used for writing "
+                  "(see the previous message): run 'e2fsck -fy IMAGE', or "
+                  "serve it read-only with nbdkit -r");
+    return -1;
+  }
+  fsi->jt = jtx_open (jr, fsi->fs, &fsi->lock, journal_prepare,
+                      journal_unhold, fsi);
+  if (fsi->jt == NULL)
+    return -1;
+  nbdkit_debug ("ext4fs: metadata changes are journaled");
+  return 0;
+}
+
 struct ext4fs_fs *
 fs_open_dev (struct ext4fs_dev *dev, bool rw)
 {
@@ -571,6 +619,8 @@ fs_open_dev (struct ext4fs_dev *dev, bool rw)
     }
     if (check_state (fsi->fs, rw) == -1)
       goto err;
+    if (journal_writer_open (fsi) == -1)
+      goto err;
     fsi->fs->priv_data = fsi;
     ext2fs_set_block_alloc_stats_callback (fsi->fs, alloc_stats_cb, NULL);
     ext2fs_set_block_alloc_stats_range_callback (fsi->fs,
@@ -588,6 +638,7 @@ fs_open_dev (struct ext4fs_dev *dev, bool rw)
 
  err:
   journal_free (jr);
+  jtx_free (fsi->jt);
   mmp_release (fsi->mmp);
   if (fsi->fs)
     ext2fs_free (fsi->fs);      /* nothing is dirty: write nothing */
@@ -608,6 +659,35 @@ fs_close_dev (struct ext4fs_fs *fsi)
    */
   mmp_stop_thread (fsi->mmp);
   if (fsi->fs && mmp_lost (fsi->mmp)) {
+    ext2fs_free (fsi->fs);
+    fsi->fs = NULL;
+  }
+  if (fsi->fs && fsi->jt) {
+    /* Journaled: commit, checkpoint, empty the log, and only then
+     * clear needs_recovery.  After an abort (or MMP lost) nothing more
+     * is written: the image needs recovery, and replay gives the last
+     * committed state.
+     */
+    if (fsi->marked_unclean) {
+      if (!fsi->broken && !mmp_lost (fsi->mmp) &&
+          jtx_close (fsi->jt, &err) == 0) {
+        pthread_mutex_lock (&fsi->lock);
+        ext2fs_clear_feature_journal_needs_recovery (fsi->fs->super);
+        if (write_super_locked (fsi, &err) == -1 ||
+            ext4fs_dev_flush (fsi->dev, &err) == -1)
+          nbdkit_error ("closing the filesystem: needs_recovery could not "
+                        "be cleared: %s", strerror (err));
+        pthread_mutex_unlock (&fsi->lock);
+      }
+      else
+        nbdkit_error ("closing the filesystem: the journal was not closed "
+                      "cleanly; the filesystem is left needing recovery "
+                      "(its journal replays to the last committed state)");
+    }
+    if (ext4fs_debug_journal_stats)
+      jtx_stats (fsi->jt);
+    jtx_free (fsi->jt);
+    fsi->jt = NULL;
     ext2fs_free (fsi->fs);
     fsi->fs = NULL;
   }
@@ -835,9 +915,11 @@ fs_shutdown (void)
 
     if (the_fs->rw) {
       inode_sync_times (the_fs);
-      pthread_mutex_lock (&the_fs->lock);
-      fs_writeback_locked (the_fs, &err);
-      pthread_mutex_unlock (&the_fs->lock);
+      if (the_fs->jt == NULL) {
+        pthread_mutex_lock (&the_fs->lock);
+        fs_writeback_locked (the_fs, &err);
+        pthread_mutex_unlock (&the_fs->lock);
+      }
     }
     fs_close (the_fs);
     the_fs = NULL;
@@ -867,6 +949,15 @@ write_super_locked (struct ext4fs_fs *fsi, int *err)
   return 0;
 }
 
+static int
+set_recovery_flag (void *opaque, int *err)
+{
+  struct ext4fs_fs *fsi = opaque;
+
+  ext2fs_set_feature_journal_needs_recovery (fsi->fs->super);
+  return write_super_locked (fsi, err);
+}
+
 int
 fs_begin_write (struct ext4fs_fs *fsi, int *err)
 {
@@ -877,7 +968,7 @@ fs_begin_write (struct ext4fs_fs *fsi, int *err)
    */
   if (__atomic_load_n (&fsi->marked_unclean, __ATOMIC_ACQUIRE) &&
       !__atomic_load_n (&fsi->broken, __ATOMIC_RELAXED) &&
-      !mmp_lost (fsi->mmp))
+      !mmp_lost (fsi->mmp) && !(fsi->jt && jtx_aborted (fsi->jt)))
     return 0;
 
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&fsi->lock);
@@ -898,8 +989,25 @@ fs_begin_write (struct ext4fs_fs *fsi, int *err)
     *err = EIO;
     return -1;
   }
+  if (fsi->jt && jtx_aborted (fsi->jt)) {
+    nbdkit_error ("the journal was aborted earlier in this session; "
+                  "refusing to change the filesystem further");
+    *err = EIO;
+    return -1;
+  }
   if (fsi->marked_unclean)
     return 0;
+  if (fsi->jt) {
+    /* Journaled: needs_recovery (with the journal's features) durable
+     * before anything changes; VALID_FS stays set, as under a kernel.
+     */
+    if (jtx_begin_locked (fsi->jt, set_recovery_flag, fsi, err) == -1) {
+      ext2fs_clear_feature_journal_needs_recovery (fsi->fs->super);
+      return -1;
+    }
+    __atomic_store_n (&fsi->marked_unclean, true, __ATOMIC_RELEASE);
+    return 0;
+  }
   /* Clear VALID_FS on disk before anything else changes, so that a
    * crash from now on makes e2fsck check the filesystem.
    */
@@ -934,8 +1042,80 @@ fs_set_broken_locked (struct ext4fs_fs *fsi, const char *why)
   nbdkit_error ("filesystem metadata may be inconsistent (%s): marking "
                 "the filesystem as having errors; run e2fsck", why);
   __atomic_store_n (&fsi->broken, true, __ATOMIC_RELAXED);
+  if (fsi->jt) {
+    /* The running transaction is half changed: it is never committed,
+     * and the last committed state (which replay gives) is consistent.
+     */
+    jtx_abort_locked (fsi->jt, why);
+    return;
+  }
   fsi->fs->super->s_state |= EXT2_ERROR_FS;
   fsi->super_dirty = true;
+}
+
+void
+fs_blocks_freed_locked (struct ext4fs_fs *fsi, uint64_t blk, uint64_t n)
+{
+  if (fsi->jt == NULL || n == 0)
+    return;
+  /* Not reused before the transaction that freed them commits: kept
+   * marked in use in memory (the counts say free, as the bitmap
+   * blocks written into the transaction do).
+   */
+  jtx_blocks_freed_locked (fsi->jt, blk, n);
+  ext2fs_mark_block_bitmap_range2 (fsi->fs->block_map, blk, n);
+}
+
+int
+fs_handle_start (struct ext4fs_fs *fsi, int *err)
+{
+  return fsi->jt ? jtx_handle_start (fsi->jt, err) : 0;
+}
+
+void
+fs_handle_stop (struct ext4fs_fs *fsi, bool needs_commit)
+{
+  if (fsi->jt)
+    jtx_handle_stop (fsi->jt, needs_commit);
+}
+
+bool
+fs_enospc_retry (struct ext4fs_fs *fsi)
+{
+  int err;
+
+  if (fsi->jt == NULL || !jtx_has_held (fsi->jt))
+    return false;
+  /* Blocks freed but not yet committed are not free space yet: commit
+   * them, then the allocation may try again.
+   */
+  return jtx_sync (fsi->jt, true, &err) == 0;
+}
+
+bool
+fs_fua_needs_sync (struct ext4fs_fs *fsi)
+{
+  if (fsi->jt)
+    return jtx_pending (fsi->jt);
+  /* Every mapping change writes an inode or a tree block. */
+  return ext4fs_dev_meta_writes (fsi->dev) !=
+    __atomic_load_n (&fsi->synced_meta_writes, __ATOMIC_RELAXED);
+}
+
+struct held_clear {
+  char *buf;
+  uint64_t first;               /* the group's first block */
+};
+
+/* Clear the bits of held blocks [blk, blk+n) (inside the group). */
+static void
+held_clear_cb (void *opaque, uint64_t blk, uint64_t n)
+{
+  struct held_clear *hc = opaque;
+  uint64_t i;
+
+  for (i = 0; i < n; ++i)
+    ext2fs_clear_bit ((unsigned) (blk + i - hc->first), hc->buf);
 }
 
 /* Write group g's block bitmap, as libext2fs's write_bitmaps would. */
@@ -967,6 +1147,12 @@ write_block_bitmap_locked (struct ext4fs_fs *fsi, dgrp_t g, char *buf,
       for (j = nbits; j < fsi->blocksize * 8; j++)
         ext2fs_set_bit (j, buf);
   }
+  if (fsi->jt) {
+    /* Blocks freed in the running transaction are free as of it. */
+    struct held_clear hc = { .buf = buf, .first = start };
+    jtx_for_held_locked (fsi->jt, start, start + (nbytes << 3),
+                         held_clear_cb, &hc);
+  }
   e = ext2fs_block_bitmap_csum_set (fs, g, buf, nbytes);
   if (e)
     goto fail;
@@ -978,6 +1164,8 @@ write_block_bitmap_locked (struct ext4fs_fs *fsi, dgrp_t g, char *buf,
     *err = EIO;
     return -1;
   }
+  if (fsi->jt)
+    return jtx_put_block (fsi->jt, loc, buf, err);
   return ext4fs_dev_pwrite (fsi->dev, buf, fsi->blocksize,
                             loc << fsi->blockbits, 0, err);
  fail:
@@ -997,6 +1185,10 @@ fs_writeback_locked (struct ext4fs_fs *fsi, int *err)
 
   if (!fsi->rw || !fsi->super_dirty)
     return 0;
+  if (fsi->broken && fsi->jt) {
+    *err = EIO;
+    return -1;
+  }
   if (fsi->broken) {
     /* Bitmaps and descriptors may not match the files any more: write
      * only the superblock, which carries the errors flag, and leave
@@ -1043,14 +1235,31 @@ fs_writeback_locked (struct ext4fs_fs *fsi, int *err)
       *err = EIO;
       return -1;
     }
-    if (ext4fs_dev_pwrite (fsi->dev,
-                           (char *) fs->group_desc + d * fsi->blocksize,
-                           fsi->blocksize, loc << fsi->blockbits, 0,
-                           err) == -1)
+    if (fsi->jt) {
+      if (jtx_put_block (fsi->jt, loc,
+                         (char *) fs->group_desc + d * fsi->blocksize,
+                         err) == -1)
+        return -1;
+    }
+    else if (ext4fs_dev_pwrite (fsi->dev,
+                                (char *) fs->group_desc + d * fsi->blocksize,
+                                fsi->blocksize, loc << fsi->blockbits, 0,
+                                err) == -1)
       return -1;
   }
-  /* Then the superblock (free counts). */
-  if (write_super_locked (fsi, err) == -1)
+  /* Then the superblock (free counts): journaled too, so that the
+   * replayed state has the right totals (with needs_recovery set).
+   */
+  if (fsi->jt) {
+    fs->super->s_wtime = time (NULL);
+    ext2fs_superblock_csum_set (fs, fs->super);
+    if (jtx_put_bytes (fsi->jt, SUPERBLOCK_OFFSET, fs->super,
+                       SUPERBLOCK_SIZE, err) == -1)
+      return -1;
+    if (fs->orig_super)
+      memcpy (fs->orig_super, fs->super, SUPERBLOCK_SIZE);
+  }
+  else if (write_super_locked (fsi, err) == -1)
     return -1;
   memset (fsi->dirty_groups, 0, fs->group_desc_count);
   fsi->super_dirty = false;
@@ -1060,7 +1269,18 @@ fs_writeback_locked (struct ext4fs_fs *fsi, int *err)
 int
 fs_sync (struct ext4fs_fs *fsi, int *err)
 {
+  if (fsi->rw && fsi->jt) {
+    /* Times go into the running transaction but need no commit of
+     * their own (as fdatasync); a mapping change or a free does.
+     */
+    if (inode_sync_times (fsi) == -1) {
+      *err = EIO;
+      return -1;
+    }
+    return jtx_sync (fsi->jt, false, err);
+  }
   if (fsi->rw) {
+    uint64_t meta = ext4fs_dev_meta_writes (fsi->dev);
     int r;
 
     if (inode_sync_times (fsi) == -1) {
@@ -1072,6 +1292,20 @@ fs_sync (struct ext4fs_fs *fsi, int *err)
     pthread_mutex_unlock (&fsi->lock);
     if (r == -1)
       return -1;
+    if (ext4fs_dev_flush (fsi->dev, err) == -1) {
+      /* What was written may be lost below: write every bitmap and
+       * descriptor again at the next sync (and never mark clean
+       * before one succeeds: fs_close_dev syncs first).
+       */
+      pthread_mutex_lock (&fsi->lock);
+      if (fsi->dirty_groups)
+        memset (fsi->dirty_groups, 1, fsi->fs->group_desc_count);
+      fsi->super_dirty = true;
+      pthread_mutex_unlock (&fsi->lock);
+      return -1;
+    }
+    __atomic_store_n (&fsi->synced_meta_writes, meta, __ATOMIC_RELAXED);
+    return 0;
   }
   return ext4fs_dev_flush (fsi->dev, err);
 }

@@ -37,6 +37,10 @@ struct ext4fs_fs {
   bool broken;                /* metadata may be inconsistent: no more allocation */
 
   struct ext4fs_mmp *mmp;     /* MMP claim, read-write with mmp only */
+  struct ext4fs_jtx *jt;      /* journal writer (read-write with an
+                                 internal journal), or NULL; immutable */
+  uint64_t synced_meta_writes; /* atomic: metadata writes durable (no
+                                  journal) */
 
   /* What the open found in the journal (immutable after open). */
   uint32_t replay_trans;      /* transactions replayed (overlay or home) */
@@ -58,6 +62,8 @@ struct ext4fs_fs {
 /* -D ext4fs.writeback=1 (defined in ext4fs.c). */
 extern int ext4fs_debug_writeback;
 extern int ext4fs_debug_verify_map;
+extern int ext4fs_debug_journal;        /* -D ext4fs.journal=0: not journaled */
+extern int ext4fs_debug_journal_stats;
 
 /* Open the filesystem on an existing device (no registry, no
  * context management): used by fs_open and by the fuzz target.
@@ -117,5 +123,29 @@ extern int fs_writeback_locked (struct ext4fs_fs *fsi, int *err);
  * fsi->lock.
  */
 extern void fs_set_broken_locked (struct ext4fs_fs *fsi, const char *why);
+
+/* Blocks [blk, blk+n) were freed (caller holds fsi->lock): with a
+ * journal they stay reserved until the freeing transaction commits.
+ */
+extern void fs_blocks_freed_locked (struct ext4fs_fs *fsi, uint64_t blk,
+                                    uint64_t n);
+
+/* A request that changes metadata holds a handle across all its
+ * changes (journaled filesystems; no-ops otherwise): taken after the
+ * inode rwlock, before fsi->lock.  needs_commit: the change must be
+ * durable at the next flush (not just times).
+ */
+extern int fs_handle_start (struct ext4fs_fs *fsi, int *err);
+extern void fs_handle_stop (struct ext4fs_fs *fsi, bool needs_commit);
+
+/* After ENOSPC: if freed blocks are waiting for a commit, commit
+ * them and return true (try again).  Call with no lock held.
+ */
+extern bool fs_enospc_retry (struct ext4fs_fs *fsi);
+
+/* Must a FUA write become a full fs_sync, because metadata that maps
+ * blocks is not durable yet?  (No lock: a hint read once.)
+ */
+extern bool fs_fua_needs_sync (struct ext4fs_fs *fsi);
 
 #endif /* EXT4FS_FS_H */

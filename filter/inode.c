@@ -133,6 +133,11 @@ sync_one_locked (struct ext4fs_inode *ip)
 
   if (t == 0)
     return 0;
+  /* A metadata change of its own (journaled: no commit needed). */
+  if (fs_handle_start (ip->fsi, &err) == -1) {
+    __atomic_store_n (&ip->dirty_time, t, __ATOMIC_RELEASE);
+    return -1;
+  }
   pthread_mutex_lock (&ip->fsi->lock);
   ip->raw.i_mtime = ip->raw.i_ctime = (uint32_t) t;
   if (EXT2_INODE_SIZE (ip->fsi->fs->super) > EXT2_GOOD_OLD_INODE_SIZE &&
@@ -144,6 +149,7 @@ sync_one_locked (struct ext4fs_inode *ip)
   }
   r = inode_write_locked (ip, &err);
   pthread_mutex_unlock (&ip->fsi->lock);
+  fs_handle_stop (ip->fsi, false);
   return r;
 }
 

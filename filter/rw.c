@@ -482,7 +482,8 @@ rw_pwrite (struct ext4fs_inode *ip, const void *buf, uint32_t count,
   unsigned bits = fsi->blockbits;
   uint64_t b0 = offset >> bits, b1 = ((offset + count - 1) >> bits) + 1;
   const struct ext4fs_map *map;
-  int r;
+  bool fast = false, fua_sync = false;
+  int r = 0;
 
   if (count == 0)
     return 0;
@@ -499,14 +500,32 @@ rw_pwrite (struct ext4fs_inode *ip, const void *buf, uint32_t count,
        */
       if (fs_begin_write (fsi, err) == -1)
         return -1;
-      r = write_mapped (ip, map, buf, count, offset, flags, err);
+      /* FUA promises the data readable after a crash: if the mapping
+       * of these blocks (an allocation since the last flush) is not
+       * durable yet, only a full sync does that (below, without the
+       * inode lock).
+       */
+      fua_sync = (flags & NBDKIT_FLAG_FUA) && fs_fua_needs_sync (fsi);
+      r = write_mapped (ip, map, buf, count, offset,
+                        fua_sync ? flags & ~NBDKIT_FLAG_FUA : flags, err);
       if (r == 0)
         inode_touch (ip);
-      return r;
+      fast = true;
     }
   }
+  if (fast) {
+    if (r == 0 && fua_sync)
+      r = fs_sync (fsi, err);
+    return r;
+  }
 
-  {
+  for (int attempt = 0; ; ++attempt) {
+    /* ENOSPC with blocks freed but not committed (journal): commit
+     * them and write again (what was written is mapped by now, and is
+     * written again in place).
+     */
+    if (attempt > 0 && !fs_enospc_retry (fsi))
+      break;
     ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&ip->lock);
     /* The map may have changed while we held no lock: inode_map
      * returns the current generation's map.
@@ -516,15 +535,18 @@ rw_pwrite (struct ext4fs_inode *ip, const void *buf, uint32_t count,
       return -1;
     struct changes ch = { 0 };
 
-    if (fs_begin_write (fsi, err) == -1)
+    if (fs_begin_write (fsi, err) == -1 || fs_handle_start (fsi, err) == -1)
       return -1;
     r = write_allocating (ip, map, buf, count, offset, &ch, err);
+    fs_handle_stop (fsi, true);
     /* After a failure the tree may hold changes we did not note. */
     if (r == 0 && !ch.lost)
       inode_map_update (ip, ch.v, ch.n);
     else
       inode_map_changed (ip);
     free (ch.v);
+    if (r == 0 || *err != ENOSPC || attempt > 0)
+      break;
   }
   inode_touch (ip);
   if (r == 0 && (flags & NBDKIT_FLAG_FUA))
@@ -636,7 +658,7 @@ remap_range (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1, bool punch,
     return -1;
   if (!any_mapped (map, b0, b1))
     return 0;                   /* nothing to change */
-  if (fs_begin_write (fsi, err) == -1)
+  if (fs_begin_write (fsi, err) == -1 || fs_handle_start (fsi, err) == -1)
     return -1;
   pthread_mutex_lock (&fsi->lock);
   if (punch)
@@ -658,6 +680,7 @@ remap_range (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1, bool punch,
     }
   }
   pthread_mutex_unlock (&fsi->lock);
+  fs_handle_stop (fsi, true);
   inode_map_changed (ip);
   if (r == 0)
     inode_touch (ip);

@@ -32,6 +32,8 @@
 
 int ext4fs_debug_writeback;
 int ext4fs_debug_verify_map;
+int ext4fs_debug_journal = 1;
+int ext4fs_debug_journal_stats;
 
 /* --- nbdkit's functions, which the server would provide. --- */
 

@@ -61,6 +61,9 @@ struct ext4fs_dev {
   uint32_t max_io;              /* largest single request to the plugin */
   struct overlay *overlay;      /* atomic pointer; NULL = none */
   struct overlay *retired;      /* replaced overlays, freed with the device */
+  const struct ext4fs_meta_ops *meta;   /* NULL: metadata I/O to the device */
+  uint64_t meta_writes;         /* atomic */
+  void *meta_opaque;
 };
 
 /* An immutable read overlay (ext4fs_dev_set_overlay). */
@@ -449,6 +452,27 @@ overlay_read (struct ext4fs_dev *dev, const struct overlay *o, char *buf,
   return 0;
 }
 
+void
+ext4fs_dev_set_meta_ops (struct ext4fs_dev *dev,
+                         const struct ext4fs_meta_ops *ops, void *opaque)
+{
+  dev->meta_opaque = opaque;
+  __atomic_store_n (&dev->meta, ops, __ATOMIC_RELEASE);
+}
+
+uint64_t
+ext4fs_dev_meta_writes (const struct ext4fs_dev *dev)
+{
+  return __atomic_load_n (&dev->meta_writes, __ATOMIC_ACQUIRE);
+}
+
+/* The metadata hooks, if set. */
+static const struct ext4fs_meta_ops *
+meta_ops (struct ext4fs_dev *dev)
+{
+  return __atomic_load_n (&dev->meta, __ATOMIC_ACQUIRE);
+}
+
 /* No writes under an overlay: it would hide them from every read. */
 static bool
 overlay_refuses (struct ext4fs_dev *dev, const char *op, int *err)
@@ -718,6 +742,11 @@ dev_read_blk64 (io_channel channel, unsigned long long block, int count,
                   dev->name, bytes, block, dev->size);
     return EXT2_ET_SHORT_READ;
   }
+  if (meta_ops (dev)) {
+    if (meta_ops (dev)->read (dev->meta_opaque, buf, bytes, offset, &err) == -1)
+      return ext4fs_errno_to_errcode (err);
+    return 0;
+  }
   if (ext4fs_dev_pread (dev, buf, bytes, offset, &err) == -1)
     return ext4fs_errno_to_errcode (err);
   return 0;
@@ -746,6 +775,13 @@ dev_write_blk64 (io_channel channel, unsigned long long block, int count,
                   "the end of the device", dev->name, block);
     return EXT2_ET_SHORT_WRITE;
   }
+  __atomic_add_fetch (&dev->meta_writes, 1, __ATOMIC_ACQ_REL);
+  if (meta_ops (dev)) {
+    if (meta_ops (dev)->write (dev->meta_opaque, buf, bytes, offset,
+                               &err) == -1)
+      return ext4fs_errno_to_errcode (err);
+    return 0;
+  }
   if (ext4fs_dev_pwrite (dev, buf, bytes, offset, 0, &err) == -1)
     return ext4fs_errno_to_errcode (err);
   return 0;
@@ -767,6 +803,14 @@ dev_write_byte (io_channel channel, unsigned long offset, int size,
 
   if (size < 0)
     return EXT2_ET_INVALID_ARGUMENT;
+  __atomic_add_fetch (&dev->meta_writes, 1, __ATOMIC_ACQ_REL);
+  if (meta_ops (dev)) {
+    if (check_range (dev, "write", size, offset, &err) == -1 ||
+        meta_ops (dev)->write (dev->meta_opaque, buf, size, offset,
+                               &err) == -1)
+      return ext4fs_errno_to_errcode (err);
+    return 0;
+  }
   if (ext4fs_dev_pwrite (dev, buf, size, offset, 0, &err) == -1)
     return ext4fs_errno_to_errcode (err);
   return 0;
@@ -804,6 +848,13 @@ dev_zeroout (io_channel channel, unsigned long long block,
   if (__builtin_mul_overflow ((uint64_t) block, bs, &offset) ||
       __builtin_mul_overflow ((uint64_t) count, bs, &bytes))
     return EXT2_ET_INVALID_ARGUMENT;
+  __atomic_add_fetch (&dev->meta_writes, 1, __ATOMIC_ACQ_REL);
+  if (meta_ops (dev)) {
+    if (check_range (dev, "zero", bytes, offset, &err) == -1 ||
+        meta_ops (dev)->zero (dev->meta_opaque, bytes, offset, &err) == -1)
+      return ext4fs_errno_to_errcode (err);
+    return 0;
+  }
   if (ext4fs_dev_zero (dev, bytes, offset, &err) == -1)
     return ext4fs_errno_to_errcode (err);
   return 0;

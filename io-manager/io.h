@@ -76,6 +76,30 @@ extern int ext4fs_dev_set_overlay (struct ext4fs_dev *dev, unsigned blockbits,
                                    struct ext4fs_overlay_block *v, size_t n);
 extern size_t ext4fs_dev_overlay_blocks (const struct ext4fs_dev *dev);
 
+/* Metadata hooks (the journal's transaction cache): when set, the
+ * io_manager's reads, writes and zeroes (libext2fs's metadata I/O)
+ * go to these instead of the device; the data path (ext4fs_dev_*)
+ * is not affected.  Byte offsets.  Set and removed while libext2fs is
+ * not in use by any other thread (under the fs mutex, or at open and
+ * close).
+ */
+struct ext4fs_meta_ops {
+  int (*read) (void *opaque, void *buf, uint64_t count, uint64_t offset,
+               int *err);
+  int (*write) (void *opaque, const void *buf, uint64_t count,
+                uint64_t offset, int *err);
+  int (*zero) (void *opaque, uint64_t count, uint64_t offset, int *err);
+};
+extern void ext4fs_dev_set_meta_ops (struct ext4fs_dev *dev,
+                                     const struct ext4fs_meta_ops *ops,
+                                     void *opaque);
+
+/* How many metadata writes (libext2fs's, through the io_manager) the
+ * device has taken: fs.c compares it with the count at the last sync
+ * to see whether a FUA needs a full sync.
+ */
+extern uint64_t ext4fs_dev_meta_writes (const struct ext4fs_dev *dev);
+
 /* Data path.  Each returns 0 on success, or -1 with *err set to a
  * positive errno (EIO for a range outside the device, after
  * nbdkit_error).  count may be any size: requests are split at

@@ -163,6 +163,19 @@ extern void jbd2_replay_free (struct jbd2_replay *r);
 extern void jbd2_reset_superblock (const struct jbd2_journal *j, uint8_t *buf,
                                    uint32_t next_tid);
 
+/* For the writer (trans.c): the checksums of the blocks it writes,
+ * as the reader verifies them.  buf is one journal block.
+ */
+extern void jbd2_set_tail_csum (const struct jbd2_journal *j, uint8_t *buf);
+extern void jbd2_set_commit_csum (const struct jbd2_journal *j, uint8_t *buf);
+extern uint32_t jbd2_tag_csum (const struct jbd2_journal *j, uint32_t tid,
+                               const uint8_t *data);
+/* Set s_start and s_sequence in buf (JSB_SIZE bytes) and its checksum. */
+extern void jbd2_set_log (const struct jbd2_journal *j, uint8_t *buf,
+                          uint32_t start, uint32_t sequence);
+/* Recompute the superblock checksum of buf (if the journal has one). */
+extern void jbd2_set_sb_csum (const struct jbd2_journal *j, uint8_t *buf);
+
 /* tids are u32 and wrap: a is after b. */
 static inline bool
 jbd2_tid_gt (uint32_t a, uint32_t b)

@@ -221,12 +221,53 @@ void
 jbd2_reset_superblock (const struct jbd2_journal *j, uint8_t *buf,
                        uint32_t next_tid)
 {
-  put_be32 (buf + JSB_START, 0);
-  put_be32 (buf + JSB_SEQUENCE, next_tid);
   put_be32 (buf + JSB_ERRNO, 0);
+  jbd2_set_log (j, buf, 0, next_tid);
+}
+
+void
+jbd2_set_sb_csum (const struct jbd2_journal *j, uint8_t *buf)
+{
   if (j->csum)
     put_be32 (buf + JSB_CHECKSUM,
               crc32c_hole (~0U, buf, JSB_SIZE, JSB_CHECKSUM));
+}
+
+void
+jbd2_set_log (const struct jbd2_journal *j, uint8_t *buf, uint32_t start,
+              uint32_t sequence)
+{
+  put_be32 (buf + JSB_START, start);
+  put_be32 (buf + JSB_SEQUENCE, sequence);
+  jbd2_set_sb_csum (j, buf);
+}
+
+void
+jbd2_set_tail_csum (const struct jbd2_journal *j, uint8_t *buf)
+{
+  uint32_t bs = j->blocksize;
+
+  if (j->csum)
+    put_be32 (buf + bs - 4, crc32c_hole (j->csum_seed, buf, bs, bs - 4));
+}
+
+void
+jbd2_set_commit_csum (const struct jbd2_journal *j, uint8_t *buf)
+{
+  if (j->csum)
+    put_be32 (buf + JCOMMIT_CHKSUM,
+              crc32c_hole (j->csum_seed, buf, j->blocksize, JCOMMIT_CHKSUM));
+}
+
+uint32_t
+jbd2_tag_csum (const struct jbd2_journal *j, uint32_t tid, const uint8_t *data)
+{
+  uint8_t seq[4];
+  uint32_t c;
+
+  put_be32 (seq, tid);
+  c = crc32c (j->csum_seed, seq, 4);
+  return crc32c (c, data, j->blocksize);
 }
 
 /*----------------------------------------------------------------------
@@ -525,14 +566,11 @@ static bool
 tag_csum_ok (const struct jbd2_journal *j, const struct tag *t,
              const uint8_t *data)
 {
-  uint8_t seq[4];
   uint32_t c;
 
   if (!j->csum)
     return true;
-  put_be32 (seq, t->tid);
-  c = crc32c (j->csum_seed, seq, 4);
-  c = crc32c (c, data, j->blocksize);
+  c = jbd2_tag_csum (j, t->tid, data);
   if (j->incompat & JBD2_INCOMPAT_CSUM_V3)
     return c == t->csum;
   return (c & 0xFFFF) == t->csum;

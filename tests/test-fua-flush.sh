@@ -136,7 +136,12 @@ if mode == "rw":
         if not ws:
             fail("FUA write into a hole at %d: no Write reached the plugin"
                  % off, lines)
-        if not fs or fs[-1] < ws[-1]:
+        # Either a Flush after the last Write, or (a journal commit)
+        # a Flush after every Write but the last, which has FUA (the
+        # commit block).
+        if not fs or (fs[-1] < ws[-1] and
+                      not (ev[ws[-1]][3] and len(ws) >= 2 and
+                           fs[-1] > ws[-2])):
             fail("FUA write into a hole at %d: no plugin Flush after the "
                  "last Write before the reply" % off, lines)
         print("FUA hole write %d+%d: %s" %
@@ -153,7 +158,9 @@ if mode == "rw":
     if bad or not any(e[0] == "F" for e in ev):
         fail("NBD flush after writes: no plugin Flush before the reply", lines)
     fs = [i for i, e in enumerate(ev) if e[0] == "F"]
-    if any(e[0] == "W" for e in ev[fs[-1]:]):
+    after = [e for e in ev[fs[-1]:] if e[0] == "W"]
+    # Nothing after the last Flush, or only a commit block with FUA.
+    if after and not (len(after) == 1 and after[0][3]):
         fail("NBD flush: a Write after the last plugin Flush", lines)
     # Nothing dirty: still a plugin flush.
     h.flush()
