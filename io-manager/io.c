@@ -436,18 +436,36 @@ overlay_read (struct ext4fs_dev *dev, const struct overlay *o, char *buf,
       offset = hs;
     }
     boff = offset - hs;
-    n = bs - boff < end - offset ? bs - boff : end - offset;
-    if (split_call (dev, OP_READ, buf, NULL, n, (o->v[i].src << o->bits) + boff,
-                    0, err) == -1)
-      return -1;
-    if (o->v[i].escaped && boff < 4) {
-      uint64_t k;
-      for (k = boff; k < 4 && k < boff + n; ++k)
-        buf[k - boff] = magic[k];
+    /* A run of replayed blocks whose copies are contiguous too (a
+     * data=journal log) is one read.
+     */
+    {
+      size_t j = i + 1, k;
+      uint64_t run_end = hs + bs;
+      while (j < o->n && run_end < end &&
+             o->v[j].home == o->v[j - 1].home + 1 &&
+             o->v[j].src == o->v[j - 1].src + 1) {
+        run_end += bs;
+        j++;
+      }
+      if (run_end > end)
+        run_end = end;
+      n = run_end - offset;
+      if (split_call (dev, OP_READ, buf, NULL, n,
+                      (o->v[i].src << o->bits) + boff, 0, err) == -1)
+        return -1;
+      for (k = i; k < j; ++k) {
+        uint64_t bstart = (o->v[k].home << o->bits), b;
+        if (!o->v[k].escaped)
+          continue;
+        for (b = 0; b < 4; ++b)
+          if (bstart + b >= offset && bstart + b < offset + n)
+            buf[bstart + b - offset] = magic[b];
+      }
+      i = j;
     }
     buf += n;
     offset += n;
-    i++;
   }
   return 0;
 }
