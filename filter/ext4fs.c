@@ -45,6 +45,8 @@ static bool exportname_mode;
 static const char *ext4root;    /* exportname mode only */
 static int final_thread_model = NBDKIT_THREAD_MODEL_PARALLEL;
 static unsigned ext4contexts = 1;  /* contexts into the plugin, at most */
+static bool ext4discard = true;    /* pass freed blocks down as trims */
+static bool ext4discardfree;       /* discard all free space at open */
 
 struct handle {
   struct ext4fs_fs *fsi;
@@ -91,6 +93,16 @@ ext4fs_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
                   "any client connection; use export=NAME to choose the "
                   "far server's export", value);
     return -1;
+  }
+  if (strcmp (key, "ext4discard") == 0 || strcmp (key, "ext4discardfree") == 0) {
+    int b = nbdkit_parse_bool (value);
+    if (b == -1)
+      return -1;
+    if (key[11] == '\0')
+      ext4discard = b;
+    else
+      ext4discardfree = b;
+    return 0;
   }
   if (strcmp (key, "ext4contexts") == 0) {
     if (nbdkit_parse_unsigned ("ext4contexts", value, &ext4contexts) == -1)
@@ -140,7 +152,12 @@ ext4fs_config_complete (nbdkit_next_config_complete *next,
   "ext4root=<DIR>         With ext4file=exportname, serve only files\n" \
   "                       under this directory.\n" \
   "ext4contexts=<N>       Open up to N contexts (connections) into the\n" \
-  "                       plugin and spread requests over them (default 1)."
+  "                       plugin and spread requests over them (default 1).\n" \
+  "ext4discard=false      Do not trim blocks freed inside the filesystem\n" \
+  "                       in the plugin (default: trim them, once the\n" \
+  "                       journal commit that freed them is durable).\n" \
+  "ext4discardfree=true   Trim all free space in the plugin when the\n" \
+  "                       filesystem is opened for writing (default false)."
 
 /* Fully parallel: libext2fs calls are serialized by our fs mutex and
  * data I/O takes per-inode locks (DESIGN.md).
@@ -174,6 +191,7 @@ ext4fs_after_fork (nbdkit_backend *backend)
   /* Validate now, read-only (we do not know about -r yet), so that a
    * bad image or a bad fixed ext4file= stops nbdkit with a message.
    */
+  fs_set_discard (ext4discard, ext4discardfree);
   if (fs_startup (backend, final_thread_model, ext4contexts) == -1)
     return -1;
   fsi = fs_get (1);

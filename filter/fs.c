@@ -45,6 +45,16 @@ static unsigned max_lanes = 1;    /* contexts into the plugin, at most */
 static struct ext4fs_fs *the_fs;
 static unsigned fs_users;
 static bool rw_refused_plugin;  /* the plugin cannot write: stay RO */
+/* Set once from .config (before any thread): */
+static bool discard_freed = true;   /* ext4discard= */
+static bool discard_free_at_open;   /* ext4discardfree= */
+
+void
+fs_set_discard (bool passthrough, bool free_at_open)
+{
+  discard_freed = passthrough;
+  discard_free_at_open = free_at_open;
+}
 
 static int write_super_locked (struct ext4fs_fs *fsi, int *err);
 
@@ -489,8 +499,49 @@ static void
 journal_unhold (void *opaque, uint64_t blk, uint64_t n)
 {
   struct ext4fs_fs *fsi = opaque;
+  int err;
 
+  /* The commit that freed them is durable and nothing can reuse them
+   * yet (still marked in use): give them back below first.  Discard
+   * is advisory: a failure only costs space.
+   */
+  if (fsi->discard &&
+      ext4fs_dev_discard (fsi->dev, n << fsi->blockbits,
+                          blk << fsi->blockbits, &err) == -1)
+    nbdkit_debug ("ext4fs: discarding %" PRIu64 "+%" PRIu64 " failed: %s",
+                  blk, n, strerror (err));
   ext2fs_unmark_block_bitmap_range2 (fsi->fs->block_map, blk, n);
+}
+
+/* ext4discardfree=true: every free block range, once, at a read-write
+ * open (as e2fsck -E discard).  The instance is not published yet.
+ */
+static void
+discard_free_space (struct ext4fs_fs *fsi)
+{
+  ext2_filsys fs = fsi->fs;
+  blk64_t start = fs->super->s_first_data_block, end = fsi->blocks_count - 1;
+  uint64_t total = 0;
+  int err;
+
+  while (start <= end) {
+    blk64_t first, last;
+    if (ext2fs_find_first_zero_block_bitmap2 (fs->block_map, start, end,
+                                              &first) != 0)
+      break;
+    if (ext2fs_find_first_set_block_bitmap2 (fs->block_map, first, end,
+                                             &last) != 0)
+      last = end + 1;
+    if (ext4fs_dev_discard (fsi->dev, (last - first) << fsi->blockbits,
+                            first << fsi->blockbits, &err) == -1) {
+      nbdkit_debug ("ext4fs: discarding free space failed: %s",
+                    strerror (err));
+      return;
+    }
+    total += last - first;
+    start = last;
+  }
+  nbdkit_debug ("ext4fs: discarded %" PRIu64 " free blocks", total);
 }
 
 /* A read-write filesystem with an internal journal gets its metadata
@@ -621,6 +672,20 @@ fs_open_dev (struct ext4fs_dev *dev, bool rw)
       goto err;
     if (journal_writer_open (fsi) == -1)
       goto err;
+    /* Discards need the journal: without one, the freeing is not
+     * ordered before the reuse of the block (DESIGN.md §16).
+     */
+    fsi->discard = discard_freed && fsi->jt && ext4fs_dev_can_discard (dev);
+    if (discard_freed && !fsi->discard)
+      nbdkit_debug ("ext4fs: freed blocks are not discarded below (%s)",
+                    !ext4fs_dev_can_discard (dev) ?
+                    "the plugin cannot trim" : "no journal");
+    if (discard_free_at_open) {
+      if (ext4fs_dev_can_discard (dev))
+        discard_free_space (fsi);
+      else
+        nbdkit_debug ("ext4fs: ext4discardfree: the plugin cannot trim");
+    }
     fsi->fs->priv_data = fsi;
     ext2fs_set_block_alloc_stats_callback (fsi->fs, alloc_stats_cb, NULL);
     ext2fs_set_block_alloc_stats_range_callback (fsi->fs,

@@ -41,6 +41,8 @@ struct ext4fs_fs {
                                  internal journal), or NULL; immutable */
   uint64_t synced_meta_writes; /* atomic: metadata writes durable (no
                                   journal) */
+  bool discard;               /* freed blocks are discarded below at
+                                 their commit (immutable) */
 
   /* What the open found in the journal (immutable after open). */
   uint32_t replay_trans;      /* transactions replayed (overlay or home) */
@@ -123,6 +125,9 @@ extern int fs_writeback_locked (struct ext4fs_fs *fsi, int *err);
  * fsi->lock.
  */
 extern void fs_set_broken_locked (struct ext4fs_fs *fsi, const char *why);
+
+/* ext4discard=, ext4discardfree= (from .config; before fs_startup). */
+extern void fs_set_discard (bool passthrough, bool free_at_open);
 
 /* Blocks [blk, blk+n) were freed (caller holds fsi->lock): with a
  * journal they stay reserved until the freeing transaction commits.

@@ -303,7 +303,7 @@ lane_get_first (struct ext4fs_dev *dev)
   return l;
 }
 
-enum dev_op { OP_READ, OP_WRITE, OP_ZERO, OP_CACHE };
+enum dev_op { OP_READ, OP_WRITE, OP_ZERO, OP_CACHE, OP_TRIM, OP_ZERO_TRIM };
 
 /* Send one data call down the lanes, split into pieces of at most
  * max_io bytes.  rbuf is the read buffer, wbuf the write buffer (the
@@ -331,6 +331,12 @@ split_call (struct ext4fs_dev *dev, enum dev_op op, char *rbuf,
       break;
     case OP_ZERO:
       r = next->zero (next, n, offset, 0, err);
+      break;
+    case OP_TRIM:
+      r = next->trim (next, n, offset, 0, err);
+      break;
+    case OP_ZERO_TRIM:
+      r = next->zero (next, n, offset, NBDKIT_FLAG_MAY_TRIM, err);
       break;
     default:
       r = next->cache (next, n, offset, 0, err);
@@ -590,6 +596,29 @@ ext4fs_dev_cache (struct ext4fs_dev *dev, uint64_t count, uint64_t offset,
   if (dev->can_cache <= NBDKIT_CACHE_NONE)
     return 0;
   return split_call (dev, OP_CACHE, NULL, NULL, count, offset, 0, err);
+}
+
+int
+ext4fs_dev_can_discard (const struct ext4fs_dev *dev)
+{
+  return dev->can_write == 1 &&
+    (dev->can_trim == 1 || dev->can_zero > NBDKIT_ZERO_NONE);
+}
+
+int
+ext4fs_dev_discard (struct ext4fs_dev *dev, uint64_t count, uint64_t offset,
+                    int *err)
+{
+  if (check_range (dev, "discard", count, offset, err) == -1 ||
+      overlay_refuses (dev, "discard", err))
+    return -1;
+  if (dev->can_write != 1)
+    return 0;
+  if (dev->can_trim == 1)
+    return split_call (dev, OP_TRIM, NULL, NULL, count, offset, 0, err);
+  if (dev->can_zero > NBDKIT_ZERO_NONE)
+    return split_call (dev, OP_ZERO_TRIM, NULL, NULL, count, offset, 0, err);
+  return 0;
 }
 
 int

@@ -116,6 +116,14 @@ extern int ext4fs_dev_pwrite (struct ext4fs_dev *dev, const void *buf,
 /* Write zeros (through the plugin's zero if it has one, else pwrite). */
 extern int ext4fs_dev_zero (struct ext4fs_dev *dev, uint64_t count,
                             uint64_t offset, int *err);
+/* Give freed space back below: the plugin's trim, or its zero with
+ * MAY_TRIM if it has no trim; nothing if it has neither (see
+ * ext4fs_dev_can_discard).  Only for blocks that are free and whose
+ * freeing is durable.
+ */
+extern int ext4fs_dev_can_discard (const struct ext4fs_dev *dev);
+extern int ext4fs_dev_discard (struct ext4fs_dev *dev, uint64_t count,
+                               uint64_t offset, int *err);
 extern int ext4fs_dev_cache (struct ext4fs_dev *dev, uint64_t count,
                              uint64_t offset, int *err);
 extern int ext4fs_dev_flush (struct ext4fs_dev *dev, int *err);
