@@ -25,11 +25,11 @@
 #      N transaction(s)", and leaves the image unchanged (byte for
 #      byte);
 #  (b) a read-write server (no -r) serves the same, takes a write of
-#      one block, and after a clean stop the image passes e2fsck -fn,
-#      has no needs_recovery, "Journal start: 0", the journal sequence
-#      e2fsck's replay leaves (last committed tid + 2; later or equal
-#      when a block was written), and holds the oracle's files plus the
-#      write.
+#      one block, and after a clean stop the image passes e2fsck -fn
+#      and (on a copy) the boot-time e2fsck -p, has no needs_recovery,
+#      "Journal start: 0", the journal sequence e2fsck's replay leaves
+#      (last committed tid + 2; later or equal when a block was
+#      written), and holds the oracle's files plus the write.
 #
 # All cases run even if one fails; the failures are listed at the end.
 source "$srcdir/functions.sh"
@@ -81,8 +81,9 @@ check_case ()
     echo "== $name ($fl, $state, $ntx transaction(s))"
 
     # The input needs recovery, and e2fsck's replay gives STATE.
-    dumpe2fs -h $img 2>/dev/null | grep -q '^Filesystem features:.*needs_recovery' ||
-        fail "test setup: $name: needs_recovery is not set"
+    dumpe2fs -h $img > dumpe2fs.out 2>&1 || :
+    grep -q '^Filesystem features:.*needs_recovery' dumpe2fs.out ||
+        { cat dumpe2fs.out; fail "test setup: $name: needs_recovery is not set"; }
     [ "$(jsb_field $img 'Journal start')" != 0 ] ||
         fail "test setup: $name: the journal is empty (Journal start: 0)"
     cp --sparse=always $img oracle.img
@@ -147,6 +148,9 @@ check_case ()
     if ! e2fsck -fn $img > fsck.out 2>&1; then
         bad "$name (rw): e2fsck -fn after the session: $(grep -v -E '^(Pass|e2fsck) ' fsck.out | head -3)"
     fi
+    cp --sparse=always $img boot.img
+    e2fsck -p boot.img > fsck.out 2>&1 ||
+        bad "$name (rw): the boot-time e2fsck -p fails after the session: $(tail -2 fsck.out | tr '\n' ' ')"
     dumpe2fs -h $img 2>/dev/null | grep -q '^Filesystem features:.*needs_recovery' &&
         bad "$name (rw): needs_recovery still set after the session"
     r=$(jsb_field $img 'Journal start')
