@@ -923,10 +923,13 @@ def main(argv=None):
     if bad:
         print("FAILED: %d state(s) have asserted problems (--assert %s):" %
               (len(bad), a.assert_kinds))
-        for r in bad:
+        for r in bad[:20]:
             print("  %s [%s] step=%r: %s" % (
                 r.state.ident, r.state.label, r.state.step,
-                "; ".join(map(repr, r.problems))))
+                "; ".join(map(repr, r.problems))[:600]))
+        if len(bad) > 20:
+            print("  ... and %d more%s" % (len(bad) - 20, " (all in %s)" %
+                                           a.json if a.json else ""))
         return 1
     return 0
 
