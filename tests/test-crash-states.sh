@@ -61,7 +61,10 @@ else
 fi
 assert=${EXT4FS_CRASH_ASSERT:-$assert}
 prefixes=1
-[ -n "${CRASH_ALL_PREFIXES:-}" ] && prefixes=-1
+if [ -n "${CRASH_ALL_PREFIXES:-}" ]; then
+    prefixes=-1
+    max_states=${CRASH_MAX_STATES:-5000}
+fi
 echo "SEED=$SEED subsets=$subsets max_states=$max_states" \
      "EXT4FS_CRASH_STRICT=$strict (asserted: $assert)"
 
