@@ -587,6 +587,15 @@ fs_open_dev (struct ext4fs_dev *dev, bool rw)
     return NULL;
   }
   pthread_mutex_init (&fsi->lock, NULL);
+  {
+    /* A waiting sync stops new requests from overtaking it. */
+    pthread_rwlockattr_t attr;
+    pthread_rwlockattr_init (&attr);
+    pthread_rwlockattr_setkind_np (&attr,
+                                   PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init (&fsi->handle_lock, &attr);
+    pthread_rwlockattr_destroy (&attr);
+  }
   fsi->dev = dev;
 
   if (open_handle (fsi, rw) == -1)
@@ -710,6 +719,7 @@ fs_open_dev (struct ext4fs_dev *dev, bool rw)
   free (fsi->meta);
   free (fsi->dirty_groups);
   pthread_mutex_destroy (&fsi->lock);
+  pthread_rwlock_destroy (&fsi->handle_lock);
   free (fsi);
   return NULL;
 }
@@ -796,6 +806,7 @@ fs_close_dev (struct ext4fs_fs *fsi)
   free (fsi->meta);
   free (fsi->dirty_groups);
   pthread_mutex_destroy (&fsi->lock);
+  pthread_rwlock_destroy (&fsi->handle_lock);
   free (fsi);
 }
 
@@ -1134,7 +1145,13 @@ fs_blocks_freed_locked (struct ext4fs_fs *fsi, uint64_t blk, uint64_t n)
 int
 fs_handle_start (struct ext4fs_fs *fsi, int *err)
 {
-  return fsi->jt ? jtx_handle_start (fsi->jt, err) : 0;
+  if (fsi->jt)
+    return jtx_handle_start (fsi->jt, err);
+  /* No journal: the same lock keeps a sync's writeback from catching
+   * a request half way through (bitmap written, extent not yet).
+   */
+  pthread_rwlock_rdlock (&fsi->handle_lock);
+  return 0;
 }
 
 void
@@ -1142,6 +1159,8 @@ fs_handle_stop (struct ext4fs_fs *fsi, bool needs_commit)
 {
   if (fsi->jt)
     jtx_handle_stop (fsi->jt, needs_commit);
+  else
+    pthread_rwlock_unlock (&fsi->handle_lock);
 }
 
 bool
@@ -1348,27 +1367,42 @@ fs_sync (struct ext4fs_fs *fsi, int *err)
     uint64_t meta = ext4fs_dev_meta_writes (fsi->dev);
     int r;
 
+    if (__atomic_load_n (&fsi->broken, __ATOMIC_RELAXED)) {
+      /* After a failed flush or a half-done change nothing this
+       * session wrote can be promised any more.
+       */
+      nbdkit_error ("flush refused: the filesystem was marked as having "
+                    "errors earlier in this session");
+      *err = EIO;
+      return -1;
+    }
+
     if (inode_sync_times (fsi) == -1) {
       *err = EIO;
       return -1;
     }
+    /* No request is half way through its metadata changes while the
+     * bitmaps are written and flushed: the state at the flush is one
+     * the requests left.
+     */
+    pthread_rwlock_wrlock (&fsi->handle_lock);
     pthread_mutex_lock (&fsi->lock);
     r = fs_writeback_locked (fsi, err);
     pthread_mutex_unlock (&fsi->lock);
-    if (r == -1)
-      return -1;
-    if (ext4fs_dev_flush (fsi->dev, err) == -1) {
-      /* What was written may be lost below: write every bitmap and
-       * descriptor again at the next sync (and never mark clean
-       * before one succeeds: fs_close_dev syncs first).
+    if (r == 0 && ext4fs_dev_flush (fsi->dev, err) == -1) {
+      /* A failed flush may have lost writes below, file data and
+       * metadata alike, that later flushes would not bring back: the
+       * filesystem may be inconsistent now, and must never be marked
+       * clean.
        */
       pthread_mutex_lock (&fsi->lock);
-      if (fsi->dirty_groups)
-        memset (fsi->dirty_groups, 1, fsi->fs->group_desc_count);
-      fsi->super_dirty = true;
+      fs_set_broken_locked (fsi, "a flush failed below");
       pthread_mutex_unlock (&fsi->lock);
-      return -1;
+      r = -1;
     }
+    pthread_rwlock_unlock (&fsi->handle_lock);
+    if (r == -1)
+      return -1;
     __atomic_store_n (&fsi->synced_meta_writes, meta, __ATOMIC_RELAXED);
     return 0;
   }

@@ -37,6 +37,11 @@ struct ext4fs_fs {
   bool broken;                /* metadata may be inconsistent: no more allocation */
 
   struct ext4fs_mmp *mmp;     /* MMP claim, read-write with mmp only */
+  /* Without a journal: requests changing metadata hold it shared
+   * (fs_handle_start), fs_sync exclusive around writeback + flush.
+   * Same place in the lock order as the journal's handle lock.
+   */
+  pthread_rwlock_t handle_lock;
   struct ext4fs_jtx *jt;      /* journal writer (read-write with an
                                  internal journal), or NULL; immutable */
   uint64_t synced_meta_writes; /* atomic: metadata writes durable (no

@@ -815,11 +815,12 @@ commit_locked (struct ext4fs_jtx *jt, int *err)
   put_be32 (p + JCOMMIT_NSEC, (uint32_t) (t % 1000000000));
   jbd2_set_commit_csum (j, p);
 
-  /* Until the commit block is written, a failure leaves transaction
-   * tid uncommitted wherever its blocks got to: replay ignores it, and
-   * the next commit writes it again at the same place (the request
-   * that asked fails, the session goes on).  A failed commit block
-   * write is different: it may be on disk, so the journal aborts.
+  /* Until the commit block is written, a failed write leaves
+   * transaction tid uncommitted wherever its blocks got to: replay
+   * ignores it, and the next commit writes it again at the same place
+   * (the request that asked fails, the session goes on).  A failed
+   * flush, or a failed commit block write (it may be on disk), aborts
+   * the journal.
    */
   was_empty = jt->log_start == 0;
   if (write_log (jt, jt->logbuf, jt->head, need - 1, err) == -1)
@@ -834,9 +835,12 @@ commit_locked (struct ext4fs_jtx *jt, int *err)
    * the commit block.
    */
   if (ext4fs_dev_flush (jt->dev, err) == -1) {
-    nbdkit_error ("journal: commit: flush: %s (the commit is retried at "
-                  "the next flush)", strerror (*err));
-    return -1;
+    /* Unlike a failed write, a failed flush may have lost file data
+     * written before it (a volatile cache below): the metadata that
+     * points at it must never be committed.  As the kernel does.
+     */
+    nbdkit_error ("journal: commit: flush: %s", strerror (*err));
+    goto fail;
   }
   {
     uint32_t cb = jt->head;
