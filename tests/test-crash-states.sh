@@ -51,7 +51,7 @@ cd "$tmpdir"
 [ -n "${KEEP:-}" ] && { trap - EXIT; echo "keeping $tmpdir"; }
 
 export SEED=${SEED:-$RANDOM}
-subsets=${CRASH_SUBSETS:-6}
+subsets=${CRASH_SUBSETS:-8}
 max_states=${CRASH_MAX_STATES:-400}
 strict=${EXT4FS_CRASH_STRICT:-0}
 # Journaled (ext4): everything.  Without a journal (ext2) a process
