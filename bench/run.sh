@@ -214,7 +214,11 @@ _serve() {
     if [ -n "$BACK_PID" ]; then kill "$BACK_PID" 2>/dev/null; wait "$BACK_PID" 2>/dev/null; BACK_PID=; fi
     return 1
 }
-# stop_server -> prints peak RSS in KiB
+# stop_server -> sets SRV_HWM (peak RSS in KiB).  Must run in this shell,
+# not in $(...): wait only works on our own children, and the image checks
+# after a write run must not start before the server has closed the image
+# (the filter's close commits and checkpoints its journal).
+SRV_HWM=0
 stop_server() {
     local hwm
     hwm=$(awk '/^VmHWM/{print $2}' /proc/"$SRV_PID"/status 2>/dev/null)
@@ -222,7 +226,7 @@ stop_server() {
     SRV_PID=
     if [ -n "$BACK_PID" ]; then kill "$BACK_PID" 2>/dev/null; wait "$BACK_PID" 2>/dev/null; BACK_PID=; fi
     rm -f "$SOCK" "$SOCK2"
-    echo "${hwm:-0}"
+    SRV_HWM=${hwm:-0}
 }
 
 # Reset the write target (outside timing) and push it to disk so the
@@ -273,7 +277,7 @@ verify_read() {
     start_server "$cfg" ro data || { READ_OK[$cfg]=0; return; }
     rm -f "$WD/check.out"
     nbdcopy "$URI" "$WD/check.out" >>"$LOG" 2>&1 || ok=1
-    stop_server >/dev/null
+    stop_server
     [ "$ok" = 0 ] && [ "$(sha "$WD/check.out")" = "$SHA_DATA" ] || ok=1
     rm -f "$WD/check.out"
     READ_OK[$cfg]=$([ $ok = 0 ] && echo 1 || echo 0)
@@ -297,7 +301,7 @@ verify_group() {
              # noextents (part of the stock config) reports all data: no map check
              python3 "$here/check.py" pieces "$URI" "$WD/src5/sparse" \
                  "$([ "$cfg" = ext2 ] && echo - || echo "$WD/map.json")" >>"$LOG" 2>&1 || ok=1
-             stop_server >/dev/null
+             stop_server
              [ "$(sha "$WD/check.out")" = "$SHA_W5" ] || ok=1
              rm -f "$WD/check.out"
          fi ;;
@@ -306,7 +310,7 @@ verify_group() {
          serve "$cfg" ro "$WD/img.orig" "$WD/raw.bin" /data $kind || ok=1
          if [ $ok = 0 ]; then
              python3 "$here/check.py" sample "$URI" "$WD/src/data" 500 6 >>"$LOG" 2>&1 || ok=1
-             stop_server >/dev/null
+             stop_server
          fi ;;
     w7)  PROBE_URI="nbd+unix:///f0?socket=$SOCK"
          serve "$cfg" ro "$WD/img7" "$WD/src7" exportname || ok=1
@@ -318,7 +322,7 @@ verify_group() {
                  [ "$(sha "$WD/check.out")" = "${SHA_W7[$i]}" ] || ok=1
              done
              rm -f "$WD/check.out"
-             stop_server >/dev/null
+             stop_server
          fi ;;
     esac
     READ_OK[$key:$cfg]=$([ $ok = 0 ] && echo 1 || echo 0)
@@ -395,7 +399,7 @@ err=sum(x["error"] for x in j["jobs"])
 print("%.0f" % (ios/wall) if wall>0 and err==0 else "NA")' "$WD/fio.json" "$t0" "$t1" 2>>"$LOG") || rc=1
               [ "$val" = NA ] && rc=1 ;;
         esac
-        rss=$(stop_server)
+        stop_server; rss=$SRV_HWM
         [ "$unit" = s ] && val=$(sub "$t0" "$t1")
         [ "$rc" = 0 ] && [ "${READ_OK[$cfg]}" = 1 ] || valid=0
         ;;
@@ -406,14 +410,14 @@ print("%.0f" % (ios/wall) if wall>0 and err==0 else "NA")' "$WD/fio.json" "$t0" 
         t0=$(now)
         nbdcopy --flush "$WD/wsrc" "$URI" >>"$LOG" 2>&1 || rc=1
         t1=$(now)
-        rss=$(stop_server)
+        stop_server; rss=$SRV_HWM
         val=$(sub "$t0" "$t1")
         [ "$rc" = 0 ] && verify_written "$cfg" $file "$SHA_WSRC" || valid=0
         ;;
     w5)
         serve "$cfg" ro "$WD/img5" "$WD/raw5.bin" /sparse || { record "$w" "$cfg" "$rep" NA s 0 0; return; }
         t0=$(now); nbdcopy "$URI" null: >>"$LOG" 2>&1 || rc=1; t1=$(now)
-        rss=$(stop_server)
+        stop_server; rss=$SRV_HWM
         val=$(sub "$t0" "$t1")
         [ "$rc" = 0 ] && [ "${READ_OK[w5:$cfg]}" = 1 ] || valid=0
         ;;
@@ -422,7 +426,7 @@ print("%.0f" % (ios/wall) if wall>0 and err==0 else "NA")' "$WD/fio.json" "$t0" 
         serve "$cfg" ro "$WD/img.orig" "$WD/raw.bin" /data $kind || { record "$w" "$cfg" "$rep" NA IOPS 0 0; return; }
         unit=IOPS
         val=$(fio_randread "$URI" "$W6_RUNTIME")
-        rss=$(stop_server)
+        stop_server; rss=$SRV_HWM
         [ "$val" != NA ] && [ "${READ_OK[$w:$cfg]}" = 1 ] || valid=0
         ;;
     w7-*)
@@ -436,7 +440,7 @@ print("%.0f" % (ios/wall) if wall>0 and err==0 else "NA")' "$WD/fio.json" "$t0" 
         done
         for p in "${pids[@]}"; do wait "$p" || rc=1; done
         t1=$(now)
-        rss=$(stop_server)
+        stop_server; rss=$SRV_HWM
         val=$(sub "$t0" "$t1")
         [ "$rc" = 0 ] && [ "${READ_OK[w7:$cfg]}" = 1 ] || valid=0
         ;;
@@ -453,7 +457,7 @@ print("%.0f" % (ios/wall) if wall>0 and err==0 else "NA")' "$WD/fio.json" "$t0" 
         PROBE_URI=
         out=$(timeout $(( ${W8_RUNTIME%.*} + 600 )) python3 "$here/w8.py" run "$SOCK" "$WD/src8" 64 16 \
               "$W8_RUNTIME" "$rep" 2 "$WD/w8.expect" 2>>"$LOG") || { rc=1; log "   w8 $cfg: client failed (see log)"; }
-        rss=$(stop_server)
+        stop_server; rss=$SRV_HWM
         unit=ops/s
         val=$(python3 -c 'import sys; n,t=sys.argv[1].split(); print("%.0f" % (int(n)/float(t)))' "$out" 2>/dev/null) || { val=NA; rc=1; }
         if [ "$rc" = 0 ]; then
@@ -481,7 +485,7 @@ print("%.0f" % (ios/wall) if wall>0 and err==0 else "NA")' "$WD/fio.json" "$t0" 
         t1=$(now)
         rss=$(hwm_now)
         python3 "$here/check.py" pieces "$URI" "$WD/src1t/big" "$WD/map.json" >>"$LOG" 2>&1 || rc=1
-        stop_server >/dev/null
+        stop_server
         val=$(sub "$t0" "$t1")
         [ "$rc" = 0 ] || valid=0
         ;;
@@ -491,7 +495,7 @@ print("%.0f" % (ios/wall) if wall>0 and err==0 else "NA")' "$WD/fio.json" "$t0" 
         serve "$cfg" ro "$WD/img10k" "$WD/src10k" exportname || { PROBE_URI=; record "$w" "$cfg" "$rep" NA s 0 0; return; }
         PROBE_URI=
         out=$(python3 "$here/check.py" files "$SOCK" "$MEM_FILES" 10 2>>"$LOG") || rc=1
-        rss=$(stop_server)
+        stop_server; rss=$SRV_HWM
         val=$(echo "$out" | awk '{printf "%.3f", $2}')
         [ "$rc" = 0 ] && [ -n "$val" ] || { valid=0; val=${val:-NA}; }
         ;;
@@ -501,7 +505,7 @@ print("%.0f" % (ios/wall) if wall>0 and err==0 else "NA")' "$WD/fio.json" "$t0" 
         serve "$cfg" ro "$WD/img.orig" "$WD/raw.bin" /data || { SRV_OPTS=(); record "$w" "$cfg" "$rep" NA s 0 0; return; }
         SRV_OPTS=()
         out=$(python3 "$here/check.py" conns "$URI" "$WD/src/data" "$MEM_CONNS" "$rep" 2>>"$LOG") || rc=1
-        rss=$(stop_server)
+        stop_server; rss=$SRV_HWM
         val=$(echo "$out" | awk '{printf "%.3f", $2}')
         [ "$rc" = 0 ] && [ -n "$val" ] || { valid=0; val=${val:-NA}; }
         ;;
@@ -512,7 +516,7 @@ print("%.0f" % (ios/wall) if wall>0 and err==0 else "NA")' "$WD/fio.json" "$t0" 
         start_server "$cfg" rw $file || { record "$w" "$cfg" "$rep" NA IOPS 0 0; return; }
         local out
         out=$(python3 "$here/w9.py" run "$URI" "$BYTES" "$W9_IOS" 2 "$W9_SEED" 2>>"$LOG") || rc=1
-        rss=$(stop_server)
+        stop_server; rss=$SRV_HWM
         unit=IOPS
         val=$(python3 -c 'import sys; n,t=sys.argv[1].split(); print("%.0f" % (int(n)/float(t)))' "$out" 2>/dev/null) || { val=NA; rc=1; }
         [ "$rc" = 0 ] && verify_written "$cfg" $file "$sha" || valid=0
