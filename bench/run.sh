@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Benchmark nbdkit-ext4fs-filter against the raw file plugin and the stock
-# ext2 filter.  See bench/README.md.
+# Benchmark nbdkit-ext4fs-filter against the raw file plugin, the stock
+# ext2 filter, itself without journaling (ext4fs-nj) and the kernel's ext4
+# (kernel: loop mount + file plugin, root only).  See bench/README.md.
 #
 #   bench/run.sh [WORKLOAD...]      (default: all workloads)
 #
@@ -8,6 +9,8 @@
 #            w8 w9 mem-1t mem-10k mem-256 mem-256t4
 # Environment:
 #   SIZE=1G  REPEATS=3  WORKDIR=/tmp/ext4fs-bench  CONFIGS="raw ext2 ext4fs"
+#     (also: ext4fs-nj = ext4fs with -D ext4fs.journal=0; kernel = the image
+#     loop-mounted, `nbdkit file MNT/FILE`, write workloads only)
 #   W3_RUNTIME=10 (seconds)  W9_IOS=32768  QUICK=1 (smoke test only)
 #   W5_SIZE=8G W5_DATA=64M  W6_RUNTIME=10 W6_DELAY=1ms  W8_RUNTIME=60
 #   W8_REPEATS=1 W8_CONFIGS=ext4fs  MEM_FILES=10000 MEM_CONNS=256 MEM_REPEATS=1
@@ -47,6 +50,18 @@ WORKLOADS=${*:-$ALL_WORKLOADS}
 for w in $WORKLOADS; do
     case " $ALL_WORKLOADS " in *" $w "*) ;; *) echo "unknown workload $w (known: $ALL_WORKLOADS)" >&2; exit 2;; esac
 done
+for c in $CONFIGS; do
+    case $c in raw|ext2|ext4fs|ext4fs-nj|kernel) ;; *) echo "unknown config $c (known: raw ext2 ext4fs ext4fs-nj kernel)" >&2; exit 2;; esac
+done
+KERNEL_NOTE=
+if [[ " $CONFIGS " == *" kernel "* ]]; then
+    if [ "$(id -u)" != 0 ]; then KERNEL_NOTE="not root"
+    elif ! command -v losetup >/dev/null || ! losetup -f >/dev/null 2>&1; then KERNEL_NOTE="no free loop device"
+    fi
+    if [ -n "$KERNEL_NOTE" ]; then
+        CONFIGS=$(for c in $CONFIGS; do [ "$c" = kernel ] || echo -n "$c "; done)
+    fi
+fi
 [ -f "$FILTER" ] || { echo "filter $FILTER not found" >&2; exit 2; }
 for t in nbdkit nbdcopy nbdinfo fio mke2fs debugfs e2fsck python3 timeout; do
     command -v $t >/dev/null || { echo "missing $t" >&2; exit 2; }
@@ -72,9 +87,12 @@ FILTER=$WD/filter.so
 
 SRV_PID=
 BACK_PID=
+MOUNTED=
 cleanup() {
     if [ -n "$SRV_PID" ]; then kill "$SRV_PID" 2>/dev/null; wait "$SRV_PID" 2>/dev/null; fi
     if [ -n "$BACK_PID" ]; then kill "$BACK_PID" 2>/dev/null; wait "$BACK_PID" 2>/dev/null; fi
+    if [ -n "$MOUNTED" ]; then umount "$MOUNTED"; fi
+    rmdir "$WD/mnt" 2>/dev/null
     rm -f "$SOCK" "$SOCK2"
     [ "${KEEP:-0}" = 1 ] || rm -rf "$WD"/filter.so "$WD"/img "$WD"/img.orig "$WD"/raw.bin "$WD"/rawt.bin \
         "$WD"/dump "$WD"/check.out "$WD"/wsrc "$WD"/src/data "$WD"/src/hole \
@@ -93,6 +111,7 @@ sha() { sha256sum "$1" | cut -d' ' -f1; }
 # ---------------------------------------------------------------- setup
 log "== setup: SIZE=$SIZE ($BYTES bytes) REPEATS=$REPEATS WORKDIR=$WD"
 log "   workloads: $WORKLOADS   configs: $CONFIGS"
+[ -n "$KERNEL_NOTE" ] && log "   NOTE: config kernel skipped: $KERNEL_NOTE (it needs root and a loop device)"
 log "   filter: $FILTER_SRC (sha256 $FILTER_SHA..., $(date -r "$FILTER_SRC"))"
 mkdir -p "$WD/src"
 rm -f "$WD/src/"*
@@ -167,7 +186,10 @@ start_server() {
 # serve CONFIG ro|rw IMAGE RAW INNER [plain|delay|nbd]
 #   raw serves RAW (a file, or a directory: file plugin dir= mode, the
 #   client picks the file by export name); ext2/ext4fs serve INNER
-#   (/path or exportname) inside IMAGE.
+#   (/path or exportname) inside IMAGE: ext4fs-nj is ext4fs with
+#   -D ext4fs.journal=0; kernel loop-mounts IMAGE on $WD/mnt (default
+#   options: data=ordered; ro: -o ro) and serves MNT/INNER with the file
+#   plugin (INNER must be a /path); stop_server unmounts it.
 #   delay: --filter=delay (W6_DELAY per read/write) between the filter
 #   and the file plugin.  nbd: a second nbdkit (file plugin + delay filter)
 #   on $SOCK2, and the server under test uses the nbd plugin on it.
@@ -191,6 +213,14 @@ _serve() {
     [ "$mode" = ro ] && ro=(-r)
     rm -f "$SOCK" "$SOCK2"
     if [ "$cfg" = raw ]; then target=$raw; else target=$img; fi
+    if [ "$cfg" = kernel ]; then
+        [ "$kind" = plain ] && [ "${inner:0:1}" = / ] || { log "kernel config: only plain /path serving"; return 1; }
+        mkdir -p "$WD/mnt"
+        mount -o loop$([ "$mode" = ro ] && echo ,ro) "$img" "$WD/mnt" >>"$LOG" 2>&1 \
+            || { log "kernel config: mount -o loop $img failed"; return 1; }
+        MOUNTED=$WD/mnt
+        target=$WD/mnt$inner
+    fi
     plugin=(file "$target")
     [ -d "$target" ] && plugin=(file dir="$target")
     case $kind in
@@ -204,17 +234,36 @@ _serve() {
     esac
     case $cfg in
     ext2)   filters=(--filter=noextents --filter=ext2 "${filters[@]}"); params+=(ext2file="$inner") ;;
-    ext4fs) filters=(--filter="$FILTER" "${filters[@]}"); params+=(ext4file="$inner") ;;
+    ext4fs|ext4fs-nj) filters=(--filter="$FILTER" "${filters[@]}"); params+=(ext4file="$inner") ;;
     esac
-    nbdkit -f "${ro[@]}" "${SRV_OPTS[@]}" -U "$SOCK" "${filters[@]}" "${plugin[@]}" "${params[@]}" 2>>"$LOG" &
+    local dflags=()
+    [ "$cfg" = ext4fs-nj ] && dflags=(-D ext4fs.journal=0)
+    nbdkit -f "${ro[@]}" "${dflags[@]}" "${SRV_OPTS[@]}" -U "$SOCK" "${filters[@]}" "${plugin[@]}" "${params[@]}" 2>>"$LOG" &
     SRV_PID=$!
     _wait_sock "$SRV_PID" "$SOCK" "${PROBE_URI:-$URI}" && return 0
     log "server $cfg failed to start"
     kill "$SRV_PID" 2>/dev/null; wait "$SRV_PID" 2>/dev/null; SRV_PID=
     if [ -n "$BACK_PID" ]; then kill "$BACK_PID" 2>/dev/null; wait "$BACK_PID" 2>/dev/null; BACK_PID=; fi
+    kernel_umount
     return 1
 }
-# stop_server -> prints peak RSS in KiB
+# kernel_umount: unmount the kernel config's loop mount, if any (before
+# any e2fsck/debugfs of the image).
+kernel_umount() {
+    [ -n "$MOUNTED" ] || return 0
+    local i
+    for i in 1 2 3 4 5; do
+        umount "$MOUNTED" >>"$LOG" 2>&1 && { MOUNTED=; return 0; }
+        sleep 1
+    done
+    log "   umount $MOUNTED failed"
+    return 1
+}
+# stop_server -> sets SRV_HWM (peak RSS in KiB).  Must run in this shell,
+# not in $(...): wait only works on our own children, and the image checks
+# after a write run must not start before the server has closed the image
+# (the filter's close commits and checkpoints its journal).
+SRV_HWM=0
 stop_server() {
     local hwm
     hwm=$(awk '/^VmHWM/{print $2}' /proc/"$SRV_PID"/status 2>/dev/null)
@@ -222,7 +271,8 @@ stop_server() {
     SRV_PID=
     if [ -n "$BACK_PID" ]; then kill "$BACK_PID" 2>/dev/null; wait "$BACK_PID" 2>/dev/null; BACK_PID=; fi
     rm -f "$SOCK" "$SOCK2"
-    echo "${hwm:-0}"
+    kernel_umount
+    SRV_HWM=${hwm:-0}
 }
 
 # Reset the write target (outside timing) and push it to disk so the
@@ -247,6 +297,7 @@ verify_written() {
     if [ "$cfg" = raw ]; then
         got=$(sha "$WD/rawt.bin")
     else
+        [ -z "$MOUNTED" ] || { log "   $WD/img still mounted"; return 1; }
         if ! e2fsck -fn "$WD/img" >>"$LOG" 2>&1; then
             log "   e2fsck -fn reports errors after $cfg write to /$file"; return 1
         fi
@@ -273,7 +324,7 @@ verify_read() {
     start_server "$cfg" ro data || { READ_OK[$cfg]=0; return; }
     rm -f "$WD/check.out"
     nbdcopy "$URI" "$WD/check.out" >>"$LOG" 2>&1 || ok=1
-    stop_server >/dev/null
+    stop_server
     [ "$ok" = 0 ] && [ "$(sha "$WD/check.out")" = "$SHA_DATA" ] || ok=1
     rm -f "$WD/check.out"
     READ_OK[$cfg]=$([ $ok = 0 ] && echo 1 || echo 0)
@@ -297,7 +348,7 @@ verify_group() {
              # noextents (part of the stock config) reports all data: no map check
              python3 "$here/check.py" pieces "$URI" "$WD/src5/sparse" \
                  "$([ "$cfg" = ext2 ] && echo - || echo "$WD/map.json")" >>"$LOG" 2>&1 || ok=1
-             stop_server >/dev/null
+             stop_server
              [ "$(sha "$WD/check.out")" = "$SHA_W5" ] || ok=1
              rm -f "$WD/check.out"
          fi ;;
@@ -306,7 +357,7 @@ verify_group() {
          serve "$cfg" ro "$WD/img.orig" "$WD/raw.bin" /data $kind || ok=1
          if [ $ok = 0 ]; then
              python3 "$here/check.py" sample "$URI" "$WD/src/data" 500 6 >>"$LOG" 2>&1 || ok=1
-             stop_server >/dev/null
+             stop_server
          fi ;;
     w7)  PROBE_URI="nbd+unix:///f0?socket=$SOCK"
          serve "$cfg" ro "$WD/img7" "$WD/src7" exportname || ok=1
@@ -318,7 +369,7 @@ verify_group() {
                  [ "$(sha "$WD/check.out")" = "${SHA_W7[$i]}" ] || ok=1
              done
              rm -f "$WD/check.out"
-             stop_server >/dev/null
+             stop_server
          fi ;;
     esac
     READ_OK[$key:$cfg]=$([ $ok = 0 ] && echo 1 || echo 0)
@@ -330,8 +381,9 @@ wl_configs() {
     local allowed c out=
     case $1 in
     w8)    allowed=$W8_CONFIGS ;;
-    mem-*) allowed="raw ext4fs" ;;   # the stock filter serializes connections / reads 1 TiB
-    *)     allowed="raw ext2 ext4fs" ;;
+    mem-*) allowed="raw ext4fs ext4fs-nj" ;;   # the stock filter serializes connections / reads 1 TiB
+    w4-over|w4-fill|w9|w9-hole) allowed="raw ext2 ext4fs ext4fs-nj kernel" ;;
+    *)     allowed="raw ext2 ext4fs ext4fs-nj" ;;
     esac
     for c in $CONFIGS; do case " $allowed " in *" $c "*) out+="$c ";; esac; done
     echo $out
@@ -395,7 +447,7 @@ err=sum(x["error"] for x in j["jobs"])
 print("%.0f" % (ios/wall) if wall>0 and err==0 else "NA")' "$WD/fio.json" "$t0" "$t1" 2>>"$LOG") || rc=1
               [ "$val" = NA ] && rc=1 ;;
         esac
-        rss=$(stop_server)
+        stop_server; rss=$SRV_HWM
         [ "$unit" = s ] && val=$(sub "$t0" "$t1")
         [ "$rc" = 0 ] && [ "${READ_OK[$cfg]}" = 1 ] || valid=0
         ;;
@@ -406,14 +458,14 @@ print("%.0f" % (ios/wall) if wall>0 and err==0 else "NA")' "$WD/fio.json" "$t0" 
         t0=$(now)
         nbdcopy --flush "$WD/wsrc" "$URI" >>"$LOG" 2>&1 || rc=1
         t1=$(now)
-        rss=$(stop_server)
+        stop_server; rss=$SRV_HWM
         val=$(sub "$t0" "$t1")
         [ "$rc" = 0 ] && verify_written "$cfg" $file "$SHA_WSRC" || valid=0
         ;;
     w5)
         serve "$cfg" ro "$WD/img5" "$WD/raw5.bin" /sparse || { record "$w" "$cfg" "$rep" NA s 0 0; return; }
         t0=$(now); nbdcopy "$URI" null: >>"$LOG" 2>&1 || rc=1; t1=$(now)
-        rss=$(stop_server)
+        stop_server; rss=$SRV_HWM
         val=$(sub "$t0" "$t1")
         [ "$rc" = 0 ] && [ "${READ_OK[w5:$cfg]}" = 1 ] || valid=0
         ;;
@@ -422,7 +474,7 @@ print("%.0f" % (ios/wall) if wall>0 and err==0 else "NA")' "$WD/fio.json" "$t0" 
         serve "$cfg" ro "$WD/img.orig" "$WD/raw.bin" /data $kind || { record "$w" "$cfg" "$rep" NA IOPS 0 0; return; }
         unit=IOPS
         val=$(fio_randread "$URI" "$W6_RUNTIME")
-        rss=$(stop_server)
+        stop_server; rss=$SRV_HWM
         [ "$val" != NA ] && [ "${READ_OK[$w:$cfg]}" = 1 ] || valid=0
         ;;
     w7-*)
@@ -436,7 +488,7 @@ print("%.0f" % (ios/wall) if wall>0 and err==0 else "NA")' "$WD/fio.json" "$t0" 
         done
         for p in "${pids[@]}"; do wait "$p" || rc=1; done
         t1=$(now)
-        rss=$(stop_server)
+        stop_server; rss=$SRV_HWM
         val=$(sub "$t0" "$t1")
         [ "$rc" = 0 ] && [ "${READ_OK[w7:$cfg]}" = 1 ] || valid=0
         ;;
@@ -453,7 +505,7 @@ print("%.0f" % (ios/wall) if wall>0 and err==0 else "NA")' "$WD/fio.json" "$t0" 
         PROBE_URI=
         out=$(timeout $(( ${W8_RUNTIME%.*} + 600 )) python3 "$here/w8.py" run "$SOCK" "$WD/src8" 64 16 \
               "$W8_RUNTIME" "$rep" 2 "$WD/w8.expect" 2>>"$LOG") || { rc=1; log "   w8 $cfg: client failed (see log)"; }
-        rss=$(stop_server)
+        stop_server; rss=$SRV_HWM
         unit=ops/s
         val=$(python3 -c 'import sys; n,t=sys.argv[1].split(); print("%.0f" % (int(n)/float(t)))' "$out" 2>/dev/null) || { val=NA; rc=1; }
         if [ "$rc" = 0 ]; then
@@ -481,7 +533,7 @@ print("%.0f" % (ios/wall) if wall>0 and err==0 else "NA")' "$WD/fio.json" "$t0" 
         t1=$(now)
         rss=$(hwm_now)
         python3 "$here/check.py" pieces "$URI" "$WD/src1t/big" "$WD/map.json" >>"$LOG" 2>&1 || rc=1
-        stop_server >/dev/null
+        stop_server
         val=$(sub "$t0" "$t1")
         [ "$rc" = 0 ] || valid=0
         ;;
@@ -491,7 +543,7 @@ print("%.0f" % (ios/wall) if wall>0 and err==0 else "NA")' "$WD/fio.json" "$t0" 
         serve "$cfg" ro "$WD/img10k" "$WD/src10k" exportname || { PROBE_URI=; record "$w" "$cfg" "$rep" NA s 0 0; return; }
         PROBE_URI=
         out=$(python3 "$here/check.py" files "$SOCK" "$MEM_FILES" 10 2>>"$LOG") || rc=1
-        rss=$(stop_server)
+        stop_server; rss=$SRV_HWM
         val=$(echo "$out" | awk '{printf "%.3f", $2}')
         [ "$rc" = 0 ] && [ -n "$val" ] || { valid=0; val=${val:-NA}; }
         ;;
@@ -501,7 +553,7 @@ print("%.0f" % (ios/wall) if wall>0 and err==0 else "NA")' "$WD/fio.json" "$t0" 
         serve "$cfg" ro "$WD/img.orig" "$WD/raw.bin" /data || { SRV_OPTS=(); record "$w" "$cfg" "$rep" NA s 0 0; return; }
         SRV_OPTS=()
         out=$(python3 "$here/check.py" conns "$URI" "$WD/src/data" "$MEM_CONNS" "$rep" 2>>"$LOG") || rc=1
-        rss=$(stop_server)
+        stop_server; rss=$SRV_HWM
         val=$(echo "$out" | awk '{printf "%.3f", $2}')
         [ "$rc" = 0 ] && [ -n "$val" ] || { valid=0; val=${val:-NA}; }
         ;;
@@ -512,7 +564,7 @@ print("%.0f" % (ios/wall) if wall>0 and err==0 else "NA")' "$WD/fio.json" "$t0" 
         start_server "$cfg" rw $file || { record "$w" "$cfg" "$rep" NA IOPS 0 0; return; }
         local out
         out=$(python3 "$here/w9.py" run "$URI" "$BYTES" "$W9_IOS" 2 "$W9_SEED" 2>>"$LOG") || rc=1
-        rss=$(stop_server)
+        stop_server; rss=$SRV_HWM
         unit=IOPS
         val=$(python3 -c 'import sys; n,t=sys.argv[1].split(); print("%.0f" % (int(n)/float(t)))' "$out" 2>/dev/null) || { val=NA; rc=1; }
         [ "$rc" = 0 ] && verify_written "$cfg" $file "$sha" || valid=0
@@ -526,7 +578,7 @@ need_read=0
 for w in $WORKLOADS; do case $w in w1*|w2|w3) need_read=1;; esac; done
 if [ $need_read = 1 ]; then
     cat "$WD/raw.bin" "$WD/img.orig" > /dev/null   # warm the page cache
-    for c in $CONFIGS; do verify_read "$c"; done
+    for c in $(wl_configs w1-1); do verify_read "$c"; done
 fi
 for g in w5 w6 w6-nbd w7; do
     want "$([ $g = w7 ] && echo 'w7-*' || echo $g)" || continue
@@ -574,7 +626,7 @@ desc = {"w1-1": "seq read nbdcopy 1 conn", "w1-4": "seq read nbdcopy 4 conn",
 def med(r): return statistics.median(r["vals"]) if r["vals"] else None
 print()
 print("SIZE=%s REPEATS=%s  (time in s: lower is better; IOPS: higher is better)" % (size, reps))
-print("%-8s %-24s %-7s %12s %9s %10s  %-7s %s" % ("workload", "description", "config", "median", "vs raw", "peakRSS", "status", "all runs"))
+print("%-8s %-24s %-9s %12s %9s %10s  %-7s %s" % ("workload", "description", "config", "median", "vs raw", "peakRSS", "status", "all runs"))
 for w in order:
     base = rows.get((w, "raw"))
     bm = med(base) if base else None
@@ -587,14 +639,34 @@ for w in order:
         else: ratio = "-"
         mstr = "-" if m is None else ("%.3f s" % m if r["unit"] == "s" else "%.0f %s" % (m, r["unit"]))
         runs = " ".join(("%.3f" % v if r["unit"] == "s" else "%.0f" % v) for v in r["vals"])
-        print("%-8s %-24s %-7s %12s %9s %8d K  %-7s %s" % (w, desc.get(w, ""), c, mstr, ratio,
+        print("%-8s %-24s %-9s %12s %9s %8d K  %-7s %s" % (w, desc.get(w, ""), c, mstr, ratio,
               r["rss"], "ok" if r["valid"] else "INVALID", runs))
 if any(w == "w4-fill" for w in order) and any(w == "w4-over" for w in order):
     print()
     for c in configs:
         o, f = rows.get(("w4-over", c)), rows.get(("w4-fill", c))
         if o and f and med(o) and med(f):
-            print("hole fill / overwrite, %-7s %.2fx" % (c, med(f) / med(o)))
+            print("hole fill / overwrite, %-9s %.2fx" % (c, med(f) / med(o)))
+# ext4fs against the other configs, as a cost: ext4fs's time / the other's
+# time (for IOPS and ops/s: the other's rate / ext4fs's rate), so > 1 means
+# ext4fs is slower.
+others = [c for c in ("ext4fs-nj", "raw", "kernel", "ext2") if c in configs]
+if "ext4fs" in configs and others:
+    lines = []
+    for w in order:
+        e = rows.get((w, "ext4fs"))
+        if not e or not med(e): continue
+        parts = []
+        for c in others:
+            r = rows.get((w, c))
+            if not r or not med(r): continue
+            cost = med(e) / med(r) if e["unit"] == "s" else med(r) / med(e)
+            parts.append("vs %-9s %5.2fx" % (c, cost))
+        if parts: lines.append("  %-8s %s" % (w, "   ".join(parts)))
+    if lines:
+        print()
+        print("ext4fs cost (time ratio of the medians, ext4fs / other; > 1 = ext4fs slower):")
+        print("\n".join(lines))
 w7 = [w for w in ("w7-1", "w7-2", "w7-4", "w7-8") if w in order]
 if w7:
     # each client reads one file of SIZE/8
@@ -612,5 +684,5 @@ if w7:
             tput = n * (b / 8) / (1 << 20) / med(r)
             if w == "w7-1": base = tput
             parts.append("%d: %.0f%s" % (n, tput, " (%.2fx)" % (tput / base) if base else ""))
-        if parts: print("  %-7s %s" % (c, "   ".join(parts)))
+        if parts: print("  %-9s %s" % (c, "   ".join(parts)))
 EOF
