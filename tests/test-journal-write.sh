@@ -188,12 +188,18 @@ for ((round = 1; round <= ROUNDS; round++)); do
     echo "round $round: ok ($(grep -c . fsck.out) lines of e2fsck, clean)"
 done
 
-# Our own replay, and a clean stop.
+# Our own replay, and a clean stop.  (The log may be empty if the last
+# kill came before any commit since the last checkpoint: then there is
+# nothing to replay, only the flag to clear.)
+logged=1
+dumpe2fs -h img 2>/dev/null | grep -q '^Journal start: *0$' && logged=
 nbdkit_srv -U - --filter="$FILTER" file img ext4file=/a \
     --run 'nbdcopy "$uri" a.out' 2> last.err ||
     { cat last.err; fail "read-write reopen of the killed image failed"; }
-grep -q 'replayed .* into the image' last.err ||
-    fail "the last reopen did not replay: $(cat last.err)"
+if [ -n "$logged" ]; then
+    grep -q 'replayed .* into the image' last.err ||
+        fail "the last reopen did not replay: $(cat last.err)"
+fi
 dumpe2fs -h img > dumpe2fs.out 2>/dev/null
 grep -q '^Filesystem features:.*needs_recovery' dumpe2fs.out &&
     fail "needs_recovery set after a clean stop"
