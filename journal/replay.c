@@ -80,9 +80,8 @@ map_cb (ext2_filsys fs, blk64_t *blocknr, e2_blkcnt_t blockcnt,
   return 0;
 }
 
-/* The device block of journal block jblk, or 0 if it is not mapped. */
-static uint64_t
-jmap (const struct ext4fs_journal *jr, uint32_t jblk)
+uint64_t
+journal_map_block (const struct ext4fs_journal *jr, uint32_t jblk)
 {
   size_t lo = 0, hi = jr->nruns;
 
@@ -104,7 +103,7 @@ static int
 jread (void *opaque, uint32_t jblk, void *buf)
 {
   struct ext4fs_journal *jr = opaque;
-  uint64_t p = jmap (jr, jblk);
+  uint64_t p = journal_map_block (jr, jblk);
   int err;
 
   if (p == 0) {
@@ -334,7 +333,7 @@ journal_overlay (struct ext4fs_journal *jr)
   }
   for (i = 0; i < jr->r.nblocks; ++i) {
     v[i].home = jr->r.blocks[i].home;
-    v[i].src = jmap (jr, jr->r.blocks[i].jblk);
+    v[i].src = journal_map_block (jr, jr->r.blocks[i].jblk);
     v[i].escaped = jr->r.blocks[i].escaped;
   }
   return ext4fs_dev_set_overlay (jr->dev, jr->blockbits, v, jr->r.nblocks);
@@ -410,7 +409,7 @@ journal_replay_in_place (struct ext4fs_journal *jr, int *err)
   memcpy (buf, jr->j.raw, JSB_SIZE);
   jbd2_reset_superblock (&jr->j, buf, jr->r.end_tid + 1);
   if (ext4fs_dev_pwrite (jr->dev, buf, JSB_SIZE,
-                         jmap (jr, 0) << jr->blockbits, 0, err) == -1 ||
+                         journal_map_block (jr, 0) << jr->blockbits, 0, err) == -1 ||
       ext4fs_dev_flush (jr->dev, err) == -1) {
     nbdkit_error ("journal: replay: emptying the journal: %s",
                   strerror (*err));

@@ -36,6 +36,10 @@ extern struct ext4fs_journal *journal_load (ext2_filsys fs,
                                             struct ext4fs_dev *dev);
 extern void journal_free (struct ext4fs_journal *jr);
 
+/* The device block of journal block jblk, or 0 if it is not mapped. */
+extern uint64_t journal_map_block (const struct ext4fs_journal *jr,
+                                   uint32_t jblk);
+
 /* Give dev a read overlay with the replayed blocks (the image is not
  * changed).  Returns 0, or -1 after nbdkit_error.
  */

@@ -522,21 +522,7 @@ jtx_for_held_locked (struct ext4fs_jtx *jt, uint64_t start, uint64_t end,
 static uint64_t
 jphys (struct ext4fs_jtx *jt, uint32_t jblk)
 {
-  const struct ext4fs_journal *jr = jt->jr;
-  size_t lo = 0, hi = jr->nruns;
-
-  while (lo < hi) {
-    size_t mid = lo + (hi - lo) / 2;
-    const struct jrun *r = &jr->runs[mid];
-
-    if (jblk < r->jblk)
-      hi = mid;
-    else if (jblk - r->jblk >= r->len)
-      lo = mid + 1;
-    else
-      return r->pblk + (jblk - r->jblk);
-  }
-  return 0;
+  return journal_map_block (jt->jr, jblk);
 }
 
 static uint32_t
