@@ -547,6 +547,7 @@ discard_free_space (struct ext4fs_fs *fsi)
 /* A read-write filesystem with an internal journal gets its metadata
  * changes journaled (-D ext4fs.journal=0 turns that off: the old
  * "not clean" marking).  The log is empty here (replayed, or clean).
+ * Without one, the same writer writes metadata back without a log.
  */
 static int
 journal_writer_open (struct ext4fs_fs *fsi)
@@ -555,8 +556,14 @@ journal_writer_open (struct ext4fs_fs *fsi)
   struct ext4fs_journal *jr;
 
   if (!ext4fs_debug_journal || !ext2fs_has_feature_journal (sb) ||
-      sb->s_journal_inum == 0)
-    return 0;
+      sb->s_journal_inum == 0) {
+    /* No journal: metadata is still written back in order (data
+     * first), at the same points a commit would be.
+     */
+    fsi->jt = jtx_open_nolog (fsi->dev, fsi->blockbits, fsi->fs, &fsi->lock,
+                              journal_prepare, journal_unhold, fsi);
+    return fsi->jt ? 0 : -1;
+  }
   jr = journal_load (fsi->fs, fsi->dev);
   if (jr == NULL) {
     nbdkit_error ("the filesystem's journal cannot be used for writing "
@@ -681,14 +688,14 @@ fs_open_dev (struct ext4fs_dev *dev, bool rw)
       goto err;
     if (journal_writer_open (fsi) == -1)
       goto err;
-    /* Discards need the journal: without one, the freeing is not
-     * ordered before the reuse of the block (DESIGN.md §16).
+    /* Discards come after the freeing is durable, before any reuse
+     * (DESIGN.md §16): with the journal, or the ordered write-back
+     * without one.
      */
     fsi->discard = discard_freed && fsi->jt && ext4fs_dev_can_discard (dev);
     if (discard_freed && !fsi->discard)
-      nbdkit_debug ("ext4fs: freed blocks are not discarded below (%s)",
-                    !ext4fs_dev_can_discard (dev) ?
-                    "the plugin cannot trim" : "no journal");
+      nbdkit_debug ("ext4fs: freed blocks are not discarded below (the "
+                    "plugin cannot trim)");
     if (discard_free_at_open) {
       if (ext4fs_dev_can_discard (dev))
         discard_free_space (fsi);
@@ -736,6 +743,24 @@ fs_close_dev (struct ext4fs_fs *fsi)
   if (fsi->fs && mmp_lost (fsi->mmp)) {
     ext2fs_free (fsi->fs);
     fsi->fs = NULL;
+  }
+  if (fsi->fs && fsi->jt && !jtx_logged (fsi->jt)) {
+    /* No journal: the last write-back, then the clean state below as
+     * ever (with the hooks gone).  A failed write-back or an earlier
+     * failed flush leave it marked with errors, never clean.
+     */
+    if (fsi->marked_unclean && !fsi->broken &&
+        jtx_close (fsi->jt, &err) == -1) {
+      nbdkit_error ("closing the filesystem: writing metadata back failed: "
+                    "%s", strerror (err));
+      fsi->broken = true;
+    }
+    if (jtx_aborted (fsi->jt))
+      fsi->broken = true;
+    if (ext4fs_debug_journal_stats)
+      jtx_stats (fsi->jt);
+    jtx_free (fsi->jt);
+    fsi->jt = NULL;
   }
   if (fsi->fs && fsi->jt) {
     /* Journaled: commit, checkpoint, empty the log, and only then
@@ -1025,6 +1050,33 @@ write_super_locked (struct ext4fs_fs *fsi, int *err)
   return 0;
 }
 
+/* The primary superblock into the running transaction (journal or
+ * write-back), with a fresh checksum.
+ */
+static int
+put_super_locked (struct ext4fs_fs *fsi, int *err)
+{
+  ext2_filsys fs = fsi->fs;
+
+  fs->super->s_wtime = time (NULL);
+  ext2fs_superblock_csum_set (fs, fs->super);
+  if (jtx_put_bytes (fsi->jt, SUPERBLOCK_OFFSET, fs->super, SUPERBLOCK_SIZE,
+                     err) == -1)
+    return -1;
+  if (fs->orig_super)
+    memcpy (fs->orig_super, fs->super, SUPERBLOCK_SIZE);
+  return 0;
+}
+
+static int
+mark_not_clean (void *opaque, int *err)
+{
+  struct ext4fs_fs *fsi = opaque;
+
+  fsi->fs->super->s_state &= ~EXT2_VALID_FS;
+  return put_super_locked (fsi, err);
+}
+
 static int
 set_recovery_flag (void *opaque, int *err)
 {
@@ -1066,19 +1118,33 @@ fs_begin_write (struct ext4fs_fs *fsi, int *err)
     return -1;
   }
   if (fsi->jt && jtx_aborted (fsi->jt)) {
-    nbdkit_error ("the journal was aborted earlier in this session; "
-                  "refusing to change the filesystem further");
+    nbdkit_error ("%s earlier in this session; refusing to change the "
+                  "filesystem further", jtx_logged (fsi->jt) ?
+                  "the journal was aborted" :
+                  "metadata writeback stopped after a failure");
     *err = EIO;
     return -1;
   }
   if (fsi->marked_unclean)
     return 0;
-  if (fsi->jt) {
+  if (fsi->jt && jtx_logged (fsi->jt)) {
     /* Journaled: needs_recovery (with the journal's features) durable
      * before anything changes; VALID_FS stays set, as under a kernel.
      */
     if (jtx_begin_locked (fsi->jt, set_recovery_flag, fsi, err) == -1) {
       ext2fs_clear_feature_journal_needs_recovery (fsi->fs->super);
+      return -1;
+    }
+    __atomic_store_n (&fsi->marked_unclean, true, __ATOMIC_RELEASE);
+    return 0;
+  }
+  if (fsi->jt) {
+    /* Write-back without a journal: VALID_FS cleared on disk (home and
+     * flushed) before anything else changes, so that a crash from now
+     * on makes e2fsck check the filesystem.
+     */
+    if (jtx_begin_locked (fsi->jt, mark_not_clean, fsi, err) == -1) {
+      fsi->fs->super->s_state = fsi->orig_state;
       return -1;
     }
     __atomic_store_n (&fsi->marked_unclean, true, __ATOMIC_RELEASE);
@@ -1121,9 +1187,12 @@ fs_set_broken_locked (struct ext4fs_fs *fsi, const char *why)
   if (fsi->jt) {
     /* The running transaction is half changed: it is never committed,
      * and the last committed state (which replay gives) is consistent.
+     * Without a journal nothing more goes home either, and the close
+     * marks the filesystem with errors.
      */
     jtx_abort_locked (fsi->jt, why);
-    return;
+    if (jtx_logged (fsi->jt))
+      return;
   }
   fsi->fs->super->s_state |= EXT2_ERROR_FS;
   fsi->super_dirty = true;
@@ -1335,13 +1404,8 @@ fs_writeback_locked (struct ext4fs_fs *fsi, int *err)
    * replayed state has the right totals (with needs_recovery set).
    */
   if (fsi->jt) {
-    fs->super->s_wtime = time (NULL);
-    ext2fs_superblock_csum_set (fs, fs->super);
-    if (jtx_put_bytes (fsi->jt, SUPERBLOCK_OFFSET, fs->super,
-                       SUPERBLOCK_SIZE, err) == -1)
+    if (put_super_locked (fsi, err) == -1)
       return -1;
-    if (fs->orig_super)
-      memcpy (fs->orig_super, fs->super, SUPERBLOCK_SIZE);
   }
   else if (write_super_locked (fsi, err) == -1)
     return -1;

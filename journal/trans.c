@@ -22,6 +22,11 @@
  *  - blocks freed in a transaction stay reserved until it commits, and
  *    freed blocks with a copy in the live log are revoked.
  *
+ * Without a journal (jtx_open_nolog: ext2, ^has_journal) the same cache
+ * and handles give the ordering without the atomicity: a "commit"
+ * flushes (the data first), writes the running transaction home and
+ * flushes again (write_home_locked).
+ *
  * Locks (DESIGN.md §3 and §15): the handle lock (a writer-preferring
  * rwlock: shared by requests changing metadata, exclusive for a commit
  * or checkpoint) sits between the inode rwlock and the fs mutex; all
@@ -45,6 +50,7 @@
 
 #define COMMIT_INTERVAL 5               /* seconds, the kernel's default */
 #define CLEAN_LIMIT 8192                /* clean cached blocks kept */
+#define NOLOG_RUN_BYTES (32u << 20)     /* no journal: write back this much */
 
 struct jent {
   uint64_t blk;
@@ -54,6 +60,9 @@ struct jent {
   bool running;                 /* changed in the running transaction */
   bool in_log;                  /* committed into the live log: home is stale
                                    until the next checkpoint */
+  bool fresh;                   /* no journal: first written whole by
+                                   libext2fs in the running transaction (a
+                                   new tree or indirect block) */
   struct jent *hnext;
 };
 
@@ -69,6 +78,7 @@ struct ext4fs_jtx {
   void *opaque;
   unsigned bits;
   uint32_t bs;
+  bool logged;                  /* false: no journal (jtx_open_nolog) */
   pthread_rwlock_t handle_lock;
 
   /* Protected by *fs_lock: */
@@ -118,6 +128,20 @@ put_be16 (uint8_t *p, uint16_t v)
 {
   p[0] = v >> 8;
   p[1] = v;
+}
+
+/* For messages. */
+static const char *
+what (const struct ext4fs_jtx *jt)
+{
+  return jt->logged ? "journal" : "metadata writeback";
+}
+
+static const char *
+stopped (const struct ext4fs_jtx *jt)
+{
+  return jt->logged ? "the journal was aborted" :
+    "metadata writeback was stopped after a failure";
 }
 
 /*----------------------------------------------------------------------
@@ -320,16 +344,18 @@ cache_read (void *opaque, void *buf, uint64_t count, uint64_t offset, int *err)
   return 0;
 }
 
-/* Write (or zero, buf == NULL) into the running transaction. */
+/* Write (or zero, buf == NULL) into the running transaction.  fresh:
+ * libext2fs's own write (not the writeback's bitmaps or descriptors).
+ */
 static int
 cache_write (struct ext4fs_jtx *jt, const void *buf, uint64_t count,
-             uint64_t offset, int *err)
+             uint64_t offset, bool fresh, int *err)
 {
   const uint8_t *p = buf;
   uint64_t end = offset + count;
 
   if (__atomic_load_n (&jt->aborted, __ATOMIC_RELAXED)) {
-    nbdkit_error ("journal: metadata write refused: the journal was aborted");
+    nbdkit_error ("%s: metadata write refused: %s", what (jt), stopped (jt));
     *err = EIO;
     return -1;
   }
@@ -356,6 +382,8 @@ cache_write (struct ext4fs_jtx *jt, const void *buf, uint64_t count,
         *err = ENOMEM;
         return -1;
       }
+      /* Not read first: a block libext2fs has just allocated. */
+      e->fresh = fresh && n == jt->bs && !e->running;
     }
     if (make_running (jt, e) == -1) {
       nbdkit_error ("journal: out of memory for the transaction");
@@ -377,13 +405,13 @@ static int
 hook_write (void *opaque, const void *buf, uint64_t count, uint64_t offset,
             int *err)
 {
-  return cache_write (opaque, buf, count, offset, err);
+  return cache_write (opaque, buf, count, offset, true, err);
 }
 
 static int
 hook_zero (void *opaque, uint64_t count, uint64_t offset, int *err)
 {
-  return cache_write (opaque, NULL, count, offset, err);
+  return cache_write (opaque, NULL, count, offset, true, err);
 }
 
 static const struct ext4fs_meta_ops hooks = {
@@ -395,7 +423,7 @@ static const struct ext4fs_meta_ops hooks = {
 int
 jtx_put_block (struct ext4fs_jtx *jt, uint64_t blk, const void *buf, int *err)
 {
-  return cache_write (jt, buf, jt->bs, blk << jt->bits, err);
+  return cache_write (jt, buf, jt->bs, blk << jt->bits, false, err);
 }
 
 bool
@@ -413,7 +441,7 @@ int
 jtx_put_bytes (struct ext4fs_jtx *jt, uint64_t offset, const void *buf,
                uint64_t count, int *err)
 {
-  return cache_write (jt, buf, count, offset, err);
+  return cache_write (jt, buf, count, offset, false, err);
 }
 
 /*----------------------------------------------------------------------
@@ -710,15 +738,72 @@ fill_descriptor (struct ext4fs_jtx *jt, uint8_t *d, size_t first, size_t n,
   jbd2_set_tail_csum (j, d);
 }
 
+/* No journal (jtx_open_nolog): the running transaction goes straight
+ * home, in the order ordered mode needs without a log, each step
+ * durable before the next:
+ *  1. a flush: the data of every completed write, before any metadata
+ *     that may link it;
+ *  2. the fresh blocks (tree and indirect blocks allocated in this
+ *     transaction), before the blocks that point at them, so that no
+ *     pointer ever leads to a block holding old bytes;
+ *  3. every other block (inodes, old tree blocks, bitmaps,
+ *     descriptors, the superblock).
+ * A crash half way through leaves metadata half written: the
+ * filesystem is marked not clean on disk (fs_begin_write) and needs
+ * e2fsck then, but no mapping points at data or a tree block that was
+ * not durable first, and freed blocks are reused only after the
+ * freeing is durable.  A failed write leaves the blocks running: the
+ * next commit writes them all again.  A failed flush aborts (file
+ * data may be lost below).  Handle lock exclusive and fs mutex held.
+ */
+static int
+write_home_locked (struct ext4fs_jtx *jt, int *err)
+{
+  size_t i;
+  int pass;
+
+  for (pass = 0; pass < 3; ++pass) {
+    bool wrote = pass == 0;
+
+    for (i = 0; pass > 0 && i < jt->nrunning; ++i) {
+      const struct jent *e = jt->running[i];
+      if (e->fresh != (pass == 1))
+        continue;
+      if (ext4fs_dev_pwrite (jt->dev, e->data, jt->bs, e->blk << jt->bits, 0,
+                             err) == -1) {
+        nbdkit_error ("metadata writeback: writing block %" PRIu64 ": %s",
+                      e->blk, strerror (*err));
+        return -1;
+      }
+      wrote = true;
+    }
+    if (wrote && ext4fs_dev_flush (jt->dev, err) == -1) {
+      nbdkit_error ("metadata writeback: flush: %s", strerror (*err));
+      jtx_abort_locked (jt, "a flush failed below");
+      return -1;
+    }
+  }
+  for (i = 0; i < jt->nrunning; ++i) {
+    jt->running[i]->running = false;
+    jt->running[i]->fresh = false;
+    jt->nclean++;
+  }
+  jt->nlogged += jt->nrunning;
+  jt->nrunning = 0;
+  __atomic_store_n (&jt->running_size, 0, __ATOMIC_RELAXED);
+  jt->ncommits++;
+  trim_clean (jt);
+  return 0;
+}
+
 /* Commit the running transaction.  Handle lock exclusive and fs mutex
  * held.
  */
 static int
 commit_locked (struct ext4fs_jtx *jt, int *err)
 {
-  const struct jbd2_journal *j = &jt->jr->j;
-  size_t per_desc = tags_per_desc (jt), per_rev = revokes_per_block (jt);
-  size_t ndesc, nrev, need, pos, i;
+  const struct jbd2_journal *j;
+  size_t per_desc, per_rev, ndesc, nrev, need, pos, i;
   bool was_empty;
   uint64_t t;
   uint8_t *p;
@@ -729,10 +814,21 @@ commit_locked (struct ext4fs_jtx *jt, int *err)
   }
   if (jt->nrunning == 0 && jt->nrevokes == 0) {
     /* Nothing to log: a flush is all it takes. */
-    if (ext4fs_dev_flush (jt->dev, err) == -1)
+    if (ext4fs_dev_flush (jt->dev, err) == -1) {
+      if (!jt->logged)
+        goto fail;              /* data may be lost below: never clean */
+      return -1;
+    }
+    goto done;
+  }
+  if (!jt->logged) {
+    if (write_home_locked (jt, err) == -1)
       return -1;
     goto done;
   }
+  j = &jt->jr->j;
+  per_desc = tags_per_desc (jt);
+  per_rev = revokes_per_block (jt);
   ndesc = (jt->nrunning + per_desc - 1) / per_desc;
   nrev = (jt->nrevokes + per_rev - 1) / per_rev;
   need = ndesc + jt->nrunning + nrev + 1;
@@ -880,38 +976,33 @@ commit_locked (struct ext4fs_jtx *jt, int *err)
 
 static void *timer_thread (void *arg);
 
-struct ext4fs_jtx *
-jtx_open (struct ext4fs_journal *jr, ext2_filsys fs, pthread_mutex_t *fs_lock,
-          jtx_prepare_fn prepare, jtx_unhold_fn unhold, void *opaque)
+/* What both kinds share; NULL after nbdkit_error. */
+static struct ext4fs_jtx *
+jtx_new (struct ext4fs_dev *dev, unsigned bits, ext2_filsys fs,
+         pthread_mutex_t *fs_lock, jtx_prepare_fn prepare,
+         jtx_unhold_fn unhold, void *opaque)
 {
   struct ext4fs_jtx *jt;
   pthread_rwlockattr_t attr;
+  pthread_condattr_t ca;
 
-  if (jr->j.start != 0) {
-    nbdkit_error ("journal: the log is not empty");
-    journal_free (jr);
-    return NULL;
-  }
   jt = calloc (1, sizeof *jt);
   if (jt == NULL) {
     nbdkit_error ("calloc: %m");
-    journal_free (jr);
     return NULL;
   }
-  jt->jr = jr;
-  jt->dev = jr->dev;
+  jt->dev = dev;
   jt->fs = fs;
   jt->fs_lock = fs_lock;
   jt->prepare = prepare;
   jt->unhold = unhold;
   jt->opaque = opaque;
-  jt->bits = jr->blockbits;
+  jt->bits = bits;
   jt->bs = 1u << jt->bits;
   jt->nbuckets = 1024;
   jt->buckets = calloc (jt->nbuckets, sizeof *jt->buckets);
   if (jt->buckets == NULL) {
     nbdkit_error ("calloc: %m");
-    journal_free (jr);
     free (jt);
     return NULL;
   }
@@ -922,13 +1013,31 @@ jtx_open (struct ext4fs_journal *jr, ext2_filsys fs, pthread_mutex_t *fs_lock,
   pthread_rwlock_init (&jt->handle_lock, &attr);
   pthread_rwlockattr_destroy (&attr);
   pthread_mutex_init (&jt->tlock, NULL);
-  {
-    pthread_condattr_t ca;
-    pthread_condattr_init (&ca);
-    pthread_condattr_setclock (&ca, CLOCK_MONOTONIC);
-    pthread_cond_init (&jt->tcond, &ca);
-    pthread_condattr_destroy (&ca);
+  pthread_condattr_init (&ca);
+  pthread_condattr_setclock (&ca, CLOCK_MONOTONIC);
+  pthread_cond_init (&jt->tcond, &ca);
+  pthread_condattr_destroy (&ca);
+  return jt;
+}
+
+struct ext4fs_jtx *
+jtx_open (struct ext4fs_journal *jr, ext2_filsys fs, pthread_mutex_t *fs_lock,
+          jtx_prepare_fn prepare, jtx_unhold_fn unhold, void *opaque)
+{
+  struct ext4fs_jtx *jt;
+
+  if (jr->j.start != 0) {
+    nbdkit_error ("journal: the log is not empty");
+    journal_free (jr);
+    return NULL;
   }
+  jt = jtx_new (jr->dev, jr->blockbits, fs, fs_lock, prepare, unhold, opaque);
+  if (jt == NULL) {
+    journal_free (jr);
+    return NULL;
+  }
+  jt->jr = jr;
+  jt->logged = true;
   jt->capacity = jr->j.last - jr->j.first;
   jt->run_limit = jt->capacity / 4;
   jt->head = jr->j.first;
@@ -938,14 +1047,35 @@ jtx_open (struct ext4fs_journal *jr, ext2_filsys fs, pthread_mutex_t *fs_lock,
   return jt;
 }
 
+struct ext4fs_jtx *
+jtx_open_nolog (struct ext4fs_dev *dev, unsigned blockbits, ext2_filsys fs,
+                pthread_mutex_t *fs_lock, jtx_prepare_fn prepare,
+                jtx_unhold_fn unhold, void *opaque)
+{
+  struct ext4fs_jtx *jt;
+
+  jt = jtx_new (dev, blockbits, fs, fs_lock, prepare, unhold, opaque);
+  if (jt == NULL)
+    return NULL;
+  jt->run_limit = NOLOG_RUN_BYTES >> blockbits;
+  ext4fs_dev_set_meta_ops (jt->dev, &hooks, jt);
+  return jt;
+}
+
+bool
+jtx_logged (const struct ext4fs_jtx *jt)
+{
+  return jt->logged;
+}
+
 int
 jtx_begin_locked (struct ext4fs_jtx *jt,
                   int (*sb_write) (void *opaque, int *err), void *opaque,
                   int *err)
 {
-  struct jbd2_journal *j = &jt->jr->j;
+  struct jbd2_journal *j;
   struct ext2_super_block *sb = jt->fs->super;
-  uint8_t *raw = j->raw;
+  uint8_t *raw;
   uint32_t compat, incompat;
   struct jbd2_journal nj;
 
@@ -955,6 +1085,14 @@ jtx_begin_locked (struct ext4fs_jtx *jt,
     *err = EIO;
     return -1;
   }
+  if (!jt->logged) {
+    /* The "not clean" mark home and durable before anything changes. */
+    if (sb_write (opaque, err) == -1 || write_home_locked (jt, err) == -1)
+      return -1;
+    goto begun;
+  }
+  j = &jt->jr->j;
+  raw = j->raw;
   /* The features the kernel would choose for this filesystem: v3
    * checksums with metadata_csum, else none; 64-bit tags on a 64bit
    * filesystem; revoke; no async commit.  (The log is empty, so they
@@ -990,6 +1128,7 @@ jtx_begin_locked (struct ext4fs_jtx *jt,
     return -1;
   if (ext4fs_dev_flush (jt->dev, err) == -1)
     return -1;
+ begun:
   jt->begun = true;
   if (pthread_create (&jt->timer, NULL, timer_thread, jt) == 0)
     jt->timer_started = true;
@@ -1005,8 +1144,8 @@ jtx_handle_start (struct ext4fs_jtx *jt, int *err)
 
   for (tries = 0; ; ++tries) {
     if (jtx_aborted (jt)) {
-      nbdkit_error ("journal: the journal was aborted earlier in this "
-                    "session; refusing to change the filesystem");
+      nbdkit_error ("%s: %s earlier in this session; refusing to change "
+                    "the filesystem", what (jt), stopped (jt));
       *err = EIO;
       return -1;
     }
@@ -1044,11 +1183,17 @@ jtx_aborted (struct ext4fs_jtx *jt)
 void
 jtx_abort_locked (struct ext4fs_jtx *jt, const char *why)
 {
-  if (!__atomic_exchange_n (&jt->aborted, true, __ATOMIC_ACQ_REL))
+  if (__atomic_exchange_n (&jt->aborted, true, __ATOMIC_ACQ_REL))
+    return;
+  if (jt->logged)
     nbdkit_error ("journal: aborting the journal (%s): no more changes in "
                   "this session; the image is left needing recovery, which "
                   "the next open (ext4fs, e2fsck or the kernel) replays to "
                   "the last committed state", why);
+  else
+    nbdkit_error ("metadata writeback: stopping (%s): no more changes in "
+                  "this session; the filesystem (no journal) is left marked "
+                  "not clean, with errors: run e2fsck", why);
 }
 
 int
@@ -1057,7 +1202,7 @@ jtx_sync (struct ext4fs_jtx *jt, bool force, int *err)
   int r;
 
   if (jtx_aborted (jt)) {
-    nbdkit_error ("journal: flush refused: the journal was aborted");
+    nbdkit_error ("%s: flush refused: %s", what (jt), stopped (jt));
     *err = EIO;
     return -1;
   }

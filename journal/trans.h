@@ -38,10 +38,32 @@ extern struct ext4fs_jtx *jtx_open (struct ext4fs_journal *jr,
                                     jtx_prepare_fn prepare,
                                     jtx_unhold_fn unhold, void *opaque);
 
+/* The same cache, handles, held freed blocks, timer and entry points
+ * for a read-write filesystem without a journal (ext2, ^has_journal,
+ * or -D ext4fs.journal=0): a "commit" is a flush (the data linked by
+ * the metadata durable first), the running transaction's blocks
+ * written home, and a flush.  A crash half way through needs e2fsck
+ * (the filesystem is marked not clean on disk), but no mapping points
+ * at data that was not durable first.  Returns NULL after
+ * nbdkit_error.
+ */
+extern struct ext4fs_jtx *jtx_open_nolog (struct ext4fs_dev *dev,
+                                          unsigned blockbits,
+                                          ext2_filsys fs,
+                                          pthread_mutex_t *fs_lock,
+                                          jtx_prepare_fn prepare,
+                                          jtx_unhold_fn unhold, void *opaque);
+
+/* Is there a log (jtx_open), or only write-back (jtx_open_nolog)? */
+extern bool jtx_logged (const struct ext4fs_jtx *jt);
+
 /* Before the first change of the session (caller holds the fs mutex):
  * the journal superblock gets the features the kernel would choose,
  * needs_recovery is set in the filesystem's superblock (sb_write
- * writes it home), and both are flushed.  Starts the commit timer.
+ * writes it home), and both are flushed.  Without a log, sb_write
+ * puts the superblock (marked not clean) into the running transaction
+ * with jtx_put_bytes, and it is written home and flushed.  Starts the
+ * commit timer.
  */
 extern int jtx_begin_locked (struct ext4fs_jtx *jt,
                              int (*sb_write) (void *opaque, int *err),
@@ -116,7 +138,9 @@ extern void jtx_abort_locked (struct ext4fs_jtx *jt, const char *why);
  * the journal (s_start = 0, s_sequence = the next tid), flush.  The
  * caller then clears needs_recovery.  Returns -1 (after nbdkit_error,
  * the image left needing recovery) on failure or after an abort.  The
- * caller holds nothing.
+ * caller holds nothing.  Without a log: the last write-back, after
+ * which the caller writes the clean state home itself (jtx_free
+ * first: the hooks are gone then).
  */
 extern int jtx_close (struct ext4fs_jtx *jt, int *err);
 
