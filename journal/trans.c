@@ -1206,8 +1206,24 @@ jtx_sync (struct ext4fs_jtx *jt, bool force, int *err)
     *err = EIO;
     return -1;
   }
-  if (!force && !jtx_pending (jt))
-    return ext4fs_dev_flush (jt->dev, err);
+  if (!force && !jtx_pending (jt)) {
+    if (jt->logged)
+      return ext4fs_dev_flush (jt->dev, err);
+    /* No journal: a flush never completes in the middle of another
+     * thread's write-back (the state at a completed flush is one a
+     * write-back left whole), and a failed one stops the writer, as a
+     * failed flush inside a write-back does.
+     */
+    pthread_rwlock_rdlock (&jt->handle_lock);
+    r = ext4fs_dev_flush (jt->dev, err);
+    pthread_rwlock_unlock (&jt->handle_lock);
+    if (r == -1) {
+      pthread_mutex_lock (jt->fs_lock);
+      jtx_abort_locked (jt, "a flush failed below");
+      pthread_mutex_unlock (jt->fs_lock);
+    }
+    return r;
+  }
   pthread_rwlock_wrlock (&jt->handle_lock);
   pthread_mutex_lock (jt->fs_lock);
   if (!jt->begun)

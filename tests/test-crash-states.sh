@@ -51,8 +51,8 @@ cd "$tmpdir"
 [ -n "${KEEP:-}" ] && { trap - EXIT; echo "keeping $tmpdir"; }
 
 export SEED=${SEED:-$RANDOM}
-subsets=${CRASH_SUBSETS:-8}
-max_states=${CRASH_MAX_STATES:-400}
+subsets=${CRASH_SUBSETS:-24}
+max_states=${CRASH_MAX_STATES:-1000}
 strict=${EXT4FS_CRASH_STRICT:-0}
 # Journaled (ext4): everything.  Without a journal (ext2) a process
 # crash or a power loss needs e2fsck, as documented; what is promised
