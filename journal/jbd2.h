@@ -189,4 +189,40 @@ jbd2_tid_geq (uint32_t a, uint32_t b)
   return (int32_t) (a - b) >= 0;
 }
 
+/* Big-endian fields (jbd2 is big-endian on disk). */
+static inline uint32_t
+be32 (const uint8_t *p)
+{
+  return (uint32_t) p[0] << 24 | (uint32_t) p[1] << 16 |
+    (uint32_t) p[2] << 8 | p[3];
+}
+
+static inline uint16_t
+be16 (const uint8_t *p)
+{
+  return (uint16_t) (p[0] << 8 | p[1]);
+}
+
+static inline uint64_t
+be64 (const uint8_t *p)
+{
+  return (uint64_t) be32 (p) << 32 | be32 (p + 4);
+}
+
+static inline void
+put_be32 (uint8_t *p, uint32_t v)
+{
+  p[0] = v >> 24;
+  p[1] = v >> 16;
+  p[2] = v >> 8;
+  p[3] = v;
+}
+
+static inline void
+put_be16 (uint8_t *p, uint16_t v)
+{
+  p[0] = v >> 8;
+  p[1] = v;
+}
+
 #endif /* EXT4FS_JBD2_H */

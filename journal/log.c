@@ -37,34 +37,6 @@
 
 #include "jbd2.h"
 
-static inline uint32_t
-be32 (const uint8_t *p)
-{
-  return (uint32_t) p[0] << 24 | (uint32_t) p[1] << 16 |
-    (uint32_t) p[2] << 8 | p[3];
-}
-
-static inline uint16_t
-be16 (const uint8_t *p)
-{
-  return (uint16_t) (p[0] << 8 | p[1]);
-}
-
-static inline uint64_t
-be64 (const uint8_t *p)
-{
-  return (uint64_t) be32 (p) << 32 | be32 (p + 4);
-}
-
-static inline void
-put_be32 (uint8_t *p, uint32_t v)
-{
-  p[0] = v >> 24;
-  p[1] = v >> 16;
-  p[2] = v >> 8;
-  p[3] = v;
-}
-
 static uint32_t
 crc32c (uint32_t seed, const void *buf, size_t len)
 {

@@ -114,22 +114,6 @@ struct ext4fs_jtx {
   bool tstop;                   /* Protected by tlock */
 };
 
-static inline void
-put_be32 (uint8_t *p, uint32_t v)
-{
-  p[0] = v >> 24;
-  p[1] = v >> 16;
-  p[2] = v >> 8;
-  p[3] = v;
-}
-
-static inline void
-put_be16 (uint8_t *p, uint16_t v)
-{
-  p[0] = v >> 8;
-  p[1] = v;
-}
-
 /* For messages. */
 static const char *
 what (const struct ext4fs_jtx *jt)
