@@ -1,5 +1,6 @@
 # ext4fs: install the Debian packages the project needs, only those
-# that are missing.  Sourced by check.sh and demo.sh.
+# that are missing.  Sourced by check.sh and demo.sh.  dpkg-dev,
+# debhelper, lintian and man-db are for tests/test-package.sh.
 
 EXT4FS_DEPS=(
     build-essential autoconf automake libtool pkg-config
@@ -7,6 +8,7 @@ EXT4FS_DEPS=(
     libnbd-dev libnbd-bin python3-libnbd
     e2fsprogs qemu-utils fio perl
     clang libclang-rt-dev gdb
+    dpkg-dev debhelper lintian man-db
 )
 
 install_missing_deps ()
