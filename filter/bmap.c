@@ -476,6 +476,42 @@ extent_error (struct ext4fs_inode *ip, const char *what, errcode_t e, int *err)
   return -1;
 }
 
+/* How one change to ip's block map through libext2fs ended.  before:
+ * the I/O counts (ext4fs_io_counts) taken before it; e: what libext2fs
+ * returned; reads: whether a failed read below counts (ext2fs_punch
+ * ignores one and then works on a wrong position).  libext2fs does not
+ * return every failure of its own writes, so the counts decide:
+ * returns 0 (done, every write below succeeded), -1 (failed before
+ * anything was written: nothing changed, on disk or in memory), or -2
+ * (failed after something was written, or a write below failed
+ * although libext2fs said it succeeded: the change may be half made;
+ * the filesystem is marked broken).  *err is set after nbdkit_error
+ * unless 0 is returned.
+ */
+static int
+change_done_locked (struct ext4fs_inode *ip,
+                    const struct ext4fs_io_counts *before, errcode_t e,
+                    bool reads, const char *what, int *err)
+{
+  struct ext4fs_io_counts now;
+
+  ext4fs_io_counts (&now);
+  if (e == 0 && now.write_failures == before->write_failures &&
+      (!reads || now.read_failures == before->read_failures))
+    return 0;
+  if (e)
+    extent_error (ip, what, e, err);
+  else {
+    nbdkit_error ("inode %u: %s: an I/O error below was lost by libext2fs",
+                  ip->ino, what);
+    *err = EIO;
+  }
+  if (now.writes == before->writes)
+    return -1;
+  fs_set_broken_locked (ip->fsi, what);
+  return -2;
+}
+
 static bool
 mergeable (const struct ext2fs_extent *a, const struct ext2fs_extent *b)
 {
@@ -514,13 +550,15 @@ merge_at (struct ext4fs_inode *ip, ext2_extent_handle_t h, uint64_t lblk)
       continue;
     if (side == 1 && ext2fs_extent_goto (h, lblk))
       return 0;
-    /* Changing: from here a failure leaves the tree half changed. */
+    /* Changing: from here a failure leaves the tree half changed (the
+     * caller's change_done_locked sees the writes).
+     */
     if (side == 0) {
       /* Extend the previous extent over cur, then delete cur. */
       other.e_len += cur.e_len;
       e = ext2fs_extent_replace (h, 0, &other);
       if (e)
-        goto broken;
+        return e;
       lblk = other.e_lblk;
       e = ext2fs_extent_get (h, EXT2_EXTENT_NEXT_LEAF, &cur);
     }
@@ -529,28 +567,26 @@ merge_at (struct ext4fs_inode *ip, ext2_extent_handle_t h, uint64_t lblk)
       cur.e_len += other.e_len;
       e = ext2fs_extent_replace (h, 0, &cur);
       if (e)
-        goto broken;
+        return e;
       e = ext2fs_extent_get (h, EXT2_EXTENT_NEXT_LEAF, &other);
     }
     if (e)
-      goto broken;
+      return e;
     e = ext2fs_extent_delete (h, 0);
     if (e)
-      goto broken;
+      return e;
     e = ext2fs_extent_fix_parents (h);
     if (e && e != EXT2_ET_NO_CURRENT_NODE)
-      goto broken;
+      return e;
   }
   return 0;
-
- broken:
-  fs_set_broken_locked (ip->fsi, "merging extents failed half way");
-  return e;
 }
 
 /* Insert one written extent of at most EXT_INIT_MAX_LEN blocks into a
  * hole of an extent-mapped file, merging with the extent before when
- * it is physically contiguous.
+ * it is physically contiguous.  Returns 0, -1 (not mapped: nothing
+ * changed) or -2 (the blocks may be mapped: never free them; the
+ * filesystem was marked broken), see change_done_locked.
  */
 static int
 extent_insert_one (struct ext4fs_inode *ip, uint64_t lblk, uint64_t pblk,
@@ -563,6 +599,7 @@ extent_insert_one (struct ext4fs_inode *ip, uint64_t lblk, uint64_t pblk,
     .e_flags = EXT2_EXTENT_FLAGS_LEAF,
   };
   struct ext2_extent_info info;
+  struct ext4fs_io_counts before;
   errcode_t e;
 
   if (lblk + len > (UINT64_C (1) << 32)) {
@@ -571,17 +608,18 @@ extent_insert_one (struct ext4fs_inode *ip, uint64_t lblk, uint64_t pblk,
     *err = EFBIG;
     return -1;
   }
+  ext4fs_io_counts (&before);
   e = ext2fs_extent_open2 (fs, ip->ino, (struct ext2_inode *) &ip->raw, &h);
   if (e)
-    return extent_error (ip, "extent open", e, err);
+    return change_done_locked (ip, &before, e, false, "extent open", err);
   e = ext2fs_extent_get_info (h, &info);
   if (e)
-    goto fail_before;
+    goto out;
   if (info.max_depth == 0 && info.num_entries == 0) {
     e = ext2fs_extent_insert (h, 0, &nex);
-    if (e)
-      goto fail_after;
-    goto merge;
+    if (e == 0)
+      e = merge_at (ip, h, lblk);
+    goto out;
   }
   e = ext2fs_extent_goto (h, lblk);
   if (e == 0) {
@@ -592,10 +630,10 @@ extent_insert_one (struct ext4fs_inode *ip, uint64_t lblk, uint64_t pblk,
     return -1;
   }
   if (e != EXT2_ET_EXTENT_NOT_FOUND)
-    goto fail_before;
+    goto out;
   e = ext2fs_extent_get (h, EXT2_EXTENT_CURRENT, &ex);
   if (e)
-    goto fail_before;
+    goto out;
   if (!(ex.e_flags & EXT2_EXTENT_FLAGS_UNINIT) &&
       ex.e_lblk + ex.e_len == lblk && ex.e_pblk + ex.e_len == pblk &&
       (uint64_t) ex.e_len + len <= EXT_INIT_MAX_LEN) {
@@ -606,120 +644,113 @@ extent_insert_one (struct ext4fs_inode *ip, uint64_t lblk, uint64_t pblk,
     e = ext2fs_extent_insert (h, 0, &nex);
   else
     e = ext2fs_extent_insert (h, EXT2_EXTENT_INSERT_AFTER, &nex);
-  if (e)
-    goto fail_after;
-  e = ext2fs_extent_fix_parents (h);
-  if (e)
-    goto fail_after;
- merge:
-  e = merge_at (ip, h, lblk);   /* marks broken itself on failure */
+  if (e == 0)
+    e = ext2fs_extent_fix_parents (h);
+  if (e == 0)
+    e = merge_at (ip, h, lblk);
+ out:
   ext2fs_extent_free (h);
-  if (e) {
-    extent_error (ip, "merging extents", e, err);
-    return -2;
-  }
-  return 0;
-
- fail_before:
-  ext2fs_extent_free (h);
-  return extent_error (ip, "extent insert", e, err);
- fail_after:
-  /* The tree may reference the blocks now: they must not be freed. */
-  ext2fs_extent_free (h);
-  fs_set_broken_locked (ip->fsi, "inserting an extent failed half way");
-  extent_error (ip, "extent insert", e, err);
-  return -2;
+  return change_done_locked (ip, &before, e, false, "inserting an extent",
+                             err);
 }
 
 int
 bmap_insert_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t pblk,
-                    uint64_t len, int *err)
+                    uint64_t len, uint64_t *mapped, int *err)
 {
   ext2_filsys fs = ip->fsi->fs;
   errcode_t e;
   uint64_t i;
+  int r = 0;
 
   if (ip->extents) {
     for (i = 0; i < len; ) {
       uint32_t n = len - i > EXT_INIT_MAX_LEN ? EXT_INIT_MAX_LEN : len - i;
-      int r = extent_insert_one (ip, lblk + i, pblk + i, n, err);
+      r = extent_insert_one (ip, lblk + i, pblk + i, n, err);
       if (r == -2)
         i += n;                 /* maybe mapped: never free these */
       if (r < 0)
-        goto fail;
+        break;
       i += n;
     }
   }
   else {
     for (i = 0; i < len; ++i) {
       blk64_t p = pblk + i;
+      struct ext4fs_io_counts before;
+
+      /* This allocates (and zeroes) indirect blocks as needed and
+       * writes them, and the inode if it changed.
+       */
+      ext4fs_io_counts (&before);
       e = ext2fs_bmap2 (fs, ip->ino, (struct ext2_inode *) &ip->raw, NULL,
                         BMAP_ALLOC | BMAP_SET, lblk + i, NULL, &p);
-      if (e) {
-        /* Indirect blocks may have been allocated and written: the
-         * block may be mapped.
-         */
-        extent_error (ip, "mapping block", e, err);
-        fs_set_broken_locked (ip->fsi, "mapping a block failed half way");
-        i++;
-        goto fail;
-      }
+      r = change_done_locked (ip, &before, e, false, "mapping a block", err);
+      if (r == -2)
+        i++;                    /* maybe mapped */
+      if (r < 0)
+        break;
     }
   }
-  e = ext2fs_iblk_add_blocks (fs, (struct ext2_inode *) &ip->raw, len);
+  /* Blocks [pblk, pblk+i) are (or may be) mapped: they stay
+   * allocated and i_blocks counts them.  The rest is not referenced:
+   * free it.
+   */
+  *mapped = i;
+  bmap_free_locked (ip->fsi, pblk + i, len - i);
+  if (i == 0)
+    return -1;
+  e = ext2fs_iblk_add_blocks (fs, (struct ext2_inode *) &ip->raw, i);
   if (e) {
     extent_error (ip, "block count", e, err);
     fs_set_broken_locked (ip->fsi, "inode block count");
     return -1;
   }
-  return inode_write_locked (ip, err);
-
- fail:
-  /* Blocks [pblk+i, pblk+len) are not referenced: free them.  The ones
-   * before stay allocated (they are, or may be, mapped); if any of
-   * them is, i_blocks must count them.
-   */
-  {
+  if (r < 0) {
     int err2;
-    bmap_free_locked (ip->fsi, pblk + i, len - i);
-    if (i > 0) {
-      ext2fs_iblk_add_blocks (fs, (struct ext2_inode *) &ip->raw, i);
-      if (inode_write_locked (ip, &err2) == -1)
-        fs_set_broken_locked (ip->fsi, "inode block count not written");
-    }
+    inode_write_locked (ip, &err2);
+    return -1;
   }
-  return -1;
+  return inode_write_locked (ip, err);
 }
 
 int
 bmap_convert_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t len,
-                     bool to_unwritten, int *err)
+                     bool to_unwritten, bool *converted, int *err)
 {
   const uint32_t from = to_unwritten ? 0 : EXT2_EXTENT_FLAGS_UNINIT;
   const uint32_t to = to_unwritten ? EXT2_EXTENT_FLAGS_UNINIT : 0;
   ext2_filsys fs = ip->fsi->fs;
   ext2_extent_handle_t h;
+  struct ext4fs_io_counts before;
   uint64_t end = lblk + len;
   errcode_t e;
 
+  *converted = false;
+  ext4fs_io_counts (&before);
   e = ext2fs_extent_open2 (fs, ip->ino, (struct ext2_inode *) &ip->raw, &h);
   if (e)
-    return extent_error (ip, "extent open", e, err);
+    return change_done_locked (ip, &before, e, false, "extent open", err);
 
   /* One on-disk extent at a time: a written run of the map may span
-   * several.
+   * several.  Each one is a change of its own: a failure leaves the
+   * extents before it converted, and the tree consistent, unless it
+   * happens half way through one (change_done_locked).
    */
   while (lblk < end) {
     struct ext2fs_extent ex, pieces[3];
     int npieces = 0, i;
     uint64_t ex_end, pend;
 
+    ext4fs_io_counts (&before);
     e = ext2fs_extent_goto (h, lblk);
-    if (e)
-      goto fail;
-    e = ext2fs_extent_get (h, EXT2_EXTENT_CURRENT, &ex);
-    if (e)
-      goto fail;
+    if (e == 0)
+      e = ext2fs_extent_get (h, EXT2_EXTENT_CURRENT, &ex);
+    if (e) {
+      ext2fs_extent_free (h);
+      change_done_locked (ip, &before, e, false, "converting an extent", err);
+      return -1;                /* nothing written in this round */
+    }
     ex_end = ex.e_lblk + ex.e_len;
     if ((ex.e_flags & EXT2_EXTENT_FLAGS_UNINIT) != from ||
         lblk < ex.e_lblk || lblk >= ex_end) {
@@ -748,31 +779,23 @@ bmap_convert_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t len,
         .e_len = ex_end - pend, .e_flags = EXT2_EXTENT_FLAGS_LEAF | from,
       };
 
-    /* From the first change on, a failure leaves the tree (and
-     * ip->raw) half changed: the filesystem is marked as having
-     * errors, and nothing more is written to it (inode_write_locked
-     * refuses), so the half change stays in memory only when it is in
-     * the inode.
-     */
     e = ext2fs_extent_replace (h, 0, &pieces[0]);
     for (i = 1; e == 0 && i < npieces; ++i)
       e = ext2fs_extent_insert (h, EXT2_EXTENT_INSERT_AFTER, &pieces[i]);
     if (e == 0)
       e = ext2fs_extent_fix_parents (h);
-    if (e) {
-      fs_set_broken_locked (ip->fsi, "splitting an extent failed");
-      goto fail;
+    if (e == 0 && !to_unwritten)
+      e = merge_at (ip, h, lblk);
+    if (change_done_locked (ip, &before, e, false, "converting an extent",
+                            err) < 0) {
+      ext2fs_extent_free (h);
+      return -1;
     }
-    if (!to_unwritten && (e = merge_at (ip, h, lblk)) != 0)
-      goto fail;                /* marked broken by merge_at */
     lblk = pend;
   }
   ext2fs_extent_free (h);
+  *converted = true;
   return inode_write_locked (ip, err);
-
- fail:
-  ext2fs_extent_free (h);
-  return extent_error (ip, "converting extent", e, err);
 }
 
 /* Unmap logical block lblk, mapped to the filesystem's last block
@@ -785,11 +808,13 @@ unmap_last_block_locked (struct ext4fs_inode *ip, uint64_t lblk,
   ext2_filsys fs = ip->fsi->fs;
   ext2_extent_handle_t h;
   struct ext2fs_extent ex;
+  struct ext4fs_io_counts before;
   errcode_t e;
 
+  ext4fs_io_counts (&before);
   e = ext2fs_extent_open2 (fs, ip->ino, (struct ext2_inode *) &ip->raw, &h);
   if (e)
-    return extent_error (ip, "extent open", e, err);
+    return change_done_locked (ip, &before, e, false, "extent open", err);
   e = ext2fs_extent_goto (h, lblk);
   if (e == 0)
     e = ext2fs_extent_get (h, EXT2_EXTENT_CURRENT, &ex);
@@ -811,10 +836,9 @@ unmap_last_block_locked (struct ext4fs_inode *ip, uint64_t lblk,
     }
   }
   ext2fs_extent_free (h);
-  if (e) {
-    fs_set_broken_locked (ip->fsi, "unmapping the last block failed");
-    return extent_error (ip, "unmap last block", e, err);
-  }
+  if (change_done_locked (ip, &before, e, false, "unmapping the last block",
+                          err) < 0)
+    return -1;
   bmap_free_locked (ip->fsi, pblk, 1);
   ext2fs_iblk_sub_blocks (fs, (struct ext2_inode *) &ip->raw, 1);
   return inode_write_locked (ip, err);
@@ -858,12 +882,17 @@ bmap_punch_locked (struct ext4fs_inode *ip, const struct ext4fs_map *map,
       bool last = pend == fsi->blocks_count;
 
       if (n - last > 0) {
+        struct ext4fs_io_counts before;
+
+        /* It writes the inode at the end.  Read errors count: after a
+         * failed ext2fs_extent_goto it goes on from a wrong place.
+         */
+        ext4fs_io_counts (&before);
         e = ext2fs_punch (fs, ip->ino, (struct ext2_inode *) &ip->raw, NULL,
                           s, s + n - last - 1);
-        if (e) {
-          fs_set_broken_locked (fsi, "punching an extent failed");
-          return extent_error (ip, "punch", e, err);
-        }
+        if (change_done_locked (ip, &before, e, true, "punching an extent",
+                                err) < 0)
+          return -1;
       }
       if (last && unmap_last_block_locked (ip, s + n - 1, pend - 1, err) == -1)
         return -1;
@@ -877,19 +906,30 @@ bmap_punch_locked (struct ext4fs_inode *ip, const struct ext4fs_map *map,
 
       for (i = 0; i < n; ++i) {
         blk64_t zero = 0;
+        struct ext4fs_io_counts before;
+        int rr;
+
+        ext4fs_io_counts (&before);
         e = ext2fs_bmap2 (fs, ip->ino, (struct ext2_inode *) &ip->raw, NULL,
                           BMAP_SET, s + i, NULL, &zero);
-        if (e) {
-          fs_set_broken_locked (fsi, "unmapping a block failed");
-          return extent_error (ip, "unmap", e, err);
-        }
+        rr = change_done_locked (ip, &before, e, false, "unmapping a block",
+                                 err);
+        if (rr == -1 && i == 0)
+          return -1;
+        if (rr == -1)
+          break;                /* blocks before it are unmapped */
+        if (rr == -2)
+          return -1;            /* broken: never free what may be mapped */
         bmap_free_locked (fsi, r->pblk + (s + i - r->lblk), 1);
         ext2fs_iblk_sub_blocks (fs, (struct ext2_inode *) &ip->raw, 1);
       }
-      if (inode_write_locked (ip, err) == -1) {
-        fs_set_broken_locked (fsi, "inode block count not written");
+      if (i < n) {
+        int err2;
+        inode_write_locked (ip, &err2);
         return -1;
       }
+      if (inode_write_locked (ip, err) == -1)
+        return -1;
     }
     b = s + n;
   }

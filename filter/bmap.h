@@ -45,19 +45,28 @@ extern int64_t bmap_alloc_locked (struct ext4fs_fs *fsi, uint64_t goal,
 extern void bmap_free_locked (struct ext4fs_fs *fsi, uint64_t pblk, uint64_t len);
 
 /* Map logical [lblk, lblk+len) (a hole) to physical [pblk, pblk+len),
- * written.  Updates i_blocks and writes the inode.  Caller holds
- * ip->lock exclusive and fsi->lock.
+ * written.  Updates i_blocks and writes the inode.  On error, *mapped
+ * says how many blocks from lblk the file's block map (ip->raw and
+ * the tree, as libext2fs sees them) now has, or may have if the
+ * filesystem was marked broken: they stay allocated; the rest were
+ * freed.  (On success *mapped = len.)  A failed final inode write
+ * leaves the blocks mapped in memory, the filesystem never marked
+ * clean.  Caller holds ip->lock exclusive and fsi->lock.
  */
 extern int bmap_insert_locked (struct ext4fs_inode *ip, uint64_t lblk,
-                               uint64_t pblk, uint64_t len, int *err);
+                               uint64_t pblk, uint64_t len, uint64_t *mapped,
+                               int *err);
 
 /* Mark logical [lblk, lblk+len), which lies inside one unwritten run,
  * as written (to_unwritten false, then merged with written
- * neighbours), or inside one written run as unwritten.  Caller holds
- * ip->lock exclusive and fsi->lock.
+ * neighbours), or inside one written run as unwritten.  *converted:
+ * the tree as libext2fs sees it has the whole change (true after
+ * success, and after a failure of only the final inode write).
+ * Caller holds ip->lock exclusive and fsi->lock.
  */
 extern int bmap_convert_locked (struct ext4fs_inode *ip, uint64_t lblk,
-                                uint64_t len, bool to_unwritten, int *err);
+                                uint64_t len, bool to_unwritten,
+                                bool *converted, int *err);
 
 /* Unmap and free the mapped blocks of logical [lblk, lblk+len), using
  * map (the current map) to skip holes.  Caller holds ip->lock

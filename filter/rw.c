@@ -372,7 +372,7 @@ fill_hole (struct ext4fs_inode *ip, const struct ext4fs_map *map,
   uint64_t goal = 0;             /* after the first allocation: pblk + n > 0 */
 
   while (s < e) {
-    uint64_t pblk;
+    uint64_t pblk, mapped;
     int64_t n;
     int r;
 
@@ -390,11 +390,15 @@ fill_hole (struct ext4fs_inode *ip, const struct ext4fs_map *map,
       return -1;
     }
     pthread_mutex_lock (&fsi->lock);
-    r = bmap_insert_locked (ip, s, pblk, n, err);
+    r = bmap_insert_locked (ip, s, pblk, n, &mapped, err);
     pthread_mutex_unlock (&fsi->lock);
+    /* What the tree has (or, broken, may have) is in the map too: the
+     * blocks hold the new data, and the map then agrees with the tree.
+     */
+    if (mapped > 0)
+      note_change (ch, s, mapped, pblk);
     if (r == -1)
       return -1;
-    note_change (ch, s, n, pblk);
     s += n;
     goal = pblk + n;
   }
@@ -413,6 +417,7 @@ fill_unwritten (struct ext4fs_inode *ip, const struct ext4fs_run *r,
   struct ext4fs_fs *fsi = ip->fsi;
   uint64_t zblocks = ZEROOUT_BYTES >> fsi->blockbits;
   uint64_t cs = s, ce = e;
+  bool converted;
   int ret;
 
   if (s - r->lblk <= zblocks)
@@ -423,9 +428,9 @@ fill_unwritten (struct ext4fs_inode *ip, const struct ext4fs_run *r,
                    buf, count, offset, err) == -1)
     return -1;
   pthread_mutex_lock (&fsi->lock);
-  ret = bmap_convert_locked (ip, cs, ce - cs, false, err);
+  ret = bmap_convert_locked (ip, cs, ce - cs, false, &converted, err);
   pthread_mutex_unlock (&fsi->lock);
-  if (ret == 0)
+  if (converted)
     note_change (ch, cs, ce - cs, r->pblk + (cs - r->lblk));
   return ret;
 }
@@ -539,8 +544,13 @@ rw_pwrite (struct ext4fs_inode *ip, const void *buf, uint32_t count,
       return -1;
     r = write_allocating (ip, map, buf, count, offset, &ch, err);
     fs_handle_stop (fsi, true);
-    /* After a failure the tree may hold changes we did not note. */
-    if (r == 0 && !ch.lost)
+    /* Also after a failure: the changes noted are what the tree has
+     * (fill_hole, fill_unwritten).  Dropping the map instead would
+     * build it again from a tree that a half-made change (the
+     * filesystem then marked broken) may have left unreadable, and
+     * every later read of the file would fail.
+     */
+    if (!ch.lost)
       inode_map_update (ip, ch.v, ch.n);
     else
       inode_map_changed (ip);
@@ -650,6 +660,7 @@ remap_range (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1, bool punch,
 {
   struct ext4fs_fs *fsi = ip->fsi;
   const struct ext4fs_map *map;
+  bool broken;
   int r = 0;
   ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&ip->lock);
 
@@ -668,6 +679,7 @@ remap_range (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1, bool punch,
     while (b < b1 && r == 0) {
       uint64_t hole_end, e;
       const struct ext4fs_run *run = bmap_lookup (map, b, &hole_end);
+      bool converted;
 
       if (run == NULL) {
         b = hole_end;
@@ -675,13 +687,20 @@ remap_range (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1, bool punch,
       }
       e = run->lblk + run->len < b1 ? run->lblk + run->len : b1;
       if (!run->unwritten)
-        r = bmap_convert_locked (ip, b, e - b, true, err);
+        r = bmap_convert_locked (ip, b, e - b, true, &converted, err);
       b = e;
     }
   }
+  broken = fsi->broken;
   pthread_mutex_unlock (&fsi->lock);
   fs_handle_stop (fsi, true);
-  inode_map_changed (ip);
+  /* Rebuilt from the tree at the next use, unless a change was left
+   * half made: that tree may be unreadable, and the old map still
+   * serves every block the request did not touch (blocks it freed
+   * are not given to anyone: a broken filesystem allocates nothing).
+   */
+  if (r == 0 || !broken)
+    inode_map_changed (ip);
   if (r == 0)
     inode_touch (ip);
   return r == 0 ? 1 : -1;
