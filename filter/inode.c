@@ -131,7 +131,7 @@ sync_one_locked (struct ext4fs_inode *ip)
   int64_t t = __atomic_exchange_n (&ip->dirty_time, 0, __ATOMIC_ACQ_REL);
   int err, r;
 
-  if (t == 0)
+  if (t == 0 && !__atomic_load_n (&ip->raw_dirty, __ATOMIC_ACQUIRE))
     return 0;
   /* A metadata change of its own (journaled: no commit needed). */
   if (fs_handle_start (ip->fsi, &err) == -1) {
@@ -139,14 +139,19 @@ sync_one_locked (struct ext4fs_inode *ip)
     return -1;
   }
   pthread_mutex_lock (&ip->fsi->lock);
-  ip->raw.i_mtime = ip->raw.i_ctime = (uint32_t) t;
-  if (EXT2_INODE_SIZE (ip->fsi->fs->super) > EXT2_GOOD_OLD_INODE_SIZE &&
-      ip->raw.i_extra_isize >= offsetof (struct ext2_inode_large, i_crtime) -
-      EXT2_GOOD_OLD_INODE_SIZE) {
-    /* Epoch bits above 32 bits, nanoseconds zero. */
-    ip->raw.i_mtime_extra = ip->raw.i_ctime_extra =
-      (uint32_t) ((t - (int32_t) t) >> 32) & EXT4_EPOCH_MASK;
+  if (t) {
+    ip->raw.i_mtime = ip->raw.i_ctime = (uint32_t) t;
+    if (EXT2_INODE_SIZE (ip->fsi->fs->super) > EXT2_GOOD_OLD_INODE_SIZE &&
+        ip->raw.i_extra_isize >= offsetof (struct ext2_inode_large, i_crtime) -
+        EXT2_GOOD_OLD_INODE_SIZE) {
+      /* Epoch bits above 32 bits, nanoseconds zero. */
+      ip->raw.i_mtime_extra = ip->raw.i_ctime_extra =
+        (uint32_t) ((t - (int32_t) t) >> 32) & EXT4_EPOCH_MASK;
+    }
   }
+  /* If this fails, ip->raw (with the times) is written again at the
+   * next sync: raw_dirty.
+   */
   r = inode_write_locked (ip, &err);
   pthread_mutex_unlock (&ip->fsi->lock);
   fs_handle_stop (ip->fsi, false);
@@ -274,8 +279,11 @@ inode_write_locked (struct ext4fs_inode *ip, int *err)
   if (e) {
     nbdkit_error ("writing inode %u: %s", ip->ino, error_message (e));
     *err = ext4fs_errcode_to_errno (e);
+    __atomic_store_n (&ip->raw_dirty, true, __ATOMIC_RELEASE);
+    fs_meta_write_failed_locked (ip->fsi, "writing an inode");
     return -1;
   }
+  __atomic_store_n (&ip->raw_dirty, false, __ATOMIC_RELEASE);
   return 0;
 }
 

@@ -76,6 +76,12 @@ struct ext4fs_inode {
    * (seconds), or 0.  Atomic.
    */
   int64_t dirty_time;
+
+  /* The last write of ->raw failed: the next sync writes it again
+   * (the filesystem is never marked clean in this process anyway).
+   * Atomic.
+   */
+  bool raw_dirty;
 };
 
 /* Find or load inode ino, taking a reference.  Returns NULL with *err
@@ -107,7 +113,11 @@ extern void inode_map_changed (struct ext4fs_inode *ip);
 extern void inode_map_update (struct ext4fs_inode *ip,
                               const struct ext4fs_run *changes, size_t n);
 
-/* Write ip->raw to disk.  Caller holds fsi->lock. */
+/* Write ip->raw to disk.  Caller holds fsi->lock.  If the write
+ * fails, what is in memory stays the truth: the filesystem is never
+ * marked clean in this process (fs_meta_write_failed_locked) and the
+ * next sync writes the inode again.
+ */
 extern int inode_write_locked (struct ext4fs_inode *ip, int *err);
 
 /* Note a data change, for mtime/ctime at the next sync. */

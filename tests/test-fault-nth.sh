@@ -11,10 +11,15 @@
 #     byte outside the request is unchanged and every byte inside is
 #     the old or the new content;
 #  3. after a clean stop, a filesystem marked clean passes e2fsck -fn
-#     and holds exactly what the client read; one that is not marked
+#     and holds exactly what the client read (a failed write-back
+#     write is written again at the next one); one that is not marked
 #     clean is repaired by e2fsck -fy and then still holds every byte
-#     outside the request (no data outside the range lost its mapping).
-# Requests: punch splitting an extent (trim, zero), writes into a hole
+#     outside the request (no data outside the range lost its mapping);
+#  4. the times of the file are written at the stop (unless the
+#     filesystem was marked as having errors, or the journal aborted),
+#     even when writing them at a flush failed.
+# Requests: a flush with pending times, punch splitting an extent
+# (trim, zero), writes into a hole
 # and into the middle of an unwritten extent, all in a file whose
 # extent leaves are full (1 KiB blocks), and writes and trims of an
 # indirect (ext2) file, some needing new indirect blocks, then the same
@@ -58,7 +63,9 @@ new = os.urandom(n) if kind == "write" else bytes(n)
 open(ctl, "w").write("g%d %s w\n" % (os.getpid(), k))
 err = None
 try:
-    if kind == "trim":
+    if kind == "flush":
+        h.flush()
+    elif kind == "trim":
         h.trim(n, o)
     elif kind == "zero":
         h.zero(n, o, nbd.CMD_FLAG_NO_HOLE)
@@ -122,6 +129,8 @@ for i in range(o, o + n):
         sys.exit("byte %d inside the request: unexpected after repair" % i)
 EOF
 
+mtime () { debugfs -R "stat /f" "$1" 2>/dev/null | sed -n 's/^ *mtime: *\([^ ]*\).*/\1/p'; }
+
 # Build /f: 300 segments of 4 KiB data followed by a 4 KiB hole (1 KiB
 # blocks: 300 extents, full leaves), then a hole to 4 MiB.
 make_image ()
@@ -133,6 +142,7 @@ import os
 f = open("src/f", "wb"); f.truncate(4 * 1024 * 1024)
 for i in range(300):
     f.seek(i * 8192); f.write(os.urandom(4096))'
+    touch -d 2020-01-01 src/f
     truncate -s 32M base.img
     # shellcheck disable=SC2086
     mke2fs -q -F $1 -d src base.img
@@ -159,6 +169,7 @@ sweep ()
            grep -q '^Filesystem features:.*needs_recovery'; then
             # An aborted journal: replay only, then no problem at all.
             echo "    journal: needs recovery"
+            state=aborted
             e2fsck -E journal_only -y img > fsck.out 2>&1 || :
             fsck_clean img
             rm -f dump.out
@@ -178,6 +189,14 @@ sweep ()
             /usr/bin/python3 repaired.py dump.out before new "$o" "$n" ||
                 { cat fsck.out; fail "$name, N=$k: data lost"; }
         fi
+        # The times are written, unless the filesystem was marked
+        # broken (then no metadata is written any more), or the journal
+        # aborted (they were not committed: times alone need no commit).
+        case $state in
+            *errors*|aborted) ;;
+            *) [ "$(mtime img)" != "$(mtime base.img)" ] ||
+                   fail "$name, N=$k: the times of /f were not written" ;;
+        esac
         iterations=$((iterations + 1))
         [ "$k" -eq 0 ] && writes=$(cat writes)
         k=$((k + 1))
@@ -187,6 +206,7 @@ sweep ()
 
 K=1024
 make_image "-t ext4 -b 1024 -O ^has_journal -m 0"
+sweep "flush with the times due" flush 0 0 -
 sweep "trim splitting an extent" trim+flush $((800*K + K)) $((2*K)) -
 sweep "punch (zero, MAY_TRIM) splitting an extent" punch+flush $((808*K + K)) $((2*K)) -
 sweep "write into a hole between extents" write+flush $((805*K)) $((2*K)) -
