@@ -736,6 +736,7 @@ fs_close_dev (struct ext4fs_fs *fsi)
 {
   int err;
 
+  inode_forget_all (fsi);       /* kept on a broken filesystem */
   /* The MMP updater must not race the last metadata writes, and if
    * another node took the filesystem we write nothing more at all.
    */

@@ -158,6 +158,16 @@ sync_one_locked (struct ext4fs_inode *ip)
   return r;
 }
 
+static void
+inode_free (struct ext4fs_inode *ip)
+{
+  free (ip->map);
+  free (ip->inline_buf);
+  pthread_rwlock_destroy (&ip->lock);
+  pthread_mutex_destroy (&ip->map_lock);
+  free (ip);
+}
+
 void
 inode_put (struct ext4fs_inode *ip)
 {
@@ -168,17 +178,40 @@ inode_put (struct ext4fs_inode *ip)
   if (--ip->refcnt > 0)
     return;
   sync_one_locked (ip);
+  /* On a filesystem marked broken, keep the inode and its map until
+   * the filesystem is closed (inode_forget_all): loading it again
+   * would read a tree that a half-made change may have left other than
+   * what this process served, or unreadable, and a client that
+   * reconnects would read other bytes.
+   */
+  if (__atomic_load_n (&ip->fsi->broken, __ATOMIC_RELAXED))
+    return;
   for (pp = bucket (ip->ino); *pp; pp = &(*pp)->hnext) {
     if (*pp == ip) {
       *pp = ip->hnext;
       break;
     }
   }
-  free (ip->map);
-  free (ip->inline_buf);
-  pthread_rwlock_destroy (&ip->lock);
-  pthread_mutex_destroy (&ip->map_lock);
-  free (ip);
+  inode_free (ip);
+}
+
+void
+inode_forget_all (struct ext4fs_fs *fsi)
+{
+  struct ext4fs_inode **pp, *ip;
+  size_t i;
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&itable_lock);
+
+  for (i = 0; i < NBUCKETS; ++i) {
+    for (pp = &buckets[i]; (ip = *pp) != NULL; ) {
+      if (ip->fsi == fsi && ip->refcnt == 0) {
+        *pp = ip->hnext;
+        inode_free (ip);
+      }
+      else
+        pp = &ip->hnext;
+    }
+  }
 }
 
 const struct ext4fs_map *

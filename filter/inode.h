@@ -91,6 +91,12 @@ extern struct ext4fs_inode *inode_get (struct ext4fs_fs *fsi, ext2_ino_t ino,
                                        int *err);
 extern void inode_put (struct ext4fs_inode *ip);
 
+/* Free the inodes of fsi that no one uses but that were kept because
+ * the filesystem was marked broken (inode_put).  Called when fsi is
+ * closed.
+ */
+extern void inode_forget_all (struct ext4fs_fs *fsi);
+
 /* The current block map.  Caller holds ip->lock (either mode).
  * Returns NULL with *err set on error (corrupt mapping metadata).
  */

@@ -7,9 +7,9 @@
 #  1. a request whose write below failed fails (never a silent
 #     success: libext2fs swallows some write errors);
 #  2. right after it, the whole file can still be read (a failed
-#     request does not poison the map of data it did not touch), every
-#     byte outside the request is unchanged and every byte inside is
-#     the old or the new content;
+#     request does not poison the map of data it did not touch), also
+#     from a new connection, every byte outside the request is
+#     unchanged and every byte inside is the old or the new content;
 #  3. after a clean stop, a filesystem marked clean passes e2fsck -fn
 #     and holds exactly what the client read (a failed write-back
 #     write is written again at the next one); one that is not marked
@@ -103,6 +103,19 @@ for i in range(n):
         sys.exit("byte %d inside the request is neither old nor new" % (o + i))
 if not injected and got[o:o+n] != new:
     sys.exit("the request succeeded but did not take effect")
+h.shutdown()
+# The same from a new connection (when the file's last close drops its
+# inode and map, it is loaded again; on a filesystem marked broken they
+# are kept).
+h = nbd.NBD(); h.connect_uri("nbd+unix:///?socket=" + sock)
+try:
+    got2 = h.pread(size, 0)
+    if got2 != got:
+        i = next(i for i in range(size) if got2[i] != got[i])
+        sys.exit("a new connection reads other content (first at byte %d, "
+                 "request %d+%d)" % (i, o, n))
+except nbd.Error as e:
+    sys.exit("reading the file from a new connection: %s" % e)
 h.shutdown()
 open("last", "wb").write(got)
 open("before", "wb").write(exp)
