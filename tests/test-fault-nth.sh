@@ -19,9 +19,11 @@
 #     filesystem was marked as having errors, or the journal aborted),
 #     even when writing them at a flush failed.
 # Requests: a flush with pending times, punch splitting an extent
-# (trim, zero), writes into a hole
+# (trim, zero), zero without MAY_TRIM (written -> unwritten, split in
+# three), writes into a hole
 # and into the middle of an unwritten extent, all in a file whose
-# extent leaves are full (1 KiB blocks), and writes and trims of an
+# extent leaves are full (1 KiB blocks), the same in a file whose root
+# (in the inode) is full, and writes and trims of an
 # indirect (ext2) file, some needing new indirect blocks, then the same
 # on a journaled ext4 image.  Each request is followed by a flush (both
 # armed): metadata goes into the writer's cache, with a journal and
@@ -144,17 +146,17 @@ EOF
 
 mtime () { debugfs -R "stat /f" "$1" 2>/dev/null | sed -n 's/^ *mtime: *\([^ ]*\).*/\1/p'; }
 
-# Build /f: 300 segments of 4 KiB data followed by a 4 KiB hole (1 KiB
-# blocks: 300 extents, full leaves), then a hole to 4 MiB.
+# Build /f: $2 segments of 4 KiB data followed by a 4 KiB hole (1 KiB
+# blocks; 300: 300 extents, full leaves), then a hole to 4 MiB.
 make_image ()
 {
     rm -rf src base.img
     mkdir src
     /usr/bin/python3 -c '
-import os
+import os, sys
 f = open("src/f", "wb"); f.truncate(4 * 1024 * 1024)
-for i in range(300):
-    f.seek(i * 8192); f.write(os.urandom(4096))'
+for i in range(int(sys.argv[1])):
+    f.seek(i * 8192); f.write(os.urandom(4096))' "$2"
     touch -d 2020-01-01 src/f
     truncate -s 32M base.img
     # shellcheck disable=SC2086
@@ -218,21 +220,29 @@ sweep ()
 }
 
 K=1024
-make_image "-t ext4 -b 1024 -O ^has_journal -m 0"
+make_image "-t ext4 -b 1024 -O ^has_journal -m 0" 300
 sweep "flush with the times due" flush 0 0 -
 sweep "trim splitting an extent" trim+flush $((800*K + K)) $((2*K)) -
 sweep "punch (zero, MAY_TRIM) splitting an extent" punch+flush $((808*K + K)) $((2*K)) -
+sweep "zero without MAY_TRIM inside an extent" zero+flush $((816*K + K)) $((2*K)) -
+sweep "zero without MAY_TRIM across extents" zero+flush $((822*K + K)) $((12*K)) -
 sweep "write into a hole between extents" write+flush $((805*K)) $((2*K)) -
 sweep "write into an unwritten extent" write+flush $((1201*K)) $((2*K)) $((1200*K))+$((4*K))
 sweep "write filling a hole (merging)" write+flush $((1604*K)) $((4*K)) -
 
-make_image "-t ext2 -b 1024 -m 0"
+# Four extents: the root in the inode is full.
+make_image "-t ext4 -b 1024 -O ^has_journal -m 0" 4
+sweep "root: zero without MAY_TRIM inside an extent" zero+flush $((8*K + K)) $((2*K)) -
+sweep "root: write into a hole" write+flush $((13*K)) $((K)) -
+
+make_image "-t ext2 -b 1024 -m 0" 300
 sweep "ext2: write needing two new indirect blocks" write+flush $((3851*K)) $((3*K)) -
 sweep "ext2: write into a hole inside the data" write+flush $((1605*K)) $((2*K)) -
 sweep "ext2: trim" trim+flush $((800*K)) $((12*K)) -
 
-make_image "-t ext4 -b 1024 -m 0"
+make_image "-t ext4 -b 1024 -m 0" 300
 sweep "journal: trim splitting an extent" trim+flush $((800*K + K)) $((2*K)) -
+sweep "journal: zero without MAY_TRIM inside an extent" zero+flush $((816*K + K)) $((2*K)) -
 sweep "journal: write into a hole between extents" write+flush $((805*K)) $((2*K)) -
 sweep "journal: write into an unwritten extent" write+flush $((1201*K)) $((2*K)) $((1200*K))+$((4*K))
 
