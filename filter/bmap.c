@@ -39,10 +39,6 @@
 #include "bmap.h"
 #include "cleanup.h"
 
-/* Blocks kept free beyond the root reserve, for extent tree and
- * indirect blocks that libext2fs allocates on its own while we map.
- */
-#define META_MARGIN 64
 
 /* The cached map of one file holds at most this many runs (24 bytes
  * each, so 96 MiB): the documented bound on map memory per open file.
@@ -50,6 +46,8 @@
  * opened.
  */
 #define MAX_RUNS (4 * 1024 * 1024)
+
+#define XT_MAX_DEPTH 5          /* the kernel's EXT4_MAX_EXTENT_DEPTH */
 
 struct builder {
   struct ext4fs_inode *ip;
@@ -410,30 +408,124 @@ bmap_goal_locked (struct ext4fs_inode *ip, const struct ext4fs_map *map,
   return 0;                     /* let libext2fs choose */
 }
 
-int64_t
-bmap_alloc_locked (struct ext4fs_fs *fsi, uint64_t goal, uint64_t len,
-                   uint64_t *pblk, int *err)
+/* Is there room in i_blocks for nblocks more blocks?  Without
+ * huge_file it counts 512-byte sectors in 32 bits, and libext2fs only
+ * finds out after the tree changed (ext2fs_bmap2 even ignores it).
+ * Caller holds fsi->lock.
+ */
+static int
+iblk_room_locked (struct ext4fs_inode *ip, uint64_t nblocks, int *err)
 {
+  ext2_filsys fs = ip->fsi->fs;
+  uint64_t cur = ip->raw.i_blocks, limit = UINT32_MAX, per = ip->fsi->blocksize / 512;
+
+  if (ext2fs_has_feature_huge_file (fs->super)) {
+    cur += (uint64_t) ip->raw.osd2.linux2.l_i_blocks_hi << 32;
+    limit = (UINT64_C (1) << 48) - 1;
+    if (ip->raw.i_flags & EXT4_HUGE_FILE_FL)
+      per = 1;
+  }
+  if (cur > limit || nblocks > (limit - cur) / per) {
+    nbdkit_error ("inode %u: the file's block count would overflow "
+                  "(i_blocks; the filesystem has %s huge_file)", ip->ino,
+                  ext2fs_has_feature_huge_file (fs->super) ? "" : "no");
+    *err = EFBIG;
+    return -1;
+  }
+  return 0;
+}
+
+/* The depth of ip's extent tree, from the root in the inode. */
+static unsigned
+extent_depth (const struct ext4fs_inode *ip)
+{
+  const struct ext3_extent_header *eh =
+    (const struct ext3_extent_header *) ip->raw.i_block;
+  unsigned d = ext2fs_le16_to_cpu (eh->eh_depth);
+
+  if (ext2fs_le16_to_cpu (eh->eh_magic) != EXT3_EXT_MAGIC)
+    return 0;
+  return d < XT_MAX_DEPTH ? d : XT_MAX_DEPTH;
+}
+
+/* Indirect blocks (of any level) that map part of [a, b) in a tree
+ * whose blocks of one level each map `per' logical blocks, starting
+ * at logical block base.
+ */
+static uint64_t
+spanned (uint64_t a, uint64_t b, uint64_t base, uint64_t per)
+{
+  return (b - 1 - base) / per - (a - base) / per + 1;
+}
+
+uint64_t
+bmap_meta_need_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t len)
+{
+  uint64_t apb = ip->fsi->blocksize / 4, need = 0, a = lblk, b = lblk + len;
+  uint64_t ind = EXT2_NDIR_BLOCKS, dind = ind + apb, tind = dind + apb * apb;
+
+  if (len == 0)
+    return 0;
+  if (ip->extents) {
+    /* Each insert (one per EXT_INIT_MAX_LEN blocks) may split a node
+     * on every level (two new blocks each) and grow the tree by one.
+     * A hole holds no extent, so no leaf boundary lies inside it.
+     */
+    uint64_t k = (len + EXT_INIT_MAX_LEN - 1) / EXT_INIT_MAX_LEN, i;
+
+    for (i = 0; i < k; ++i)
+      need += 2 * (extent_depth (ip) + i) + 1;
+    return need;
+  }
+  /* ext2fs_bmap2 allocates the indirect blocks on the way down that
+   * are missing: at most every one that maps part of the range.
+   */
+  if (a < dind && b > ind)
+    need += 1;
+  if (a < tind && b > dind) {
+    uint64_t x = a > dind ? a : dind, y = b < tind ? b : tind;
+    need += 1 + spanned (x, y, dind, apb);
+  }
+  if (b > tind) {
+    uint64_t x = a > tind ? a : tind;
+    need += 1 + spanned (x, b, tind, apb * apb) + spanned (x, b, tind, apb);
+  }
+  return need;
+}
+
+int64_t
+bmap_alloc_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t goal,
+                   uint64_t len, uint64_t *pblk, uint64_t *reserved, int *err)
+{
+  struct ext4fs_fs *fsi = ip->fsi;
   ext2_filsys fs = fsi->fs;
   uint64_t free_blocks = ext2fs_free_blocks_count (fs->super);
-  uint64_t reserved = ext2fs_r_blocks_count (fs->super) + META_MARGIN;
+  uint64_t keep = ext2fs_r_blocks_count (fs->super) + fsi->meta_reserved;
+  uint64_t meta;
   blk64_t start, n;
   errcode_t e;
 
+  *reserved = 0;
   if (fsi->broken) {
     *err = EIO;
     nbdkit_error ("refusing to allocate: the filesystem was marked as "
                   "having errors");
     return -1;
   }
-  if (free_blocks <= reserved) {
+  /* Keep free the root reserve and the blocks promised to other
+   * changes under way, and reserve what this one's mapping can need
+   * (tree nodes, indirect blocks): ENOSPC now, not half way through.
+   */
+  meta = bmap_meta_need_locked (ip, lblk, len);
+  if (free_blocks <= keep || free_blocks - keep <= meta) {
     nbdkit_error ("no space left on the filesystem (%" PRIu64 " free blocks, "
-                  "%" PRIu64 " reserved)", free_blocks, reserved);
+                  "%" PRIu64 " reserved, %" PRIu64 " needed for the file's "
+                  "metadata)", free_blocks, keep, meta);
     *err = ENOSPC;
     return -1;
   }
-  if (len > free_blocks - reserved)
-    len = free_blocks - reserved;
+  if (len > free_blocks - keep - meta)
+    len = free_blocks - keep - meta;
   if (goal == 0)
     goal = fsi->first_data_block;
   e = ext2fs_new_range (fs, 0, goal, len, NULL, &start, &n);
@@ -462,8 +554,26 @@ bmap_alloc_locked (struct ext4fs_fs *fsi, uint64_t goal, uint64_t len,
    * consumed (num == 0), so record the dirty groups here.
    */
   fs_group_dirty_locked (fsi, start, n);
+  *reserved = bmap_meta_need_locked (ip, lblk, n);
+  fsi->meta_reserved += *reserved;
   *pblk = start;
   return n;
+}
+
+uint64_t
+bmap_available_locked (struct ext4fs_fs *fsi)
+{
+  uint64_t free_blocks = ext2fs_free_blocks_count (fsi->fs->super);
+  uint64_t keep = ext2fs_r_blocks_count (fsi->fs->super) + fsi->meta_reserved;
+
+  return free_blocks > keep ? free_blocks - keep : 0;
+}
+
+void
+bmap_release_locked (struct ext4fs_fs *fsi, uint64_t reserved)
+{
+  fsi->meta_reserved -= reserved < fsi->meta_reserved
+    ? reserved : fsi->meta_reserved;
 }
 
 void
@@ -551,7 +661,6 @@ change_done_locked (struct ext4fs_inode *ip,
  * libext2fs's own, so whatever it sees of the tree we see.
  */
 
-#define XT_MAX_DEPTH 5          /* the kernel's EXT4_MAX_EXTENT_DEPTH */
 
 /* A decoded entry: a leaf's extent, or an index's start and child. */
 struct xent {
@@ -895,33 +1004,6 @@ xt_commit (struct ext4fs_inode *ip, struct xpath *p, unsigned l,
   return xt_commit (ip, p, l - 1, pe, parent->n + 1, c);
 }
 
-/* Is there room in i_blocks for nblocks more blocks?  Without
- * huge_file it counts 512-byte sectors in 32 bits, and libext2fs only
- * finds out after the tree changed (ext2fs_bmap2 even ignores it).
- * Caller holds fsi->lock.
- */
-static int
-iblk_room_locked (struct ext4fs_inode *ip, uint64_t nblocks, int *err)
-{
-  ext2_filsys fs = ip->fsi->fs;
-  uint64_t cur = ip->raw.i_blocks, limit = UINT32_MAX, per = ip->fsi->blocksize / 512;
-
-  if (ext2fs_has_feature_huge_file (fs->super)) {
-    cur += (uint64_t) ip->raw.osd2.linux2.l_i_blocks_hi << 32;
-    limit = (UINT64_C (1) << 48) - 1;
-    if (ip->raw.i_flags & EXT4_HUGE_FILE_FL)
-      per = 1;
-  }
-  if (cur > limit || nblocks > (limit - cur) / per) {
-    nbdkit_error ("inode %u: the file's block count would overflow "
-                  "(i_blocks; the filesystem has %s huge_file)", ip->ino,
-                  ext2fs_has_feature_huge_file (fs->super) ? "" : "no");
-    *err = EFBIG;
-    return -1;
-  }
-  return 0;
-}
-
 /* In the leaf of p, replace entries [first, first+count) by
  * add[0..nadd) as one atomic change (see above), and change i_blocks
  * by data_delta (data blocks mapped or unmapped with it) and by the
@@ -936,7 +1018,7 @@ iblk_room_locked (struct ext4fs_inode *ip, uint64_t nblocks, int *err)
 static int
 xt_replace_locked (struct ext4fs_inode *ip, struct xpath *p, unsigned first,
                    unsigned count, const struct xent *add, unsigned nadd,
-                   int64_t data_delta, int *err)
+                   int64_t data_delta, uint64_t own_reserve, int *err)
 {
   struct ext4fs_fs *fsi = ip->fsi;
   ext2_filsys fs = fsi->fs;
@@ -945,6 +1027,7 @@ xt_replace_locked (struct ext4fs_inode *ip, struct xpath *p, unsigned first,
   struct xt_commit c = { .nnew = 0 };
   unsigned n = leaf->n - count + nadd, need, i;
   CLEANUP_FREE struct xent *e = malloc ((n + 1) * sizeof *e);
+  uint64_t keep;
   int64_t delta;
   errcode_t e2;
   int r = 0;
@@ -955,8 +1038,12 @@ xt_replace_locked (struct ext4fs_inode *ip, struct xpath *p, unsigned first,
     nbdkit_error ("malloc: %m");
     return -1;
   }
+  /* Blocks promised to other changes under way are not ours to take
+   * (own_reserve: what our caller reserved, bmap_alloc_locked).
+   */
   need = xt_blocks_needed (p, p->levels - 1, n);
-  if (need > ext2fs_free_blocks_count (fs->super)) {
+  keep = fsi->meta_reserved > own_reserve ? fsi->meta_reserved - own_reserve : 0;
+  if (need > 0 && need + keep > ext2fs_free_blocks_count (fs->super)) {
     xt_path_free (p);
     nbdkit_error ("inode %u: no space left for %u extent tree block(s)",
                   ip->ino, need);
@@ -1041,7 +1128,7 @@ xt_mergeable (const struct xent *a, const struct xent *b)
  */
 static int
 extent_insert_one (struct ext4fs_inode *ip, uint64_t lblk, uint64_t pblk,
-                   uint32_t len, uint64_t *done, int *err)
+                   uint32_t len, uint64_t reserved, uint64_t *done, int *err)
 {
   struct xpath p;
   struct xnode *leaf;
@@ -1090,12 +1177,14 @@ extent_insert_one (struct ext4fs_inode *ip, uint64_t lblk, uint64_t pblk,
     count++;
     x.len += leaf->e[ins].len;
   }
-  return xt_replace_locked (ip, &p, first, count, &x, 1, *done, err);
+  return xt_replace_locked (ip, &p, first, count, &x, 1, *done, reserved,
+                            err);
 }
 
 int
 bmap_insert_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t pblk,
-                    uint64_t len, uint64_t *mapped, int *err)
+                    uint64_t len, uint64_t reserved, uint64_t *mapped,
+                    int *err)
 {
   ext2_filsys fs = ip->fsi->fs;
   errcode_t e;
@@ -1110,7 +1199,7 @@ bmap_insert_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t pblk,
       uint32_t n = len - i > EXT_INIT_MAX_LEN ? EXT_INIT_MAX_LEN : len - i;
       uint64_t done;
 
-      r = extent_insert_one (ip, lblk + i, pblk + i, n, &done, err);
+      r = extent_insert_one (ip, lblk + i, pblk + i, n, reserved, &done, err);
       if (r != -1)
         i += done;              /* mapped (-2: maybe): never free these */
       if (r != 0)
@@ -1235,7 +1324,7 @@ bmap_convert_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t len,
         mid->len += leaf->e[idx + 1].len;
       }
     }
-    r = xt_replace_locked (ip, &p, first, count, pieces, npieces, 0, err);
+    r = xt_replace_locked (ip, &p, first, count, pieces, npieces, 0, 0, err);
     if (r < 0)
       return -1;
     if (pend >= end)
@@ -1284,7 +1373,7 @@ punch_split_locked (struct ext4fs_inode *ip, uint64_t s, uint64_t n,
     .lblk = s + n, .pblk = ex.pblk + (s + n - ex.lblk),
     .len = ex.lblk + ex.len - (s + n), .uninit = ex.uninit,
   };
-  r = xt_replace_locked (ip, &p, idx, 1, pieces, 2, -(int64_t) n, err);
+  r = xt_replace_locked (ip, &p, idx, 1, pieces, 2, -(int64_t) n, 0, err);
   if (r < 0)
     return -1;                  /* -2: the blocks may be mapped: keep them */
   bmap_free_locked (ip->fsi, ex.pblk + (s - ex.lblk), n);

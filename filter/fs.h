@@ -36,6 +36,9 @@ struct ext4fs_fs {
   bool super_dirty;           /* superblock (free counts) dirty */
   bool broken;                /* metadata may be inconsistent: no more allocation */
   bool meta_write_failed;     /* a metadata write failed: never marked clean */
+  uint64_t meta_reserved;     /* blocks promised to the extent-tree or
+                                 indirect blocks of changes under way
+                                 (bmap_alloc_locked) */
 
   struct ext4fs_mmp *mmp;     /* MMP claim, read-write with mmp only */
   /* Without a journal: requests changing metadata hold it shared

@@ -372,25 +372,27 @@ fill_hole (struct ext4fs_inode *ip, const struct ext4fs_map *map,
   uint64_t goal = 0;             /* after the first allocation: pblk + n > 0 */
 
   while (s < e) {
-    uint64_t pblk, mapped;
+    uint64_t pblk, mapped, reserved;
     int64_t n;
     int r;
 
     pthread_mutex_lock (&fsi->lock);
     if (goal == 0)
       goal = bmap_goal_locked (ip, map, s);
-    n = bmap_alloc_locked (fsi, goal, e - s, &pblk, err);
+    n = bmap_alloc_locked (ip, s, goal, e - s, &pblk, &reserved, err);
     pthread_mutex_unlock (&fsi->lock);
     if (n == -1)
       return -1;
     if (write_fresh (ip, pblk, s, n, buf, count, offset, err) == -1) {
       pthread_mutex_lock (&fsi->lock);
       bmap_free_locked (fsi, pblk, n);
+      bmap_release_locked (fsi, reserved);
       pthread_mutex_unlock (&fsi->lock);
       return -1;
     }
     pthread_mutex_lock (&fsi->lock);
-    r = bmap_insert_locked (ip, s, pblk, n, &mapped, err);
+    r = bmap_insert_locked (ip, s, pblk, n, reserved, &mapped, err);
+    bmap_release_locked (fsi, reserved);
     pthread_mutex_unlock (&fsi->lock);
     /* What the tree has (or, broken, may have) is in the map too: the
      * blocks hold the new data, and the map then agrees with the tree.
@@ -435,6 +437,47 @@ fill_unwritten (struct ext4fs_inode *ip, const struct ext4fs_run *r,
   return ret;
 }
 
+/* Is there room for all the blocks the request [b, bend) will
+ * allocate, data and metadata (tree nodes, indirect blocks), counted
+ * for the worst case?  If not, fail with ENOSPC before anything
+ * changes, rather than half way (each allocation checks again:
+ * concurrent requests on other files may take space meanwhile).
+ */
+static int
+check_room (struct ext4fs_inode *ip, const struct ext4fs_map *map,
+            uint64_t b, uint64_t bend, int *err)
+{
+  struct ext4fs_fs *fsi = ip->fsi;
+  uint64_t data = 0, meta = 0, avail;
+
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&fsi->lock);
+  while (b < bend) {
+    uint64_t hole_end, e;
+    const struct ext4fs_run *r = bmap_lookup (map, b, &hole_end);
+
+    e = min64 (bend, r ? r->lblk + r->len : hole_end);
+    if (r == NULL) {
+      data += e - b;
+      meta += bmap_meta_need_locked (ip, b, e - b);
+    }
+    else if (r->unwritten && (b > r->lblk || e < r->lblk + r->len))
+      meta += bmap_meta_need_locked (ip, b, 1);   /* splitting it */
+    b = e;
+  }
+  if (data + meta == 0)
+    return 0;
+  avail = bmap_available_locked (fsi);
+  if (data + meta > avail) {
+    nbdkit_error ("no space left on the filesystem: the write needs up to "
+                  "%" PRIu64 " blocks (%" PRIu64 " of them for the file's "
+                  "metadata), %" PRIu64 " are available", data + meta, meta,
+                  avail);
+    *err = ENOSPC;
+    return -1;
+  }
+  return 0;
+}
+
 /* The general write: some blocks need allocation or conversion.
  * Caller holds ip->lock exclusive.
  */
@@ -454,6 +497,8 @@ write_allocating (struct ext4fs_inode *ip, const struct ext4fs_map *map,
     *err = EROFS;
     return -1;
   }
+  if (check_room (ip, map, b, bend, err) == -1)
+    return -1;
   while (b < bend) {
     uint64_t hole_end, e;
     const struct ext4fs_run *r = bmap_lookup (map, b, &hole_end);
@@ -768,8 +813,21 @@ rw_zero (struct ext4fs_inode *ip, uint32_t count, uint64_t offset,
                   flags & ~(NBDKIT_FLAG_FUA | NBDKIT_FLAG_FAST_ZERO),
                   err) == -1)
     return -1;
-  if (b0 < b1 && remap_range (ip, b0, b1, may_trim, err) == -1)
-    return -1;
+  if (b0 < b1 && remap_range (ip, b0, b1, may_trim, err) == -1) {
+    /* Refused before changing the rest (no free block to split an
+     * extent, the file's limits): zeros written in place need no
+     * metadata.  Blocks already punched or made unwritten are
+     * skipped.  (FAST_ZERO: ENOTSUP then, that is not fast.)
+     */
+    if ((*err != ENOSPC && *err != EFBIG) ||
+        __atomic_load_n (&fsi->broken, __ATOMIC_RELAXED))
+      return -1;
+    nbdkit_debug ("ext4fs: inode %u: zero: no room to change the extent "
+                  "tree; writing zeros instead", ip->ino);
+    if (rw_zero_written (ip, (b1 - b0) << bits, b0 << bits,
+                         flags & ~NBDKIT_FLAG_FUA, err) == -1)
+      return -1;
+  }
   r = 0;
   if (flags & NBDKIT_FLAG_FUA)
     r = fs_sync (fsi, err);
