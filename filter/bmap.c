@@ -413,11 +413,12 @@ bmap_goal_locked (struct ext4fs_inode *ip, const struct ext4fs_map *map,
  * finds out after the tree changed (ext2fs_bmap2 even ignores it).
  * Caller holds fsi->lock.
  */
-static int
-iblk_room_locked (struct ext4fs_inode *ip, uint64_t nblocks, int *err)
+static bool
+iblk_fits (const struct ext4fs_inode *ip, uint64_t nblocks)
 {
   ext2_filsys fs = ip->fsi->fs;
-  uint64_t cur = ip->raw.i_blocks, limit = UINT32_MAX, per = ip->fsi->blocksize / 512;
+  uint64_t cur = ip->raw.i_blocks, limit = UINT32_MAX;
+  uint64_t per = ip->fsi->blocksize / 512;
 
   if (ext2fs_has_feature_huge_file (fs->super)) {
     cur += (uint64_t) ip->raw.osd2.linux2.l_i_blocks_hi << 32;
@@ -425,14 +426,20 @@ iblk_room_locked (struct ext4fs_inode *ip, uint64_t nblocks, int *err)
     if (ip->raw.i_flags & EXT4_HUGE_FILE_FL)
       per = 1;
   }
-  if (cur > limit || nblocks > (limit - cur) / per) {
-    nbdkit_error ("inode %u: the file's block count would overflow "
-                  "(i_blocks; the filesystem has %s huge_file)", ip->ino,
-                  ext2fs_has_feature_huge_file (fs->super) ? "" : "no");
-    *err = EFBIG;
-    return -1;
-  }
-  return 0;
+  return cur <= limit && nblocks <= (limit - cur) / per;
+}
+
+int
+bmap_iblk_room_locked (struct ext4fs_inode *ip, uint64_t nblocks, int *err)
+{
+  if (iblk_fits (ip, nblocks))
+    return 0;
+  nbdkit_error ("inode %u: the file's block count (i_blocks) would "
+                "overflow%s", ip->ino,
+                ext2fs_has_feature_huge_file (ip->fsi->fs->super) ? ""
+                : " (the filesystem has no huge_file feature)");
+  *err = EFBIG;
+  return -1;
 }
 
 /* The depth of ip's extent tree, from the root in the inode. */
@@ -493,6 +500,16 @@ bmap_meta_need_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t len)
   return need;
 }
 
+uint64_t
+bmap_map_limit (const struct ext4fs_inode *ip)
+{
+  uint64_t apb = ip->fsi->blocksize / 4;
+
+  if (ip->extents)
+    return (UINT64_C (1) << 32) - 1;
+  return EXT2_NDIR_BLOCKS + apb + apb * apb + apb * apb * apb;
+}
+
 int64_t
 bmap_alloc_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t goal,
                    uint64_t len, uint64_t *pblk, uint64_t *reserved, int *err)
@@ -501,7 +518,7 @@ bmap_alloc_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t goal,
   ext2_filsys fs = fsi->fs;
   uint64_t free_blocks = ext2fs_free_blocks_count (fs->super);
   uint64_t keep = ext2fs_r_blocks_count (fs->super) + fsi->meta_reserved;
-  uint64_t meta;
+  uint64_t meta, limit = bmap_map_limit (ip);
   blk64_t start, n;
   errcode_t e;
 
@@ -512,6 +529,18 @@ bmap_alloc_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t goal,
                   "having errors");
     return -1;
   }
+  /* Limits of the file, before anything is allocated (libext2fs finds
+   * them only after changing the tree).
+   */
+  if (lblk >= limit) {
+    nbdkit_error ("inode %u: logical block %" PRIu64 " is beyond what "
+                  "this file can map (%s: %" PRIu64 " blocks)", ip->ino, lblk,
+                  ip->extents ? "extents" : "indirect blocks", limit);
+    *err = EFBIG;
+    return -1;
+  }
+  if (len > limit - lblk)
+    len = limit - lblk;
   /* Keep free the root reserve and the blocks promised to other
    * changes under way, and reserve what this one's mapping can need
    * (tree nodes, indirect blocks): ENOSPC now, not half way through.
@@ -526,6 +555,10 @@ bmap_alloc_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t goal,
   }
   if (len > free_blocks - keep - meta)
     len = free_blocks - keep - meta;
+  if (bmap_iblk_room_locked (ip, meta + 1, err) == -1)
+    return -1;
+  while (len > 1 && !iblk_fits (ip, len + meta))
+    len /= 2;
   if (goal == 0)
     goal = fsi->first_data_block;
   e = ext2fs_new_range (fs, 0, goal, len, NULL, &start, &n);
@@ -1050,7 +1083,7 @@ xt_replace_locked (struct ext4fs_inode *ip, struct xpath *p, unsigned first,
     *err = ENOSPC;
     return -1;
   }
-  if (iblk_room_locked (ip, need + (data_delta > 0 ? data_delta : 0),
+  if (bmap_iblk_room_locked (ip, need + (data_delta > 0 ? data_delta : 0),
                         err) == -1) {
     xt_path_free (p);
     return -1;

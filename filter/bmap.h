@@ -55,6 +55,18 @@ extern void bmap_release_locked (struct ext4fs_fs *fsi, uint64_t reserved);
 extern uint64_t bmap_available_locked (struct ext4fs_fs *fsi);
 extern void bmap_free_locked (struct ext4fs_fs *fsi, uint64_t pblk, uint64_t len);
 
+/* The first logical block ip cannot map (extents: libext2fs's limit,
+ * as ext2fs_file_block_offset_too_big; indirect: 12 direct blocks and
+ * three levels of indirect ones).  Immutable.
+ */
+extern uint64_t bmap_map_limit (const struct ext4fs_inode *ip);
+
+/* Is there room in ip's i_blocks for nblocks more blocks?  Else -1
+ * with *err = EFBIG, after nbdkit_error.  Caller holds fsi->lock.
+ */
+extern int bmap_iblk_room_locked (struct ext4fs_inode *ip, uint64_t nblocks,
+                                  int *err);
+
 /* The most blocks libext2fs or our extent-tree code may allocate (tree
  * nodes, indirect blocks) to map the hole [lblk, lblk+len) of ip.
  * Caller holds fsi->lock.

@@ -439,9 +439,10 @@ fill_unwritten (struct ext4fs_inode *ip, const struct ext4fs_run *r,
 
 /* Is there room for all the blocks the request [b, bend) will
  * allocate, data and metadata (tree nodes, indirect blocks), counted
- * for the worst case?  If not, fail with ENOSPC before anything
- * changes, rather than half way (each allocation checks again:
- * concurrent requests on other files may take space meanwhile).
+ * for the worst case, on the filesystem and in the file's i_blocks?
+ * If not, fail with ENOSPC or EFBIG before anything changes, rather
+ * than half way (each allocation checks again: concurrent requests on
+ * other files may take space meanwhile).
  */
 static int
 check_room (struct ext4fs_inode *ip, const struct ext4fs_map *map,
@@ -456,6 +457,13 @@ check_room (struct ext4fs_inode *ip, const struct ext4fs_map *map,
     const struct ext4fs_run *r = bmap_lookup (map, b, &hole_end);
 
     e = min64 (bend, r ? r->lblk + r->len : hole_end);
+    if (r == NULL && e > bmap_map_limit (ip)) {
+      nbdkit_error ("inode %u: logical block %" PRIu64 " is beyond what "
+                    "this file can map (%" PRIu64 " blocks)", ip->ino,
+                    e - 1, bmap_map_limit (ip));
+      *err = EFBIG;
+      return -1;
+    }
     if (r == NULL) {
       data += e - b;
       meta += bmap_meta_need_locked (ip, b, e - b);
@@ -466,6 +474,8 @@ check_room (struct ext4fs_inode *ip, const struct ext4fs_map *map,
   }
   if (data + meta == 0)
     return 0;
+  if (bmap_iblk_room_locked (ip, data + meta, err) == -1)
+    return -1;
   avail = bmap_available_locked (fsi);
   if (data + meta > avail) {
     nbdkit_error ("no space left on the filesystem: the write needs up to "
