@@ -43,9 +43,18 @@
 /* The cached map of one file holds at most this many runs (24 bytes
  * each, so 96 MiB): the documented bound on map memory per open file.
  * A file more fragmented than this (or a corrupt one) cannot be
- * opened.
+ * mapped; writes that would take a map past it are refused.
+ * -D ext4fs.max_runs=N lowers it (tests).
  */
 #define MAX_RUNS (4 * 1024 * 1024)
+
+size_t
+bmap_max_runs (void)
+{
+  int d = ext4fs_debug_max_runs;
+
+  return d > 0 && d < MAX_RUNS ? (size_t) d : MAX_RUNS;
+}
 
 #define XT_MAX_DEPTH 5          /* the kernel's EXT4_MAX_EXTENT_DEPTH */
 
@@ -55,6 +64,7 @@ struct builder {
   uint64_t next_lblk;           /* runs must not overlap */
   uint64_t nblocks;             /* blocks covering i_size */
   errcode_t error;
+  bool too_many;                /* over bmap_max_runs () */
 };
 
 /* Make room for need runs in *mapp, doubling.  Returns -1 (and leaves
@@ -68,13 +78,13 @@ map_reserve (struct ext4fs_map **mapp, size_t need)
 
   if (need <= m->cap)
     return 0;
-  if (need > MAX_RUNS)
+  if (need > bmap_max_runs ())
     return -1;
   ncap = m->cap ? m->cap * 2 : 16;
   if (ncap < need)
     ncap = need;
-  if (ncap > MAX_RUNS)
-    ncap = MAX_RUNS;
+  if (ncap > bmap_max_runs ())
+    ncap = bmap_max_runs ();
   m = realloc (m, sizeof *m + ncap * sizeof m->runs[0]);
   if (m == NULL)
     return -1;
@@ -122,9 +132,10 @@ push_run (struct builder *b, uint64_t lblk, uint64_t pblk, uint64_t len,
       return 0;
     }
   }
-  if (b->map->n >= MAX_RUNS) {
-    nbdkit_error ("inode %u: more than %d fragments: too fragmented "
-                  "to map (or corrupt)", b->ip->ino, MAX_RUNS);
+  if (b->map->n >= bmap_max_runs ()) {
+    nbdkit_error ("inode %u: more than %zu fragments: too fragmented "
+                  "to map (or corrupt)", b->ip->ino, bmap_max_runs ());
+    b->too_many = true;
     return -1;
   }
   if (map_reserve (&b->map, b->map->n + 1) == -1) {
@@ -246,7 +257,7 @@ bmap_build_locked (struct ext4fs_inode *ip, int *err)
     r = build_indirect (&b);
   if (r == -1) {
     free (b.map);
-    *err = EIO;
+    *err = b.too_many ? EFBIG : EIO;
     return NULL;
   }
   return b.map;
@@ -1283,7 +1294,8 @@ bmap_insert_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t pblk,
 
 int
 bmap_convert_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t len,
-                     bool to_unwritten, bool *converted, int *err)
+                     bool to_unwritten, size_t *runs_left, bool *converted,
+                     int *err)
 {
   uint64_t end = lblk + len;
 
@@ -1300,6 +1312,13 @@ bmap_convert_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t len,
     errcode_t e;
     int r;
 
+    if (runs_left && *runs_left < 2) {
+      nbdkit_error ("inode %u: the file is too fragmented: converting more "
+                    "would take its block map past %zu runs", ip->ino,
+                    bmap_max_runs ());
+      *err = EFBIG;
+      return -1;
+    }
     e = xt_walk (ip, lblk, &p);
     if (e)
       return extent_error (ip, "extent tree", e, err);
@@ -1360,6 +1379,8 @@ bmap_convert_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t len,
     r = xt_replace_locked (ip, &p, first, count, pieces, npieces, 0, 0, err);
     if (r < 0)
       return -1;
+    if (runs_left)
+      *runs_left -= 2;
     if (pend >= end)
       *converted = true;
     if (r > 0)

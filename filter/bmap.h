@@ -9,9 +9,13 @@
 
 /* Build the map of ip from ip->raw.  Caller holds fsi->lock.  Every
  * physical block is checked against the filesystem.  Returns NULL with
- * *err set on corrupt metadata.
+ * *err set: EIO on corrupt metadata, EFBIG if the map would have more
+ * than bmap_max_runs () runs.
  */
 extern struct ext4fs_map *bmap_build_locked (struct ext4fs_inode *ip, int *err);
+
+/* The most runs a cached map may hold (4 Mi, or -D ext4fs.max_runs). */
+extern size_t bmap_max_runs (void);
 
 /* Find the run containing lblk.  Returns it, or NULL for a hole and
  * then *hole_end is the first mapped block after lblk (UINT64_MAX if
@@ -93,11 +97,15 @@ extern int bmap_insert_locked (struct ext4fs_inode *ip, uint64_t lblk,
  * neighbours), or inside one written run as unwritten.  *converted:
  * the tree as libext2fs sees it has the whole change (true after
  * success, and after a failure of only the final inode write).
+ * runs_left (or NULL: not counted): how many runs the cached map may
+ * still take; each extent converted takes up to two, and one that
+ * would not fit is refused with EFBIG before it changes.
  * Caller holds ip->lock exclusive and fsi->lock.
  */
 extern int bmap_convert_locked (struct ext4fs_inode *ip, uint64_t lblk,
                                 uint64_t len, bool to_unwritten,
-                                bool *converted, int *err);
+                                size_t *runs_left, bool *converted,
+                                int *err);
 
 /* Unmap and free the mapped blocks of logical [lblk, lblk+len), using
  * map (the current map) to skip holes.  Caller holds ip->lock

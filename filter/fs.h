@@ -75,6 +75,7 @@ extern int ext4fs_debug_writeback;
 extern int ext4fs_debug_verify_map;
 extern int ext4fs_debug_journal;        /* -D ext4fs.journal=0: not journaled */
 extern int ext4fs_debug_journal_stats;
+extern int ext4fs_debug_max_runs;       /* tests: a lower run limit */
 
 /* Open the filesystem on an existing device (no registry, no
  * context management): used by fs_open and by the fuzz target.

@@ -72,6 +72,12 @@ struct ext4fs_inode {
   pthread_mutex_t map_lock;
   struct ext4fs_map *map;
 
+  /* The map has more runs than a map may hold: not built again until
+   * the file is closed (nothing can change it: every change needs the
+   * map).  Set under map_lock; atomic.
+   */
+  bool too_fragmented;
+
   /* Time of the last data change not yet written to the inode
    * (seconds), or 0.  Atomic.
    */

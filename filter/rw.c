@@ -336,7 +336,30 @@ struct changes {
   struct ext4fs_run *v;
   size_t n, cap;
   bool lost;
+  size_t added;                 /* runs the map may have gained, at most */
 };
+
+/* May the cached map take need more runs (at most) on top of what this
+ * request added so far?  A map holds at most bmap_max_runs () runs: a
+ * write that would take it past is refused (EFBIG, which NBD clients
+ * see as ENOSPC) before it changes anything, rather than leave a file
+ * no request can map any more.
+ */
+static int
+runs_room (struct ext4fs_inode *ip, const struct ext4fs_map *map,
+           struct changes *ch, size_t need, int *err)
+{
+  if (map->n + ch->added + need > bmap_max_runs ()) {
+    nbdkit_error ("inode %u: the file is too fragmented: this write would "
+                  "take its block map past %zu runs (extents); writing next "
+                  "to data, or into unwritten extents, needs fewer",
+                  ip->ino, bmap_max_runs ());
+    *err = EFBIG;
+    return -1;
+  }
+  ch->added += need;
+  return 0;
+}
 
 static void
 note_change (struct changes *c, uint64_t lblk, uint64_t len, uint64_t pblk)
@@ -376,6 +399,8 @@ fill_hole (struct ext4fs_inode *ip, const struct ext4fs_map *map,
     int64_t n;
     int r;
 
+    if (runs_room (ip, map, ch, 1, err) == -1)
+      return -1;
     pthread_mutex_lock (&fsi->lock);
     if (goal == 0)
       goal = bmap_goal_locked (ip, map, s);
@@ -412,7 +437,8 @@ fill_hole (struct ext4fs_inode *ip, const struct ext4fs_map *map,
  * holds ip->lock exclusive.
  */
 static int
-fill_unwritten (struct ext4fs_inode *ip, const struct ext4fs_run *r,
+fill_unwritten (struct ext4fs_inode *ip, const struct ext4fs_map *map,
+                const struct ext4fs_run *r,
                 uint64_t s, uint64_t e, const char *buf, uint64_t count,
                 uint64_t offset, struct changes *ch, int *err)
 {
@@ -426,11 +452,14 @@ fill_unwritten (struct ext4fs_inode *ip, const struct ext4fs_run *r,
     cs = r->lblk;
   if (r->lblk + r->len - e <= zblocks)
     ce = r->lblk + r->len;
+  if (runs_room (ip, map, ch, (cs > r->lblk) + (ce < r->lblk + r->len),
+                 err) == -1)
+    return -1;
   if (write_fresh (ip, r->pblk + (cs - r->lblk), cs, ce - cs,
                    buf, count, offset, err) == -1)
     return -1;
   pthread_mutex_lock (&fsi->lock);
-  ret = bmap_convert_locked (ip, cs, ce - cs, false, &converted, err);
+  ret = bmap_convert_locked (ip, cs, ce - cs, false, NULL, &converted, err);
   pthread_mutex_unlock (&fsi->lock);
   if (converted)
     note_change (ch, cs, ce - cs, r->pblk + (cs - r->lblk));
@@ -450,6 +479,8 @@ check_room (struct ext4fs_inode *ip, const struct ext4fs_map *map,
 {
   struct ext4fs_fs *fsi = ip->fsi;
   uint64_t data = 0, meta = 0, avail;
+  size_t runs = 0;
+  struct changes none = { .added = 0 };
 
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&fsi->lock);
   while (b < bend) {
@@ -467,13 +498,25 @@ check_room (struct ext4fs_inode *ip, const struct ext4fs_map *map,
     if (r == NULL) {
       data += e - b;
       meta += bmap_meta_need_locked (ip, b, e - b);
+      runs++;
     }
-    else if (r->unwritten && (b > r->lblk || e < r->lblk + r->len))
-      meta += bmap_meta_need_locked (ip, b, 1);   /* splitting it */
+    else if (r->unwritten) {
+      /* Split (as fill_unwritten will: small remainders are zeroed
+       * and converted too).
+       */
+      uint64_t zb = ZEROOUT_BYTES >> fsi->blockbits;
+      bool left = b - r->lblk > zb, right = r->lblk + r->len - e > zb;
+
+      if (left || right)
+        meta += bmap_meta_need_locked (ip, b, 1);
+      runs += left + right;
+    }
     b = e;
   }
   if (data + meta == 0)
     return 0;
+  if (runs_room (ip, map, &none, runs, err) == -1)
+    return -1;
   if (bmap_iblk_room_locked (ip, data + meta, err) == -1)
     return -1;
   avail = bmap_available_locked (fsi);
@@ -522,7 +565,7 @@ write_allocating (struct ext4fs_inode *ip, const struct ext4fs_map *map,
         return -1;
     }
     else if (r->unwritten) {
-      if (fill_unwritten (ip, r, b, e, buf, count, offset, ch, err) == -1)
+      if (fill_unwritten (ip, map, r, b, e, buf, count, offset, ch, err) == -1)
         return -1;
     }
     else {
@@ -715,6 +758,7 @@ remap_range (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1, bool punch,
 {
   struct ext4fs_fs *fsi = ip->fsi;
   const struct ext4fs_map *map;
+  size_t runs_left;
   bool broken;
   int r = 0;
   ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&ip->lock);
@@ -724,6 +768,20 @@ remap_range (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1, bool punch,
     return -1;
   if (!any_mapped (map, b0, b1))
     return 0;                   /* nothing to change */
+  runs_left = map->n < bmap_max_runs () ? bmap_max_runs () - map->n : 0;
+  if (punch && runs_left == 0) {
+    /* Only a punch strictly inside one run splits it in two. */
+    uint64_t hole_end;
+    const struct ext4fs_run *run = bmap_lookup (map, b0, &hole_end);
+
+    if (run && run->lblk < b0 && b1 < run->lblk + run->len) {
+      nbdkit_error ("inode %u: the file is too fragmented: splitting an "
+                    "extent would take its block map past %zu runs",
+                    ip->ino, bmap_max_runs ());
+      *err = EFBIG;
+      return -1;
+    }
+  }
   if (fs_begin_write (fsi, err) == -1 || fs_handle_start (fsi, err) == -1)
     return -1;
   pthread_mutex_lock (&fsi->lock);
@@ -742,7 +800,8 @@ remap_range (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1, bool punch,
       }
       e = run->lblk + run->len < b1 ? run->lblk + run->len : b1;
       if (!run->unwritten)
-        r = bmap_convert_locked (ip, b, e - b, true, &converted, err);
+        r = bmap_convert_locked (ip, b, e - b, true, &runs_left, &converted,
+                                 err);
       b = e;
     }
   }
