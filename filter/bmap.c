@@ -4,21 +4,29 @@
  * into sorted runs, validating every physical block number against
  * the filesystem; the allocator front end (reserve, goal, contiguous
  * ranges); and the changes to a map: inserting written extents into
- * holes, converting unwritten extents, mapping blocks of indirect
- * files.
+ * holes, converting unwritten extents, punching, mapping blocks of
+ * indirect files.  Changes of extent trees (but for punches that
+ * libext2fs makes in single steps) are our own, one atomic write each
+ * ("Changing the extent tree" below).
  *
  * Locks: every function here that calls libext2fs is *_locked: the
  * caller holds fsi->lock.  Functions that change a map also require
- * ip->lock held exclusive (and call inode_map_changed themselves? no:
- * the caller does, once, after all changes of one request).
+ * ip->lock held exclusive; the caller updates or drops the cached map
+ * once, after all changes of one request.
  *
  * libext2fs calls used, all under fsi->lock: ext2fs_extent_open2 /
- * get / goto / replace / insert / fix_parents / free (on ip->raw, the
- * one inode copy, or a private copy when only reading),
- * ext2fs_block_iterate3 (read-only), ext2fs_bmap2 (BMAP_ALLOC|BMAP_SET
+ * get / free on a private copy of the inode (building the map) and
+ * ext2fs_extent_open2 / goto / get / replace / delete / fix_parents /
+ * free on ip->raw, the one inode copy (unmapping the last block);
+ * ext2fs_punch (on ip->raw); io_channel_read_blk64 /
+ * io_channel_write_blk64, ext2fs_extent_header_verify,
+ * ext2fs_extent_block_csum_verify / _set, ext2fs_new_block2,
+ * ext2fs_block_alloc_stats2 (our extent tree changes);
+ * ext2fs_block_iterate3 (read-only); ext2fs_bmap2 (BMAP_ALLOC|BMAP_SET
  * on ip->raw; it allocates indirect blocks and writes the inode, but
- * for indirect files never re-reads it), ext2fs_new_range,
- * ext2fs_block_alloc_stats_range, ext2fs_iblk_add_blocks.
+ * for indirect files never re-reads it); ext2fs_new_range,
+ * ext2fs_block_alloc_stats_range, ext2fs_iblk_add_blocks /
+ * sub_blocks, ext2fs_free_blocks_count, ext2fs_r_blocks_count.
  */
 
 #include <config.h>
@@ -31,17 +39,24 @@
 #include "bmap.h"
 #include "cleanup.h"
 
-/* Blocks kept free beyond the root reserve, for extent tree and
- * indirect blocks that libext2fs allocates on its own while we map.
- */
-#define META_MARGIN 64
 
 /* The cached map of one file holds at most this many runs (24 bytes
  * each, so 96 MiB): the documented bound on map memory per open file.
  * A file more fragmented than this (or a corrupt one) cannot be
- * opened.
+ * mapped; writes that would take a map past it are refused.
+ * -D ext4fs.max_runs=N lowers it (tests).
  */
 #define MAX_RUNS (4 * 1024 * 1024)
+
+size_t
+bmap_max_runs (void)
+{
+  int d = ext4fs_debug_max_runs;
+
+  return d > 0 && d < MAX_RUNS ? (size_t) d : MAX_RUNS;
+}
+
+#define XT_MAX_DEPTH 5          /* the kernel's EXT4_MAX_EXTENT_DEPTH */
 
 struct builder {
   struct ext4fs_inode *ip;
@@ -49,6 +64,7 @@ struct builder {
   uint64_t next_lblk;           /* runs must not overlap */
   uint64_t nblocks;             /* blocks covering i_size */
   errcode_t error;
+  bool too_many;                /* over bmap_max_runs () */
 };
 
 /* Make room for need runs in *mapp, doubling.  Returns -1 (and leaves
@@ -62,13 +78,13 @@ map_reserve (struct ext4fs_map **mapp, size_t need)
 
   if (need <= m->cap)
     return 0;
-  if (need > MAX_RUNS)
+  if (need > bmap_max_runs ())
     return -1;
   ncap = m->cap ? m->cap * 2 : 16;
   if (ncap < need)
     ncap = need;
-  if (ncap > MAX_RUNS)
-    ncap = MAX_RUNS;
+  if (ncap > bmap_max_runs ())
+    ncap = bmap_max_runs ();
   m = realloc (m, sizeof *m + ncap * sizeof m->runs[0]);
   if (m == NULL)
     return -1;
@@ -116,9 +132,10 @@ push_run (struct builder *b, uint64_t lblk, uint64_t pblk, uint64_t len,
       return 0;
     }
   }
-  if (b->map->n >= MAX_RUNS) {
-    nbdkit_error ("inode %u: more than %d fragments: too fragmented "
-                  "to map (or corrupt)", b->ip->ino, MAX_RUNS);
+  if (b->map->n >= bmap_max_runs ()) {
+    nbdkit_error ("inode %u: more than %zu fragments: too fragmented "
+                  "to map (or corrupt)", b->ip->ino, bmap_max_runs ());
+    b->too_many = true;
     return -1;
   }
   if (map_reserve (&b->map, b->map->n + 1) == -1) {
@@ -240,7 +257,7 @@ bmap_build_locked (struct ext4fs_inode *ip, int *err)
     r = build_indirect (&b);
   if (r == -1) {
     free (b.map);
-    *err = EIO;
+    *err = b.too_many ? EFBIG : EIO;
     return NULL;
   }
   return b.map;
@@ -402,30 +419,157 @@ bmap_goal_locked (struct ext4fs_inode *ip, const struct ext4fs_map *map,
   return 0;                     /* let libext2fs choose */
 }
 
-int64_t
-bmap_alloc_locked (struct ext4fs_fs *fsi, uint64_t goal, uint64_t len,
-                   uint64_t *pblk, int *err)
+/* Is there room in i_blocks for nblocks more blocks?  Without
+ * huge_file it counts 512-byte sectors in 32 bits, and libext2fs only
+ * finds out after the tree changed (ext2fs_bmap2 even ignores it).
+ * Caller holds fsi->lock.
+ */
+static bool
+iblk_fits (const struct ext4fs_inode *ip, uint64_t nblocks)
 {
+  ext2_filsys fs = ip->fsi->fs;
+  uint64_t cur = ip->raw.i_blocks, limit = UINT32_MAX;
+  uint64_t per = ip->fsi->blocksize / 512;
+
+  if (ext2fs_has_feature_huge_file (fs->super)) {
+    cur += (uint64_t) ip->raw.osd2.linux2.l_i_blocks_hi << 32;
+    limit = (UINT64_C (1) << 48) - 1;
+    if (ip->raw.i_flags & EXT4_HUGE_FILE_FL)
+      per = 1;
+  }
+  return cur <= limit && nblocks <= (limit - cur) / per;
+}
+
+int
+bmap_iblk_room_locked (struct ext4fs_inode *ip, uint64_t nblocks, int *err)
+{
+  if (iblk_fits (ip, nblocks))
+    return 0;
+  nbdkit_error ("inode %u: the file's block count (i_blocks) would "
+                "overflow%s", ip->ino,
+                ext2fs_has_feature_huge_file (ip->fsi->fs->super) ? ""
+                : " (the filesystem has no huge_file feature)");
+  *err = EFBIG;
+  return -1;
+}
+
+/* The depth of ip's extent tree, from the root in the inode. */
+static unsigned
+extent_depth (const struct ext4fs_inode *ip)
+{
+  const struct ext3_extent_header *eh =
+    (const struct ext3_extent_header *) ip->raw.i_block;
+  unsigned d = ext2fs_le16_to_cpu (eh->eh_depth);
+
+  if (ext2fs_le16_to_cpu (eh->eh_magic) != EXT3_EXT_MAGIC)
+    return 0;
+  return d < XT_MAX_DEPTH ? d : XT_MAX_DEPTH;
+}
+
+/* Indirect blocks (of any level) that map part of [a, b) in a tree
+ * whose blocks of one level each map `per' logical blocks, starting
+ * at logical block base.
+ */
+static uint64_t
+spanned (uint64_t a, uint64_t b, uint64_t base, uint64_t per)
+{
+  return (b - 1 - base) / per - (a - base) / per + 1;
+}
+
+uint64_t
+bmap_meta_need_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t len)
+{
+  uint64_t apb = ip->fsi->blocksize / 4, need = 0, a = lblk, b = lblk + len;
+  uint64_t ind = EXT2_NDIR_BLOCKS, dind = ind + apb, tind = dind + apb * apb;
+
+  if (len == 0)
+    return 0;
+  if (ip->extents) {
+    /* Each insert (one per EXT_INIT_MAX_LEN blocks) may split a node
+     * on every level (two new blocks each) and grow the tree by one.
+     * A hole holds no extent, so no leaf boundary lies inside it.
+     */
+    uint64_t k = (len + EXT_INIT_MAX_LEN - 1) / EXT_INIT_MAX_LEN, i;
+
+    for (i = 0; i < k; ++i)
+      need += 2 * (extent_depth (ip) + i) + 1;
+    return need;
+  }
+  /* ext2fs_bmap2 allocates the indirect blocks on the way down that
+   * are missing: at most every one that maps part of the range.
+   */
+  if (a < dind && b > ind)
+    need += 1;
+  if (a < tind && b > dind) {
+    uint64_t x = a > dind ? a : dind, y = b < tind ? b : tind;
+    need += 1 + spanned (x, y, dind, apb);
+  }
+  if (b > tind) {
+    uint64_t x = a > tind ? a : tind;
+    need += 1 + spanned (x, b, tind, apb * apb) + spanned (x, b, tind, apb);
+  }
+  return need;
+}
+
+uint64_t
+bmap_map_limit (const struct ext4fs_inode *ip)
+{
+  uint64_t apb = ip->fsi->blocksize / 4;
+
+  if (ip->extents)
+    return (UINT64_C (1) << 32) - 1;
+  return EXT2_NDIR_BLOCKS + apb + apb * apb + apb * apb * apb;
+}
+
+int64_t
+bmap_alloc_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t goal,
+                   uint64_t len, uint64_t *pblk, uint64_t *reserved, int *err)
+{
+  struct ext4fs_fs *fsi = ip->fsi;
   ext2_filsys fs = fsi->fs;
   uint64_t free_blocks = ext2fs_free_blocks_count (fs->super);
-  uint64_t reserved = ext2fs_r_blocks_count (fs->super) + META_MARGIN;
+  uint64_t keep = ext2fs_r_blocks_count (fs->super) + fsi->meta_reserved;
+  uint64_t meta, limit = bmap_map_limit (ip);
   blk64_t start, n;
   errcode_t e;
 
+  *reserved = 0;
   if (fsi->broken) {
     *err = EIO;
     nbdkit_error ("refusing to allocate: the filesystem was marked as "
                   "having errors");
     return -1;
   }
-  if (free_blocks <= reserved) {
+  /* Limits of the file, before anything is allocated (libext2fs finds
+   * them only after changing the tree).
+   */
+  if (lblk >= limit) {
+    nbdkit_error ("inode %u: logical block %" PRIu64 " is beyond what "
+                  "this file can map (%s: %" PRIu64 " blocks)", ip->ino, lblk,
+                  ip->extents ? "extents" : "indirect blocks", limit);
+    *err = EFBIG;
+    return -1;
+  }
+  if (len > limit - lblk)
+    len = limit - lblk;
+  /* Keep free the root reserve and the blocks promised to other
+   * changes under way, and reserve what this one's mapping can need
+   * (tree nodes, indirect blocks): ENOSPC now, not half way through.
+   */
+  meta = bmap_meta_need_locked (ip, lblk, len);
+  if (free_blocks <= keep || free_blocks - keep <= meta) {
     nbdkit_error ("no space left on the filesystem (%" PRIu64 " free blocks, "
-                  "%" PRIu64 " reserved)", free_blocks, reserved);
+                  "%" PRIu64 " reserved, %" PRIu64 " needed for the file's "
+                  "metadata)", free_blocks, keep, meta);
     *err = ENOSPC;
     return -1;
   }
-  if (len > free_blocks - reserved)
-    len = free_blocks - reserved;
+  if (len > free_blocks - keep - meta)
+    len = free_blocks - keep - meta;
+  if (bmap_iblk_room_locked (ip, meta + 1, err) == -1)
+    return -1;
+  while (len > 1 && !iblk_fits (ip, len + meta))
+    len /= 2;
   if (goal == 0)
     goal = fsi->first_data_block;
   e = ext2fs_new_range (fs, 0, goal, len, NULL, &start, &n);
@@ -454,8 +598,26 @@ bmap_alloc_locked (struct ext4fs_fs *fsi, uint64_t goal, uint64_t len,
    * consumed (num == 0), so record the dirty groups here.
    */
   fs_group_dirty_locked (fsi, start, n);
+  *reserved = bmap_meta_need_locked (ip, lblk, n);
+  fsi->meta_reserved += *reserved;
   *pblk = start;
   return n;
+}
+
+uint64_t
+bmap_available_locked (struct ext4fs_fs *fsi)
+{
+  uint64_t free_blocks = ext2fs_free_blocks_count (fsi->fs->super);
+  uint64_t keep = ext2fs_r_blocks_count (fsi->fs->super) + fsi->meta_reserved;
+
+  return free_blocks > keep ? free_blocks - keep : 0;
+}
+
+void
+bmap_release_locked (struct ext4fs_fs *fsi, uint64_t reserved)
+{
+  fsi->meta_reserved -= reserved < fsi->meta_reserved
+    ? reserved : fsi->meta_reserved;
 }
 
 void
@@ -476,303 +638,800 @@ extent_error (struct ext4fs_inode *ip, const char *what, errcode_t e, int *err)
   return -1;
 }
 
-static bool
-mergeable (const struct ext2fs_extent *a, const struct ext2fs_extent *b)
+/* How one change to ip's block map through libext2fs ended.  before:
+ * the I/O counts (ext4fs_io_counts) taken before it; e: what libext2fs
+ * returned; reads: whether a failed read below counts (ext2fs_punch
+ * ignores one and then works on a wrong position).  libext2fs does not
+ * return every failure of its own writes, so the counts decide:
+ * returns 0 (done, every write below succeeded), -1 (failed before
+ * anything was written: nothing changed, on disk or in memory), or -2
+ * (failed after something was written, or a write below failed
+ * although libext2fs said it succeeded: the change may be half made;
+ * the filesystem is marked broken).  *err is set after nbdkit_error
+ * unless 0 is returned.
+ */
+static int
+change_done_locked (struct ext4fs_inode *ip,
+                    const struct ext4fs_io_counts *before, errcode_t e,
+                    bool reads, const char *what, int *err)
 {
-  return !(a->e_flags & EXT2_EXTENT_FLAGS_UNINIT) &&
-    !(b->e_flags & EXT2_EXTENT_FLAGS_UNINIT) &&
-    a->e_lblk + a->e_len == b->e_lblk && a->e_pblk + a->e_len == b->e_pblk &&
-    (uint64_t) a->e_len + b->e_len <= EXT_INIT_MAX_LEN;
+  struct ext4fs_io_counts now;
+
+  ext4fs_io_counts (&now);
+  if (e == 0 && now.write_failures == before->write_failures &&
+      (!reads || now.read_failures == before->read_failures))
+    return 0;
+  if (e)
+    extent_error (ip, what, e, err);
+  else {
+    nbdkit_error ("inode %u: %s: an I/O error below was lost by libext2fs",
+                  ip->ino, what);
+    *err = EIO;
+  }
+  if (now.writes == before->writes)
+    return -1;
+  fs_set_broken_locked (ip->fsi, what);
+  return -2;
 }
 
-/* Merge the written extent containing lblk with its written,
- * logically and physically contiguous neighbours, as the kernel does,
- * so that sequential writes in any order end as few extents.  The
- * survivor is extended first and the neighbour deleted after: a
- * failure in between leaves an overlap that e2fsck reports, never a
- * lost mapping.
+/*----------------------------------------------------------------------
+ * Changing the extent tree, one atomic step at a time.
+ *
+ * libext2fs's extent calls change a tree in several writes: converting
+ * the middle of an extent is a replace and two inserts, and a node split
+ * writes the new node, then the old one cut in half, and only then the
+ * index that points to the new one.  A failure in between (a write
+ * below, a split that finds no free block) left extents unmapped (a zero
+ * without MAY_TRIM that hit ENOSPC left 896 KiB of other data without a
+ * mapping), and inserting first instead leaves extents that overlap,
+ * which e2fsck 1.47.0 does not repair without loss (after deleting a
+ * colliding extent that was the last of its node it checks the one
+ * before again, finds it colliding with itself, and deletes it too).
+ *
+ * So the changes ext4fs makes to extent trees are its own.  Each is one
+ * edit of one leaf (replace some of its entries by others: insert an
+ * extent merged with its neighbours, convert part of one, split one for
+ * a punch), committed by exactly one write of an existing block: the
+ * leaf if the new entries fit, else the first ancestor that does not
+ * overflow, or the inode for the root.  Nodes split on the way go to new
+ * blocks written before the commit, unreferenced: a failure before it
+ * leaves the old tree (the new blocks are freed again), the commit
+ * switches to the new one.  What follows it (an index start following
+ * its child's first extent, the block count in the inode) e2fsck repairs
+ * without loss if it fails.  The blocks the new nodes need are counted,
+ * and found free, before anything is written.
+ *
+ * Reads and writes go through the io_manager (io_channel_*), as
+ * libext2fs's own, so whatever it sees of the tree we see.
  */
-static errcode_t
-merge_at (struct ext4fs_inode *ip, ext2_extent_handle_t h, uint64_t lblk)
-{
-  struct ext2fs_extent cur, other;
-  errcode_t e;
-  int side;
 
-  for (side = 0; side < 2; ++side) {
-    /* Looking: merging is only an optimisation, so a failure here
-     * (nothing changed yet) just stops merging.
-     */
-    if (ext2fs_extent_goto (h, lblk) ||
-        ext2fs_extent_get (h, EXT2_EXTENT_CURRENT, &cur))
-      return 0;
-    e = ext2fs_extent_get (h, side == 0 ? EXT2_EXTENT_PREV_LEAF
-                                        : EXT2_EXTENT_NEXT_LEAF, &other);
-    if (e)
-      continue;
-    if (side == 0 ? !mergeable (&other, &cur) : !mergeable (&cur, &other))
-      continue;
-    if (side == 1 && ext2fs_extent_goto (h, lblk))
-      return 0;
-    /* Changing: from here a failure leaves the tree half changed. */
-    if (side == 0) {
-      /* Extend the previous extent over cur, then delete cur. */
-      other.e_len += cur.e_len;
-      e = ext2fs_extent_replace (h, 0, &other);
-      if (e)
-        goto broken;
-      lblk = other.e_lblk;
-      e = ext2fs_extent_get (h, EXT2_EXTENT_NEXT_LEAF, &cur);
+
+/* A decoded entry: a leaf's extent, or an index's start and child. */
+struct xent {
+  uint64_t lblk, pblk;
+  uint32_t len;                 /* leaves only */
+  bool uninit;                  /* leaves only */
+};
+
+struct xnode {
+  uint64_t blk;                 /* 0: the root, in ip->raw.i_block */
+  unsigned depth;               /* eh_depth: 0 = leaf */
+  unsigned n, max;
+  unsigned pos;                 /* index nodes: the entry followed down */
+  uint32_t generation;
+  struct xent e[];              /* max entries */
+};
+
+struct xpath {
+  unsigned levels;              /* node[0] = root ... node[levels-1] = leaf */
+  struct xnode *node[XT_MAX_DEPTH + 1];
+  uint64_t end;                 /* the leaf covers logical blocks < end */
+};
+
+static void
+xt_path_free (struct xpath *p)
+{
+  unsigned i;
+
+  for (i = 0; i < p->levels; ++i)
+    free (p->node[i]);
+  p->levels = 0;
+}
+
+static struct xnode *
+xt_alloc (unsigned max)
+{
+  return calloc (1, sizeof (struct xnode) + max * sizeof (struct xent));
+}
+
+/* Decode a node (the root: the 60 bytes of i_block; else a block). */
+static errcode_t
+xt_decode (const void *buf, size_t size, uint64_t blk, struct xnode **ndp)
+{
+  const struct ext3_extent_header *eh = buf;
+  struct xnode *nd;
+  unsigned i;
+
+  if (ext2fs_extent_header_verify ((void *) buf, size) ||
+      ext2fs_le16_to_cpu (eh->eh_depth) > XT_MAX_DEPTH)
+    return EXT2_ET_EXTENT_HEADER_BAD;
+  nd = xt_alloc (ext2fs_le16_to_cpu (eh->eh_max));
+  if (nd == NULL)
+    return EXT2_ET_NO_MEMORY;
+  nd->blk = blk;
+  nd->depth = ext2fs_le16_to_cpu (eh->eh_depth);
+  nd->n = ext2fs_le16_to_cpu (eh->eh_entries);
+  nd->max = ext2fs_le16_to_cpu (eh->eh_max);
+  nd->generation = ext2fs_le32_to_cpu (eh->eh_generation);
+  for (i = 0; i < nd->n; ++i) {
+    if (nd->depth == 0) {
+      const struct ext3_extent *x = (const struct ext3_extent *) (eh + 1) + i;
+      unsigned len = ext2fs_le16_to_cpu (x->ee_len);
+
+      nd->e[i].lblk = ext2fs_le32_to_cpu (x->ee_block);
+      nd->e[i].pblk = ext2fs_le32_to_cpu (x->ee_start) +
+        ((uint64_t) ext2fs_le16_to_cpu (x->ee_start_hi) << 32);
+      nd->e[i].uninit = len > EXT_INIT_MAX_LEN;
+      nd->e[i].len = len > EXT_INIT_MAX_LEN ? len - EXT_INIT_MAX_LEN : len;
     }
     else {
-      /* Extend cur over the next extent, then delete that. */
-      cur.e_len += other.e_len;
-      e = ext2fs_extent_replace (h, 0, &cur);
-      if (e)
-        goto broken;
-      e = ext2fs_extent_get (h, EXT2_EXTENT_NEXT_LEAF, &other);
-    }
-    if (e)
-      goto broken;
-    e = ext2fs_extent_delete (h, 0);
-    if (e)
-      goto broken;
-    e = ext2fs_extent_fix_parents (h);
-    if (e && e != EXT2_ET_NO_CURRENT_NODE)
-      goto broken;
-  }
-  return 0;
+      const struct ext3_extent_idx *x =
+        (const struct ext3_extent_idx *) (eh + 1) + i;
 
- broken:
-  fs_set_broken_locked (ip->fsi, "merging extents failed half way");
+      nd->e[i].lblk = ext2fs_le32_to_cpu (x->ei_block);
+      nd->e[i].pblk = ext2fs_le32_to_cpu (x->ei_leaf) +
+        ((uint64_t) ext2fs_le16_to_cpu (x->ei_leaf_hi) << 32);
+    }
+  }
+  *ndp = nd;
+  return 0;
+}
+
+static void
+xt_encode (const struct xnode *nd, void *buf)
+{
+  struct ext3_extent_header *eh = buf;
+  unsigned i;
+
+  eh->eh_magic = ext2fs_cpu_to_le16 (EXT3_EXT_MAGIC);
+  eh->eh_entries = ext2fs_cpu_to_le16 (nd->n);
+  eh->eh_max = ext2fs_cpu_to_le16 (nd->max);
+  eh->eh_depth = ext2fs_cpu_to_le16 (nd->depth);
+  eh->eh_generation = ext2fs_cpu_to_le32 (nd->generation);
+  for (i = 0; i < nd->n; ++i) {
+    if (nd->depth == 0) {
+      struct ext3_extent *x = (struct ext3_extent *) (eh + 1) + i;
+
+      x->ee_block = ext2fs_cpu_to_le32 (nd->e[i].lblk);
+      x->ee_len = ext2fs_cpu_to_le16 (nd->e[i].len +
+                                      (nd->e[i].uninit ? EXT_INIT_MAX_LEN : 0));
+      x->ee_start = ext2fs_cpu_to_le32 (nd->e[i].pblk & 0xffffffff);
+      x->ee_start_hi = ext2fs_cpu_to_le16 (nd->e[i].pblk >> 32);
+    }
+    else {
+      struct ext3_extent_idx *x = (struct ext3_extent_idx *) (eh + 1) + i;
+
+      x->ei_block = ext2fs_cpu_to_le32 (nd->e[i].lblk);
+      x->ei_leaf = ext2fs_cpu_to_le32 (nd->e[i].pblk & 0xffffffff);
+      x->ei_leaf_hi = ext2fs_cpu_to_le16 (nd->e[i].pblk >> 32);
+      x->ei_unused = 0;
+    }
+  }
+}
+
+/* The root of ip's tree.  An all-zero i_block is an empty root, as
+ * ext2fs_extent_open2 would make it.
+ */
+static errcode_t
+xt_root (struct ext4fs_inode *ip, struct xnode **ndp)
+{
+  static const char zero[sizeof ip->raw.i_block];
+
+  if (memcmp (ip->raw.i_block, zero, sizeof zero) == 0) {
+    *ndp = xt_alloc (4);
+    if (*ndp == NULL)
+      return EXT2_ET_NO_MEMORY;
+    (*ndp)->max = 4;
+    return 0;
+  }
+  return xt_decode (ip->raw.i_block, sizeof ip->raw.i_block, 0, ndp);
+}
+
+static errcode_t
+xt_read (struct ext4fs_inode *ip, uint64_t blk, unsigned depth,
+         struct xnode **ndp)
+{
+  struct ext4fs_fs *fsi = ip->fsi;
+  CLEANUP_FREE char *buf = malloc (fsi->blocksize);
+  errcode_t e;
+
+  if (buf == NULL)
+    return EXT2_ET_NO_MEMORY;
+  if (blk < fsi->first_data_block || blk >= fsi->blocks_count ||
+      fs_is_metadata (fsi, blk, 1))
+    return EXT2_ET_EXTENT_HEADER_BAD;
+  e = io_channel_read_blk64 (fsi->fs->io, blk, 1, buf);
+  if (e)
+    return e;
+  if (!ext2fs_extent_block_csum_verify (fsi->fs, ip->ino,
+                                        (struct ext3_extent_header *) buf))
+    return EXT2_ET_EXTENT_CSUM_INVALID;
+  e = xt_decode (buf, fsi->blocksize, blk, ndp);
+  if (e == 0 && (*ndp)->depth != depth) {
+    free (*ndp);
+    e = EXT2_ET_EXTENT_HEADER_BAD;
+  }
   return e;
 }
 
-/* Insert one written extent of at most EXT_INIT_MAX_LEN blocks into a
- * hole of an extent-mapped file, merging with the extent before when
- * it is physically contiguous.
+/* Write a node other than the root into its block. */
+static errcode_t
+xt_write (struct ext4fs_inode *ip, const struct xnode *nd)
+{
+  struct ext4fs_fs *fsi = ip->fsi;
+  CLEANUP_FREE char *buf = calloc (1, fsi->blocksize);
+  errcode_t e;
+
+  if (buf == NULL)
+    return EXT2_ET_NO_MEMORY;
+  xt_encode (nd, buf);
+  e = ext2fs_extent_block_csum_set (fsi->fs, ip->ino,
+                                    (struct ext3_extent_header *) buf);
+  if (e)
+    return e;
+  return io_channel_write_blk64 (fsi->fs->io, nd->blk, 1, buf);
+}
+
+/* Walk from the root to the leaf that holds (or would hold) lblk,
+ * taking at each index node the last entry that starts at or before
+ * lblk, else the first, as ext2fs_extent_goto does.
+ */
+static errcode_t
+xt_walk (struct ext4fs_inode *ip, uint64_t lblk, struct xpath *p)
+{
+  struct xnode *nd;
+  errcode_t e;
+
+  p->levels = 0;
+  p->end = (UINT64_C (1) << 32) - 1;    /* libext2fs's last block + 1 */
+  e = xt_root (ip, &nd);
+  if (e)
+    return e;
+  p->node[p->levels++] = nd;
+  while (nd->depth > 0) {
+    unsigned i;
+
+    if (nd->n == 0 || p->levels > XT_MAX_DEPTH) {
+      xt_path_free (p);
+      return EXT2_ET_EXTENT_HEADER_BAD;
+    }
+    for (i = 1; i < nd->n && nd->e[i].lblk <= lblk; ++i)
+      ;
+    nd->pos = i - 1;
+    if (i < nd->n && nd->e[i].lblk < p->end)
+      p->end = nd->e[i].lblk;
+    e = xt_read (ip, nd->e[nd->pos].pblk, nd->depth - 1, &nd);
+    if (e) {
+      xt_path_free (p);
+      return e;
+    }
+    p->node[p->levels++] = nd;
+  }
+  return 0;
+}
+
+/* Blocks for new nodes that committing n entries at level l needs. */
+static unsigned
+xt_blocks_needed (const struct xpath *p, unsigned l, unsigned n)
+{
+  if (n <= p->node[l]->max)
+    return 0;
+  if (l == 0)
+    return 1;                   /* the tree grows a level */
+  return 2 + xt_blocks_needed (p, l - 1, p->node[l - 1]->n + 1);
+}
+
+struct xt_commit {
+  uint64_t newblk[2 * (XT_MAX_DEPTH + 1)];
+  unsigned nnew;                /* new nodes (allocated, maybe written) */
+  uint64_t oldblk[XT_MAX_DEPTH + 1];
+  unsigned nold;                /* nodes they replace: freed after */
+  bool committed;               /* a node was written in place (or tried) */
+  bool index_only;              /* since then: only index starts follow */
+  bool root_changed;            /* ip->raw.i_block changed: write the inode */
+};
+
+static errcode_t
+xt_new_node (struct ext4fs_inode *ip, struct xt_commit *c, uint64_t goal,
+             unsigned depth, const struct xent *e, unsigned n,
+             uint64_t *blkp)
+{
+  struct ext4fs_fs *fsi = ip->fsi;
+  ext2_filsys fs = fsi->fs;
+  CLEANUP_FREE struct xnode *nd = NULL;
+  unsigned max = (fsi->blocksize - sizeof (struct ext3_extent_header)) /
+    sizeof (struct ext3_extent);
+  blk64_t b;
+  errcode_t e2;
+
+  e2 = ext2fs_new_block2 (fs, goal, NULL, &b);
+  if (e2)
+    return e2;
+  if (b < fsi->first_data_block || b >= fsi->blocks_count ||
+      fs_is_metadata (fsi, b, 1))
+    return EXT2_ET_BLOCK_ALLOC_FAIL;
+  ext2fs_block_alloc_stats2 (fs, b, +1);
+  c->newblk[c->nnew++] = b;
+  nd = xt_alloc (max);
+  if (nd == NULL)
+    return EXT2_ET_NO_MEMORY;
+  nd->blk = b;
+  nd->depth = depth;
+  nd->n = n;
+  nd->max = max;
+  memcpy (nd->e, e, n * sizeof e[0]);
+  *blkp = b;
+  return xt_write (ip, nd);
+}
+
+/* Make e[0..n) the entries of the node at level l of p: see above.
+ * If they do not fit, the node is split into two new nodes that the
+ * parent gets instead of it; if the root does not fit, its entries
+ * move to a new node the root then points to.  After a write in
+ * place, if the node's first block changed, the parent's index
+ * follows (a separate write, after the commit).
+ */
+static errcode_t
+xt_commit (struct ext4fs_inode *ip, struct xpath *p, unsigned l,
+           const struct xent *e, unsigned n, struct xt_commit *c)
+{
+  struct xnode *nd = p->node[l], *parent = l > 0 ? p->node[l - 1] : NULL;
+  uint64_t goal = nd->n > 0 ? nd->e[0].pblk : 0, b1, b2;
+  CLEANUP_FREE struct xent *pe = NULL;
+  unsigned half = n / 2, pos;
+  errcode_t err;
+
+  if (n <= nd->max) {
+    memmove (nd->e, e, n * sizeof e[0]);
+    nd->n = n;
+    if (l == 0) {
+      xt_encode (nd, ip->raw.i_block);
+      c->root_changed = true;
+      return 0;
+    }
+    /* Failed or not, this write may have reached the disk. */
+    c->committed = true;
+    err = xt_write (ip, nd);
+    if (err)
+      return err;
+    if (n == 0 || parent->e[parent->pos].lblk == e[0].lblk)
+      return 0;
+    /* The parent's index follows our first block. */
+    pe = malloc (parent->n * sizeof pe[0]);
+    if (pe == NULL)
+      return EXT2_ET_NO_MEMORY;
+    memcpy (pe, parent->e, parent->n * sizeof pe[0]);
+    pe[parent->pos].lblk = e[0].lblk;
+    c->index_only = true;
+    return xt_commit (ip, p, l - 1, pe, parent->n, c);
+  }
+  if (l == 0) {
+    /* The tree grows a level: the root's entries move to a new node. */
+    if (nd->depth >= XT_MAX_DEPTH)
+      return EXT2_ET_CANT_INSERT_EXTENT;
+    err = xt_new_node (ip, c, goal, nd->depth, e, n, &b1);
+    if (err)
+      return err;
+    nd->depth++;
+    nd->n = 1;
+    nd->e[0] = (struct xent) { .lblk = e[0].lblk, .pblk = b1 };
+    xt_encode (nd, ip->raw.i_block);
+    c->root_changed = true;
+    return 0;
+  }
+  /* Split into two new nodes, which replace this one in the parent. */
+  err = xt_new_node (ip, c, goal, nd->depth, e, half, &b1);
+  if (err == 0)
+    err = xt_new_node (ip, c, goal, nd->depth, e + half, n - half, &b2);
+  if (err)
+    return err;
+  pe = malloc ((parent->n + 1) * sizeof pe[0]);
+  if (pe == NULL)
+    return EXT2_ET_NO_MEMORY;
+  pos = parent->pos;
+  memcpy (pe, parent->e, pos * sizeof pe[0]);
+  pe[pos] = (struct xent) { .lblk = e[0].lblk, .pblk = b1 };
+  pe[pos + 1] = (struct xent) { .lblk = e[half].lblk, .pblk = b2 };
+  memcpy (&pe[pos + 2], &parent->e[pos + 1],
+          (parent->n - pos - 1) * sizeof pe[0]);
+  c->oldblk[c->nold++] = nd->blk;
+  return xt_commit (ip, p, l - 1, pe, parent->n + 1, c);
+}
+
+/* In the leaf of p, replace entries [first, first+count) by
+ * add[0..nadd) as one atomic change (see above), and change i_blocks
+ * by data_delta (data blocks mapped or unmapped with it) and by the
+ * nodes added or removed.  p is used up.  Returns 0 (done); -1
+ * (nothing changed; ENOSPC: no blocks for new nodes); -2 (the commit
+ * may or may not have reached the disk: the filesystem is marked
+ * broken); 1 (the change is in the tree, but a write after the commit
+ * failed: an index start (broken) or the inode (not clean, written
+ * again later)); *err is set after nbdkit_error unless 0 is
+ * returned.  Caller holds ip->lock exclusive and fsi->lock.
+ */
+static int
+xt_replace_locked (struct ext4fs_inode *ip, struct xpath *p, unsigned first,
+                   unsigned count, const struct xent *add, unsigned nadd,
+                   int64_t data_delta, uint64_t own_reserve, int *err)
+{
+  struct ext4fs_fs *fsi = ip->fsi;
+  ext2_filsys fs = fsi->fs;
+  struct xnode *leaf = p->node[p->levels - 1];
+  struct ext2_inode_large saved = ip->raw;
+  struct xt_commit c = { .nnew = 0 };
+  unsigned n = leaf->n - count + nadd, need, i;
+  CLEANUP_FREE struct xent *e = malloc ((n + 1) * sizeof *e);
+  uint64_t keep;
+  int64_t delta;
+  errcode_t e2;
+  int r = 0;
+
+  if (e == NULL) {
+    xt_path_free (p);
+    *err = ENOMEM;
+    nbdkit_error ("malloc: %m");
+    return -1;
+  }
+  /* Blocks promised to other changes under way are not ours to take
+   * (own_reserve: what our caller reserved, bmap_alloc_locked).
+   */
+  need = xt_blocks_needed (p, p->levels - 1, n);
+  keep = fsi->meta_reserved > own_reserve ? fsi->meta_reserved - own_reserve : 0;
+  if (need > 0 && need + keep > ext2fs_free_blocks_count (fs->super)) {
+    xt_path_free (p);
+    nbdkit_error ("inode %u: no space left for %u extent tree block(s)",
+                  ip->ino, need);
+    *err = ENOSPC;
+    return -1;
+  }
+  if (bmap_iblk_room_locked (ip, need + (data_delta > 0 ? data_delta : 0),
+                        err) == -1) {
+    xt_path_free (p);
+    return -1;
+  }
+  memcpy (e, leaf->e, first * sizeof e[0]);
+  memcpy (&e[first], add, nadd * sizeof e[0]);
+  memcpy (&e[first + nadd], &leaf->e[first + count],
+          (leaf->n - first - count) * sizeof e[0]);
+  e2 = xt_commit (ip, p, p->levels - 1, e, n, &c);
+  xt_path_free (p);
+
+  if (e2 && !c.committed) {
+    /* Nothing references the new nodes: the old tree stands. */
+    ip->raw = saved;
+    for (i = 0; i < c.nnew; ++i)
+      bmap_free_locked (fsi, c.newblk[i], 1);
+    extent_error (ip, "changing the extent tree", e2, err);
+    if (e2 == EXT2_ET_BLOCK_ALLOC_FAIL)
+      *err = ENOSPC;
+    else if (e2 == EXT2_ET_CANT_INSERT_EXTENT)
+      *err = EFBIG;             /* the tree would be too deep */
+    return -1;
+  }
+
+  delta = data_delta + (int64_t) c.nnew - (int64_t) c.nold;
+  if (delta > 0)
+    ext2fs_iblk_add_blocks (fs, (struct ext2_inode *) &ip->raw, delta);
+  else if (delta < 0)
+    ext2fs_iblk_sub_blocks (fs, (struct ext2_inode *) &ip->raw, -delta);
+  if (!c.committed) {
+    /* Only the root changed: writing the inode is the commit. */
+    if (inode_write_locked (ip, err) == -1) {
+      fs_set_broken_locked (fsi, "writing the root of an extent tree");
+      return -2;
+    }
+  }
+  else {
+    if (e2 && !c.index_only) {
+      /* The commit itself failed: it may or may not be on disk. */
+      extent_error (ip, "changing the extent tree", e2, err);
+      fs_set_broken_locked (fsi, "writing an extent tree node");
+      return -2;
+    }
+    if (e2) {
+      /* After the commit: an index start did not follow its child. */
+      extent_error (ip, "updating an extent index", e2, err);
+      fs_set_broken_locked (fsi, "updating an extent index");
+      r = 1;
+    }
+    if (c.root_changed || delta != 0) {
+      int err2;
+
+      if (inode_write_locked (ip, r ? &err2 : err) == -1)
+        r = 1;                  /* in memory it is right: not clean */
+    }
+  }
+  for (i = 0; i < c.nold; ++i)
+    bmap_free_locked (fsi, c.oldblk[i], 1);
+  return r;
+}
+
+static bool
+xt_mergeable (const struct xent *a, const struct xent *b)
+{
+  return !a->uninit && !b->uninit &&
+    a->lblk + a->len == b->lblk && a->pblk + a->len == b->pblk &&
+    (uint64_t) a->len + b->len <= EXT_INIT_MAX_LEN;
+}
+
+/* Insert a written extent of at most EXT_INIT_MAX_LEN blocks into a
+ * hole of an extent-mapped file, merged with its neighbours in the
+ * leaf when they are contiguous.  It may map fewer blocks than len
+ * (up to where the leaf's range ends): *done says how many.  Returns
+ * as xt_replace_locked; on -2 the blocks may be mapped.
  */
 static int
 extent_insert_one (struct ext4fs_inode *ip, uint64_t lblk, uint64_t pblk,
-                   uint32_t len, int *err)
+                   uint32_t len, uint64_t reserved, uint64_t *done, int *err)
 {
-  ext2_filsys fs = ip->fsi->fs;
-  ext2_extent_handle_t h;
-  struct ext2fs_extent ex, nex = {
-    .e_lblk = lblk, .e_pblk = pblk, .e_len = len,
-    .e_flags = EXT2_EXTENT_FLAGS_LEAF,
-  };
-  struct ext2_extent_info info;
+  struct xpath p;
+  struct xnode *leaf;
+  struct xent x = { .lblk = lblk, .pblk = pblk, .len = len };
+  uint64_t end;
+  unsigned ins, first, count = 0;
   errcode_t e;
 
-  if (lblk + len > (UINT64_C (1) << 32)) {
+  *done = 0;
+  if (lblk >= (UINT64_C (1) << 32) - 1 ||
+      len > (UINT64_C (1) << 32) - 1 - lblk) {
     nbdkit_error ("inode %u: logical block %" PRIu64 " is beyond what "
                   "extents can map", ip->ino, lblk + len - 1);
     *err = EFBIG;
     return -1;
   }
-  e = ext2fs_extent_open2 (fs, ip->ino, (struct ext2_inode *) &ip->raw, &h);
+  e = xt_walk (ip, lblk, &p);
   if (e)
-    return extent_error (ip, "extent open", e, err);
-  e = ext2fs_extent_get_info (h, &info);
-  if (e)
-    goto fail_before;
-  if (info.max_depth == 0 && info.num_entries == 0) {
-    e = ext2fs_extent_insert (h, 0, &nex);
-    if (e)
-      goto fail_after;
-    goto merge;
-  }
-  e = ext2fs_extent_goto (h, lblk);
-  if (e == 0) {
-    ext2fs_extent_free (h);
+    return extent_error (ip, "extent tree", e, err);
+  leaf = p.node[p.levels - 1];
+  for (ins = 0; ins < leaf->n && leaf->e[ins].lblk < lblk; ++ins)
+    ;
+  end = p.end;
+  if (ins < leaf->n && leaf->e[ins].lblk < end)
+    end = leaf->e[ins].lblk;
+  if ((ins > 0 && leaf->e[ins - 1].lblk + leaf->e[ins - 1].len > lblk) ||
+      end <= lblk) {
+    xt_path_free (&p);
     nbdkit_error ("inode %u: logical block %" PRIu64 " is already mapped",
                   ip->ino, lblk);
     *err = EIO;
     return -1;
   }
-  if (e != EXT2_ET_EXTENT_NOT_FOUND)
-    goto fail_before;
-  e = ext2fs_extent_get (h, EXT2_EXTENT_CURRENT, &ex);
-  if (e)
-    goto fail_before;
-  if (!(ex.e_flags & EXT2_EXTENT_FLAGS_UNINIT) &&
-      ex.e_lblk + ex.e_len == lblk && ex.e_pblk + ex.e_len == pblk &&
-      (uint64_t) ex.e_len + len <= EXT_INIT_MAX_LEN) {
-    ex.e_len += len;
-    e = ext2fs_extent_replace (h, 0, &ex);
+  if (x.len > end - lblk)
+    x.len = end - lblk;
+  *done = x.len;
+  first = ins;
+  if (ins > 0 && xt_mergeable (&leaf->e[ins - 1], &x)) {
+    first--;
+    count++;
+    x.lblk = leaf->e[first].lblk;
+    x.pblk = leaf->e[first].pblk;
+    x.len += leaf->e[first].len;
   }
-  else if (lblk < ex.e_lblk)
-    e = ext2fs_extent_insert (h, 0, &nex);
-  else
-    e = ext2fs_extent_insert (h, EXT2_EXTENT_INSERT_AFTER, &nex);
-  if (e)
-    goto fail_after;
-  e = ext2fs_extent_fix_parents (h);
-  if (e)
-    goto fail_after;
- merge:
-  e = merge_at (ip, h, lblk);   /* marks broken itself on failure */
-  ext2fs_extent_free (h);
-  if (e) {
-    extent_error (ip, "merging extents", e, err);
-    return -2;
+  if (ins < leaf->n && xt_mergeable (&x, &leaf->e[ins])) {
+    count++;
+    x.len += leaf->e[ins].len;
   }
-  return 0;
-
- fail_before:
-  ext2fs_extent_free (h);
-  return extent_error (ip, "extent insert", e, err);
- fail_after:
-  /* The tree may reference the blocks now: they must not be freed. */
-  ext2fs_extent_free (h);
-  fs_set_broken_locked (ip->fsi, "inserting an extent failed half way");
-  extent_error (ip, "extent insert", e, err);
-  return -2;
+  return xt_replace_locked (ip, &p, first, count, &x, 1, *done, reserved,
+                            err);
 }
 
 int
 bmap_insert_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t pblk,
-                    uint64_t len, int *err)
+                    uint64_t len, uint64_t reserved, uint64_t *mapped,
+                    int *err)
 {
   ext2_filsys fs = ip->fsi->fs;
   errcode_t e;
   uint64_t i;
+  int r = 0;
 
   if (ip->extents) {
+    /* Each piece is complete in the tree, i_blocks and the inode
+     * included, before the next.
+     */
     for (i = 0; i < len; ) {
       uint32_t n = len - i > EXT_INIT_MAX_LEN ? EXT_INIT_MAX_LEN : len - i;
-      int r = extent_insert_one (ip, lblk + i, pblk + i, n, err);
-      if (r == -2)
-        i += n;                 /* maybe mapped: never free these */
-      if (r < 0)
-        goto fail;
-      i += n;
+      uint64_t done;
+
+      r = extent_insert_one (ip, lblk + i, pblk + i, n, reserved, &done, err);
+      if (r != -1)
+        i += done;              /* mapped (-2: maybe): never free these */
+      if (r != 0)
+        break;
     }
+    *mapped = i;
+    bmap_free_locked (ip->fsi, pblk + i, len - i);
+    return r == 0 ? 0 : -1;
   }
-  else {
-    for (i = 0; i < len; ++i) {
-      blk64_t p = pblk + i;
-      e = ext2fs_bmap2 (fs, ip->ino, (struct ext2_inode *) &ip->raw, NULL,
-                        BMAP_ALLOC | BMAP_SET, lblk + i, NULL, &p);
-      if (e) {
-        /* Indirect blocks may have been allocated and written: the
-         * block may be mapped.
-         */
-        extent_error (ip, "mapping block", e, err);
-        fs_set_broken_locked (ip->fsi, "mapping a block failed half way");
-        i++;
-        goto fail;
-      }
-    }
+
+  for (i = 0; i < len; ++i) {
+    blk64_t p = pblk + i;
+    struct ext4fs_io_counts before;
+
+    /* This allocates (and zeroes) indirect blocks as needed and
+     * writes them, and the inode if it changed.
+     */
+    ext4fs_io_counts (&before);
+    e = ext2fs_bmap2 (fs, ip->ino, (struct ext2_inode *) &ip->raw, NULL,
+                      BMAP_ALLOC | BMAP_SET, lblk + i, NULL, &p);
+    r = change_done_locked (ip, &before, e, false, "mapping a block", err);
+    if (r == -2)
+      i++;                      /* maybe mapped */
+    if (r < 0)
+      break;
   }
-  e = ext2fs_iblk_add_blocks (fs, (struct ext2_inode *) &ip->raw, len);
+  /* Blocks [pblk, pblk+i) are (or may be) mapped: they stay
+   * allocated and i_blocks counts them.  The rest is not referenced:
+   * free it.
+   */
+  *mapped = i;
+  bmap_free_locked (ip->fsi, pblk + i, len - i);
+  if (i == 0)
+    return -1;
+  e = ext2fs_iblk_add_blocks (fs, (struct ext2_inode *) &ip->raw, i);
   if (e) {
     extent_error (ip, "block count", e, err);
     fs_set_broken_locked (ip->fsi, "inode block count");
     return -1;
   }
-  return inode_write_locked (ip, err);
-
- fail:
-  /* Blocks [pblk+i, pblk+len) are not referenced: free them.  The ones
-   * before stay allocated (they are, or may be, mapped); if any of
-   * them is, i_blocks must count them.
-   */
-  {
+  if (r < 0) {
     int err2;
-    bmap_free_locked (ip->fsi, pblk + i, len - i);
-    if (i > 0) {
-      ext2fs_iblk_add_blocks (fs, (struct ext2_inode *) &ip->raw, i);
-      if (inode_write_locked (ip, &err2) == -1)
-        fs_set_broken_locked (ip->fsi, "inode block count not written");
-    }
+    inode_write_locked (ip, &err2);
+    return -1;
   }
-  return -1;
+  return inode_write_locked (ip, err);
 }
 
 int
 bmap_convert_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t len,
-                     bool to_unwritten, int *err)
+                     bool to_unwritten, size_t *runs_left, bool *converted,
+                     int *err)
 {
-  const uint32_t from = to_unwritten ? 0 : EXT2_EXTENT_FLAGS_UNINIT;
-  const uint32_t to = to_unwritten ? EXT2_EXTENT_FLAGS_UNINIT : 0;
-  ext2_filsys fs = ip->fsi->fs;
-  ext2_extent_handle_t h;
   uint64_t end = lblk + len;
-  errcode_t e;
 
-  e = ext2fs_extent_open2 (fs, ip->ino, (struct ext2_inode *) &ip->raw, &h);
-  if (e)
-    return extent_error (ip, "extent open", e, err);
-
-  /* One on-disk extent at a time: a written run of the map may span
-   * several.
+  *converted = false;
+  /* One on-disk extent at a time (a written run of the map may span
+   * several), each an atomic change of its own.
    */
   while (lblk < end) {
-    struct ext2fs_extent ex, pieces[3];
-    int npieces = 0, i;
+    struct xpath p;
+    struct xnode *leaf;
+    struct xent ex, pieces[3];
+    unsigned npieces = 0, idx, first, count = 1;
     uint64_t ex_end, pend;
+    errcode_t e;
+    int r;
 
-    e = ext2fs_extent_goto (h, lblk);
+    if (runs_left && *runs_left < 2) {
+      nbdkit_error ("inode %u: the file is too fragmented: converting more "
+                    "would take its block map past %zu runs", ip->ino,
+                    bmap_max_runs ());
+      *err = EFBIG;
+      return -1;
+    }
+    e = xt_walk (ip, lblk, &p);
     if (e)
-      goto fail;
-    e = ext2fs_extent_get (h, EXT2_EXTENT_CURRENT, &ex);
-    if (e)
-      goto fail;
-    ex_end = ex.e_lblk + ex.e_len;
-    if ((ex.e_flags & EXT2_EXTENT_FLAGS_UNINIT) != from ||
-        lblk < ex.e_lblk || lblk >= ex_end) {
-      ext2fs_extent_free (h);
+      return extent_error (ip, "extent tree", e, err);
+    leaf = p.node[p.levels - 1];
+    for (idx = 0; idx < leaf->n && leaf->e[idx].lblk + leaf->e[idx].len <= lblk;
+         ++idx)
+      ;
+    if (idx == leaf->n || leaf->e[idx].lblk > lblk ||
+        leaf->e[idx].uninit == to_unwritten) {
+      xt_path_free (&p);
       nbdkit_error ("inode %u: block %" PRIu64 " is not in a %s extent",
                     ip->ino, lblk, to_unwritten ? "written" : "unwritten");
       *err = EIO;
       return -1;
     }
+    ex = leaf->e[idx];
+    ex_end = ex.lblk + ex.len;
     pend = end < ex_end ? end : ex_end;
     if (to_unwritten && pend - lblk > EXT_UNINIT_MAX_LEN)
       pend = lblk + EXT_UNINIT_MAX_LEN;
 
-    if (ex.e_lblk < lblk)
-      pieces[npieces++] = (struct ext2fs_extent) {
-        .e_lblk = ex.e_lblk, .e_pblk = ex.e_pblk, .e_len = lblk - ex.e_lblk,
-        .e_flags = EXT2_EXTENT_FLAGS_LEAF | from,
+    first = idx;
+    if (ex.lblk < lblk)
+      pieces[npieces++] = (struct xent) {
+        .lblk = ex.lblk, .pblk = ex.pblk, .len = lblk - ex.lblk,
+        .uninit = ex.uninit,
       };
-    pieces[npieces++] = (struct ext2fs_extent) {
-      .e_lblk = lblk, .e_pblk = ex.e_pblk + (lblk - ex.e_lblk),
-      .e_len = pend - lblk, .e_flags = EXT2_EXTENT_FLAGS_LEAF | to,
+    pieces[npieces++] = (struct xent) {
+      .lblk = lblk, .pblk = ex.pblk + (lblk - ex.lblk), .len = pend - lblk,
+      .uninit = to_unwritten,
     };
     if (pend < ex_end)
-      pieces[npieces++] = (struct ext2fs_extent) {
-        .e_lblk = pend, .e_pblk = ex.e_pblk + (pend - ex.e_lblk),
-        .e_len = ex_end - pend, .e_flags = EXT2_EXTENT_FLAGS_LEAF | from,
+      pieces[npieces++] = (struct xent) {
+        .lblk = pend, .pblk = ex.pblk + (pend - ex.lblk), .len = ex_end - pend,
+        .uninit = ex.uninit,
       };
+    if (!to_unwritten) {
+      /* The written piece joins written neighbours in this leaf, as
+       * the kernel merges, so that sequential writes into unwritten
+       * extents end as few extents.
+       */
+      struct xent *mid = &pieces[ex.lblk < lblk ? 1 : 0];
 
-    /* From the first change on, a failure leaves the tree (and
-     * ip->raw) half changed: the filesystem is marked as having
-     * errors, and nothing more is written to it (inode_write_locked
-     * refuses), so the half change stays in memory only when it is in
-     * the inode.
-     */
-    e = ext2fs_extent_replace (h, 0, &pieces[0]);
-    for (i = 1; e == 0 && i < npieces; ++i)
-      e = ext2fs_extent_insert (h, EXT2_EXTENT_INSERT_AFTER, &pieces[i]);
-    if (e == 0)
-      e = ext2fs_extent_fix_parents (h);
-    if (e) {
-      fs_set_broken_locked (ip->fsi, "splitting an extent failed");
-      goto fail;
+      if (mid == &pieces[0] && idx > 0 &&
+          xt_mergeable (&leaf->e[idx - 1], mid)) {
+        first--;
+        count++;
+        mid->len += leaf->e[idx - 1].len;
+        mid->lblk = leaf->e[idx - 1].lblk;
+        mid->pblk = leaf->e[idx - 1].pblk;
+      }
+      if (mid == &pieces[npieces - 1] && idx + 1 < leaf->n &&
+          xt_mergeable (mid, &leaf->e[idx + 1])) {
+        count++;
+        mid->len += leaf->e[idx + 1].len;
+      }
     }
-    if (!to_unwritten && (e = merge_at (ip, h, lblk)) != 0)
-      goto fail;                /* marked broken by merge_at */
+    r = xt_replace_locked (ip, &p, first, count, pieces, npieces, 0, 0, err);
+    if (r < 0)
+      return -1;
+    if (runs_left)
+      *runs_left -= 2;
+    if (pend >= end)
+      *converted = true;
+    if (r > 0)
+      return -1;
     lblk = pend;
   }
-  ext2fs_extent_free (h);
-  return inode_write_locked (ip, err);
+  return 0;
+}
 
- fail:
-  ext2fs_extent_free (h);
-  return extent_error (ip, "converting extent", e, err);
+/* Punch logical [s, s+n), strictly inside one extent: it becomes two,
+ * in one atomic change (ext2fs_punch inserts the right part first and
+ * then cuts the extent: two writes, with overlapping extents between
+ * them).  Returns 1 if [s, s+n) is not strictly inside one extent (the
+ * caller punches with libext2fs), else 0 or -1.
+ */
+static int
+punch_split_locked (struct ext4fs_inode *ip, uint64_t s, uint64_t n,
+                    int *err)
+{
+  struct xpath p;
+  struct xnode *leaf;
+  struct xent ex, pieces[2];
+  unsigned idx;
+  errcode_t e;
+  int r;
+
+  e = xt_walk (ip, s, &p);
+  if (e)
+    return extent_error (ip, "extent tree", e, err);
+  leaf = p.node[p.levels - 1];
+  for (idx = 0; idx < leaf->n && leaf->e[idx].lblk + leaf->e[idx].len <= s;
+       ++idx)
+    ;
+  if (idx == leaf->n || leaf->e[idx].lblk >= s ||
+      leaf->e[idx].lblk + leaf->e[idx].len <= s + n) {
+    xt_path_free (&p);
+    return 1;
+  }
+  ex = leaf->e[idx];
+  pieces[0] = (struct xent) {
+    .lblk = ex.lblk, .pblk = ex.pblk, .len = s - ex.lblk, .uninit = ex.uninit,
+  };
+  pieces[1] = (struct xent) {
+    .lblk = s + n, .pblk = ex.pblk + (s + n - ex.lblk),
+    .len = ex.lblk + ex.len - (s + n), .uninit = ex.uninit,
+  };
+  r = xt_replace_locked (ip, &p, idx, 1, pieces, 2, -(int64_t) n, 0, err);
+  if (r < 0)
+    return -1;                  /* -2: the blocks may be mapped: keep them */
+  bmap_free_locked (ip->fsi, ex.pblk + (s - ex.lblk), n);
+  return r == 0 ? 0 : -1;
 }
 
 /* Unmap logical block lblk, mapped to the filesystem's last block
@@ -785,11 +1444,13 @@ unmap_last_block_locked (struct ext4fs_inode *ip, uint64_t lblk,
   ext2_filsys fs = ip->fsi->fs;
   ext2_extent_handle_t h;
   struct ext2fs_extent ex;
+  struct ext4fs_io_counts before;
   errcode_t e;
 
+  ext4fs_io_counts (&before);
   e = ext2fs_extent_open2 (fs, ip->ino, (struct ext2_inode *) &ip->raw, &h);
   if (e)
-    return extent_error (ip, "extent open", e, err);
+    return change_done_locked (ip, &before, e, false, "extent open", err);
   e = ext2fs_extent_goto (h, lblk);
   if (e == 0)
     e = ext2fs_extent_get (h, EXT2_EXTENT_CURRENT, &ex);
@@ -811,10 +1472,9 @@ unmap_last_block_locked (struct ext4fs_inode *ip, uint64_t lblk,
     }
   }
   ext2fs_extent_free (h);
-  if (e) {
-    fs_set_broken_locked (ip->fsi, "unmapping the last block failed");
-    return extent_error (ip, "unmap last block", e, err);
-  }
+  if (change_done_locked (ip, &before, e, false, "unmapping the last block",
+                          err) < 0)
+    return -1;
   bmap_free_locked (ip->fsi, pblk, 1);
   ext2fs_iblk_sub_blocks (fs, (struct ext2_inode *) &ip->raw, 1);
   return inode_write_locked (ip, err);
@@ -849,21 +1509,41 @@ bmap_punch_locked (struct ext4fs_inode *ip, const struct ext4fs_map *map,
     if (n > PUNCH_CHUNK)
       n = PUNCH_CHUNK;
     if (ip->extents) {
+      /* Strictly inside one extent: split it ourselves (see
+       * punch_split_locked).  Else every step of ext2fs_punch is one
+       * write that leaves a valid tree: cutting an extent's head or
+       * tail, deleting an extent, then an emptied node from its
+       * parent.
+       */
+      int split = punch_split_locked (ip, s, n, err);
       uint64_t pend = r->pblk + (s - r->lblk) + n;
+      bool last;
+
+      if (split == -1)
+        return -1;
+      if (split == 0) {
+        b = s + n;
+        continue;
+      }
 
       /* libext2fs 1.47.0 refuses to free a range that ends at the last
        * block of the filesystem (off by one, fixed in 1.47.4): punch
        * the rest, and unmap that block ourselves.
        */
-      bool last = pend == fsi->blocks_count;
+      last = pend == fsi->blocks_count;
 
       if (n - last > 0) {
+        struct ext4fs_io_counts before;
+
+        /* It writes the inode at the end.  Read errors count: after a
+         * failed ext2fs_extent_goto it goes on from a wrong place.
+         */
+        ext4fs_io_counts (&before);
         e = ext2fs_punch (fs, ip->ino, (struct ext2_inode *) &ip->raw, NULL,
                           s, s + n - last - 1);
-        if (e) {
-          fs_set_broken_locked (fsi, "punching an extent failed");
-          return extent_error (ip, "punch", e, err);
-        }
+        if (change_done_locked (ip, &before, e, true, "punching an extent",
+                                err) < 0)
+          return -1;
       }
       if (last && unmap_last_block_locked (ip, s + n - 1, pend - 1, err) == -1)
         return -1;
@@ -877,19 +1557,30 @@ bmap_punch_locked (struct ext4fs_inode *ip, const struct ext4fs_map *map,
 
       for (i = 0; i < n; ++i) {
         blk64_t zero = 0;
+        struct ext4fs_io_counts before;
+        int rr;
+
+        ext4fs_io_counts (&before);
         e = ext2fs_bmap2 (fs, ip->ino, (struct ext2_inode *) &ip->raw, NULL,
                           BMAP_SET, s + i, NULL, &zero);
-        if (e) {
-          fs_set_broken_locked (fsi, "unmapping a block failed");
-          return extent_error (ip, "unmap", e, err);
-        }
+        rr = change_done_locked (ip, &before, e, false, "unmapping a block",
+                                 err);
+        if (rr == -1 && i == 0)
+          return -1;
+        if (rr == -1)
+          break;                /* blocks before it are unmapped */
+        if (rr == -2)
+          return -1;            /* broken: never free what may be mapped */
         bmap_free_locked (fsi, r->pblk + (s + i - r->lblk), 1);
         ext2fs_iblk_sub_blocks (fs, (struct ext2_inode *) &ip->raw, 1);
       }
-      if (inode_write_locked (ip, err) == -1) {
-        fs_set_broken_locked (fsi, "inode block count not written");
+      if (i < n) {
+        int err2;
+        inode_write_locked (ip, &err2);
         return -1;
       }
+      if (inode_write_locked (ip, err) == -1)
+        return -1;
     }
     b = s + n;
   }

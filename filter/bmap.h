@@ -9,9 +9,13 @@
 
 /* Build the map of ip from ip->raw.  Caller holds fsi->lock.  Every
  * physical block is checked against the filesystem.  Returns NULL with
- * *err set on corrupt metadata.
+ * *err set: EIO on corrupt metadata, EFBIG if the map would have more
+ * than bmap_max_runs () runs.
  */
 extern struct ext4fs_map *bmap_build_locked (struct ext4fs_inode *ip, int *err);
+
+/* The most runs a cached map may hold (4 Mi, or -D ext4fs.max_runs). */
+extern size_t bmap_max_runs (void);
 
 /* Find the run containing lblk.  Returns it, or NULL for a hole and
  * then *hole_end is the first mapped block after lblk (UINT64_MAX if
@@ -33,31 +37,75 @@ extern int bmap_map_set (struct ext4fs_map **mapp, uint64_t lblk,
 extern bool bmap_map_equal (const struct ext4fs_map *a,
                             const struct ext4fs_map *b);
 
-/* Allocate up to len contiguous free blocks near goal.  Returns the
- * number allocated (>= 1) and the first in *pblk, or -1 with *err
- * (ENOSPC when only the reserved blocks are left).  The blocks are
- * marked in use in memory only; the caller writes data into them and
- * then maps them, or frees them with bmap_free_locked.  Caller holds
- * fsi->lock.
+/* Allocate up to len contiguous free blocks near goal, for logical
+ * blocks [lblk, ...) of ip (a hole).  Returns the number allocated
+ * (>= 1) and the first in *pblk, or -1 with *err: ENOSPC when the
+ * free blocks do not cover the root reserve, the blocks promised to
+ * other changes, and what mapping even one block can need in tree or
+ * indirect blocks; EFBIG past what the file can map or count in
+ * i_blocks.  That metadata need, for the blocks allocated, is
+ * promised to the caller (*reserved) until it calls
+ * bmap_release_locked, after mapping them with bmap_insert_locked or
+ * freeing them with bmap_free_locked.  The blocks are marked in use in
+ * memory only.  Caller holds fsi->lock.
  */
-extern int64_t bmap_alloc_locked (struct ext4fs_fs *fsi, uint64_t goal,
-                                  uint64_t len, uint64_t *pblk, int *err);
+extern int64_t bmap_alloc_locked (struct ext4fs_inode *ip, uint64_t lblk,
+                                  uint64_t goal, uint64_t len, uint64_t *pblk,
+                                  uint64_t *reserved, int *err);
+extern void bmap_release_locked (struct ext4fs_fs *fsi, uint64_t reserved);
+/* Free blocks an allocation may take: not the root reserve, not the
+ * blocks promised to changes under way.  Caller holds fsi->lock.
+ */
+extern uint64_t bmap_available_locked (struct ext4fs_fs *fsi);
 extern void bmap_free_locked (struct ext4fs_fs *fsi, uint64_t pblk, uint64_t len);
 
+/* The first logical block ip cannot map (extents: libext2fs's limit,
+ * as ext2fs_file_block_offset_too_big; indirect: 12 direct blocks and
+ * three levels of indirect ones).  Immutable.
+ */
+extern uint64_t bmap_map_limit (const struct ext4fs_inode *ip);
+
+/* Is there room in ip's i_blocks for nblocks more blocks?  Else -1
+ * with *err = EFBIG, after nbdkit_error.  Caller holds fsi->lock.
+ */
+extern int bmap_iblk_room_locked (struct ext4fs_inode *ip, uint64_t nblocks,
+                                  int *err);
+
+/* The most blocks libext2fs or our extent-tree code may allocate (tree
+ * nodes, indirect blocks) to map the hole [lblk, lblk+len) of ip.
+ * Caller holds fsi->lock.
+ */
+extern uint64_t bmap_meta_need_locked (struct ext4fs_inode *ip, uint64_t lblk,
+                                       uint64_t len);
+
 /* Map logical [lblk, lblk+len) (a hole) to physical [pblk, pblk+len),
- * written.  Updates i_blocks and writes the inode.  Caller holds
- * ip->lock exclusive and fsi->lock.
+ * written.  Updates i_blocks and writes the inode.  On error, *mapped
+ * says how many blocks from lblk the file's block map (ip->raw and
+ * the tree, as libext2fs sees them) now has, or may have if the
+ * filesystem was marked broken: they stay allocated; the rest were
+ * freed.  (On success *mapped = len.)  A failed final inode write
+ * leaves the blocks mapped in memory, the filesystem never marked
+ * clean.  reserved: what bmap_alloc_locked promised for these blocks.
+ * Caller holds ip->lock exclusive and fsi->lock.
  */
 extern int bmap_insert_locked (struct ext4fs_inode *ip, uint64_t lblk,
-                               uint64_t pblk, uint64_t len, int *err);
+                               uint64_t pblk, uint64_t len, uint64_t reserved,
+                               uint64_t *mapped, int *err);
 
 /* Mark logical [lblk, lblk+len), which lies inside one unwritten run,
  * as written (to_unwritten false, then merged with written
- * neighbours), or inside one written run as unwritten.  Caller holds
- * ip->lock exclusive and fsi->lock.
+ * neighbours), or inside one written run as unwritten.  *converted:
+ * the tree as libext2fs sees it has the whole change (true after
+ * success, and after a failure of only the final inode write).
+ * runs_left (or NULL: not counted): how many runs the cached map may
+ * still take; each extent converted takes up to two, and one that
+ * would not fit is refused with EFBIG before it changes.
+ * Caller holds ip->lock exclusive and fsi->lock.
  */
 extern int bmap_convert_locked (struct ext4fs_inode *ip, uint64_t lblk,
-                                uint64_t len, bool to_unwritten, int *err);
+                                uint64_t len, bool to_unwritten,
+                                size_t *runs_left, bool *converted,
+                                int *err);
 
 /* Unmap and free the mapped blocks of logical [lblk, lblk+len), using
  * map (the current map) to skip holes.  Caller holds ip->lock

@@ -39,6 +39,10 @@ NBDKIT_DLL_PUBLIC int ext4fs_debug_verify_map;
 NBDKIT_DLL_PUBLIC int ext4fs_debug_journal = 1;
 /* -D ext4fs.journal_stats=1: commit and cache counters at close. */
 NBDKIT_DLL_PUBLIC int ext4fs_debug_journal_stats;
+/* -D ext4fs.max_runs=N: a cached block map holds at most N runs
+ * instead of 4 Mi (bmap.c; tests of the limit).
+ */
+NBDKIT_DLL_PUBLIC int ext4fs_debug_max_runs;
 
 static const char *ext4file;    /* absolute path, or NULL in exportname mode */
 static bool exportname_mode;

@@ -736,6 +736,7 @@ fs_close_dev (struct ext4fs_fs *fsi)
 {
   int err;
 
+  inode_forget_all (fsi);       /* kept on a broken filesystem */
   /* The MMP updater must not race the last metadata writes, and if
    * another node took the filesystem we write nothing more at all.
    */
@@ -809,17 +810,24 @@ fs_close_dev (struct ext4fs_fs *fsi)
        * descriptor and all backups, for nothing.  Backup superblocks
        * and descriptors are left as they were, as the kernel does.)
        */
-      if (fs_writeback_locked (fsi, &err) == 0 &&
-          ext4fs_dev_flush (fsi->dev, &err) == 0) {
+      int r = fs_writeback_locked (fsi, &err);
+
+      if (r == 0)
+        r = ext4fs_dev_flush (fsi->dev, &err);
+      if (r == -1)
+        nbdkit_error ("closing the filesystem: metadata could not be "
+                      "written (%s); it stays marked not clean",
+                      strerror (err));
+      else if (fsi->meta_write_failed)
+        nbdkit_error ("closing the filesystem: a metadata write failed "
+                      "earlier in this session; it stays marked not clean "
+                      "(run e2fsck -f)");
+      else {
         fsi->fs->super->s_state = fsi->orig_state;
         if (write_super_locked (fsi, &err) == -1)
           nbdkit_error ("closing the filesystem: the clean flag could not "
                         "be written: %s", strerror (err));
       }
-      else
-        nbdkit_error ("closing the filesystem: metadata could not be "
-                      "written (%s); it stays marked not clean",
-                      strerror (err));
     }
     ext2fs_free (fsi->fs);
     fsi->fs = NULL;
@@ -1269,6 +1277,25 @@ held_clear_cb (void *opaque, uint64_t blk, uint64_t n)
 
   for (i = 0; i < n; ++i)
     ext2fs_clear_bit ((unsigned) (blk + i - hc->first), hc->buf);
+}
+
+void
+fs_meta_write_failed_locked (struct ext4fs_fs *fsi, const char *what)
+{
+  if (fsi->jt && jtx_logged (fsi->jt)) {
+    /* Into the running transaction: the blocks the request changed
+     * before this write are in it, this one is not.  Never commit it.
+     * (Without a journal the write-back is ordered, not atomic: the
+     * inode is written again at the next sync, and the filesystem is
+     * not marked clean below.)
+     */
+    fs_set_broken_locked (fsi, what);
+    return;
+  }
+  if (!fsi->meta_write_failed)
+    nbdkit_error ("%s failed: the filesystem will not be marked clean "
+                  "when this session ends", what);
+  fsi->meta_write_failed = true;
 }
 
 /* Write group g's block bitmap, as libext2fs's write_bitmaps would. */

@@ -35,6 +35,10 @@ struct ext4fs_fs {
   uint8_t *dirty_groups;      /* one byte per group: bitmap/desc dirty */
   bool super_dirty;           /* superblock (free counts) dirty */
   bool broken;                /* metadata may be inconsistent: no more allocation */
+  bool meta_write_failed;     /* a metadata write failed: never marked clean */
+  uint64_t meta_reserved;     /* blocks promised to the extent-tree or
+                                 indirect blocks of changes under way
+                                 (bmap_alloc_locked) */
 
   struct ext4fs_mmp *mmp;     /* MMP claim, read-write with mmp only */
   /* Without a journal: requests changing metadata hold it shared
@@ -71,6 +75,7 @@ extern int ext4fs_debug_writeback;
 extern int ext4fs_debug_verify_map;
 extern int ext4fs_debug_journal;        /* -D ext4fs.journal=0: not journaled */
 extern int ext4fs_debug_journal_stats;
+extern int ext4fs_debug_max_runs;       /* tests: a lower run limit */
 
 /* Open the filesystem on an existing device (no registry, no
  * context management): used by fs_open and by the fuzz target.
@@ -157,5 +162,16 @@ extern bool fs_enospc_retry (struct ext4fs_fs *fsi);
  * blocks is not durable yet?  (No lock: a hint read once.)
  */
 extern bool fs_fua_needs_sync (struct ext4fs_fs *fsi);
+
+/* A metadata write failed, but what is in memory is consistent (an
+ * inode write: the next one writes the same inode again).  Without a
+ * journal (no writer, or the ordered write-back): go on, but never mark
+ * the filesystem clean in this process, since what is on disk may not
+ * match.  With one (the write went into the running transaction, which
+ * may then hold the rest of the request's change without it): abort
+ * the journal, as fs_set_broken_locked.  Caller holds fsi->lock.
+ */
+extern void fs_meta_write_failed_locked (struct ext4fs_fs *fsi,
+                                         const char *what);
 
 #endif /* EXT4FS_FS_H */

@@ -131,7 +131,7 @@ sync_one_locked (struct ext4fs_inode *ip)
   int64_t t = __atomic_exchange_n (&ip->dirty_time, 0, __ATOMIC_ACQ_REL);
   int err, r;
 
-  if (t == 0)
+  if (t == 0 && !__atomic_load_n (&ip->raw_dirty, __ATOMIC_ACQUIRE))
     return 0;
   /* A metadata change of its own (journaled: no commit needed). */
   if (fs_handle_start (ip->fsi, &err) == -1) {
@@ -139,18 +139,33 @@ sync_one_locked (struct ext4fs_inode *ip)
     return -1;
   }
   pthread_mutex_lock (&ip->fsi->lock);
-  ip->raw.i_mtime = ip->raw.i_ctime = (uint32_t) t;
-  if (EXT2_INODE_SIZE (ip->fsi->fs->super) > EXT2_GOOD_OLD_INODE_SIZE &&
-      ip->raw.i_extra_isize >= offsetof (struct ext2_inode_large, i_crtime) -
-      EXT2_GOOD_OLD_INODE_SIZE) {
-    /* Epoch bits above 32 bits, nanoseconds zero. */
-    ip->raw.i_mtime_extra = ip->raw.i_ctime_extra =
-      (uint32_t) ((t - (int32_t) t) >> 32) & EXT4_EPOCH_MASK;
+  if (t) {
+    ip->raw.i_mtime = ip->raw.i_ctime = (uint32_t) t;
+    if (EXT2_INODE_SIZE (ip->fsi->fs->super) > EXT2_GOOD_OLD_INODE_SIZE &&
+        ip->raw.i_extra_isize >= offsetof (struct ext2_inode_large, i_crtime) -
+        EXT2_GOOD_OLD_INODE_SIZE) {
+      /* Epoch bits above 32 bits, nanoseconds zero. */
+      ip->raw.i_mtime_extra = ip->raw.i_ctime_extra =
+        (uint32_t) ((t - (int32_t) t) >> 32) & EXT4_EPOCH_MASK;
+    }
   }
+  /* If this fails, ip->raw (with the times) is written again at the
+   * next sync: raw_dirty.
+   */
   r = inode_write_locked (ip, &err);
   pthread_mutex_unlock (&ip->fsi->lock);
   fs_handle_stop (ip->fsi, false);
   return r;
+}
+
+static void
+inode_free (struct ext4fs_inode *ip)
+{
+  free (ip->map);
+  free (ip->inline_buf);
+  pthread_rwlock_destroy (&ip->lock);
+  pthread_mutex_destroy (&ip->map_lock);
+  free (ip);
 }
 
 void
@@ -163,17 +178,49 @@ inode_put (struct ext4fs_inode *ip)
   if (--ip->refcnt > 0)
     return;
   sync_one_locked (ip);
+  /* On a filesystem marked broken, keep the inode and its map until
+   * the filesystem is closed (inode_forget_all): loading it again
+   * would read a tree that a half-made change may have left other than
+   * what this process served, or unreadable, and a client that
+   * reconnects would read other bytes.
+   */
+  if (__atomic_load_n (&ip->fsi->broken, __ATOMIC_RELAXED))
+    return;
   for (pp = bucket (ip->ino); *pp; pp = &(*pp)->hnext) {
     if (*pp == ip) {
       *pp = ip->hnext;
       break;
     }
   }
-  free (ip->map);
-  free (ip->inline_buf);
-  pthread_rwlock_destroy (&ip->lock);
-  pthread_mutex_destroy (&ip->map_lock);
-  free (ip);
+  inode_free (ip);
+}
+
+void
+inode_forget_all (struct ext4fs_fs *fsi)
+{
+  struct ext4fs_inode **pp, *ip;
+  size_t i;
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&itable_lock);
+
+  for (i = 0; i < NBUCKETS; ++i) {
+    for (pp = &buckets[i]; (ip = *pp) != NULL; ) {
+      if (ip->fsi == fsi && ip->refcnt == 0) {
+        *pp = ip->hnext;
+        inode_free (ip);
+      }
+      else
+        pp = &ip->hnext;
+    }
+  }
+}
+
+static const struct ext4fs_map *
+too_fragmented (struct ext4fs_inode *ip, int *err)
+{
+  nbdkit_error ("inode %u: too fragmented to map (more than %zu runs)",
+                ip->ino, bmap_max_runs ());
+  *err = EIO;
+  return NULL;
 }
 
 const struct ext4fs_map *
@@ -184,14 +231,26 @@ inode_map (struct ext4fs_inode *ip, int *err)
   map = __atomic_load_n (&ip->map, __ATOMIC_ACQUIRE);
   if (map)
     return map;
+  if (__atomic_load_n (&ip->too_fragmented, __ATOMIC_ACQUIRE))
+    return too_fragmented (ip, err);
 
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&ip->map_lock);
   map = ip->map;
   if (map)
     return map;
+  if (ip->too_fragmented)
+    return too_fragmented (ip, err);
   pthread_mutex_lock (&ip->fsi->lock);
   map = bmap_build_locked (ip, err);
   pthread_mutex_unlock (&ip->fsi->lock);
+  if (map == NULL && *err == EFBIG) {
+    /* Walking the whole tree again under the fs mutex at every
+     * request would find the same.
+     */
+    __atomic_store_n (&ip->too_fragmented, true, __ATOMIC_RELEASE);
+    *err = EIO;
+    return NULL;
+  }
   if (map == NULL)
     return NULL;
   map->gen = ip->gen;
@@ -231,17 +290,24 @@ inode_map_update (struct ext4fs_inode *ip, const struct ext4fs_run *changes,
   }
   ip->gen++;
   m->gen = ip->gen;
-  if (ext4fs_debug_verify_map) {
+  /* (Not on a broken filesystem: a failed request may have left the
+   * tree half changed on disk, and the map is what is known good.)
+   */
+  if (ext4fs_debug_verify_map &&
+      !__atomic_load_n (&ip->fsi->broken, __ATOMIC_RELAXED)) {
     struct ext4fs_map *disk;
     int err;
 
     pthread_mutex_lock (&ip->fsi->lock);
     disk = bmap_build_locked (ip, &err);
     pthread_mutex_unlock (&ip->fsi->lock);
-    if (disk == NULL || !bmap_map_equal (m, disk)) {
+    /* (A map that cannot be read now, a read error below, proves
+     * nothing.)
+     */
+    if (disk && !bmap_map_equal (m, disk)) {
       nbdkit_error ("inode %u: the map updated in memory (%zu runs) differs "
                     "from the map on disk (%zu runs)", ip->ino, m->n,
-                    disk ? disk->n : (size_t) 0);
+                    disk->n);
       abort ();
     }
     free (disk);
@@ -267,8 +333,11 @@ inode_write_locked (struct ext4fs_inode *ip, int *err)
   if (e) {
     nbdkit_error ("writing inode %u: %s", ip->ino, error_message (e));
     *err = ext4fs_errcode_to_errno (e);
+    __atomic_store_n (&ip->raw_dirty, true, __ATOMIC_RELEASE);
+    fs_meta_write_failed_locked (ip->fsi, "writing an inode");
     return -1;
   }
+  __atomic_store_n (&ip->raw_dirty, false, __ATOMIC_RELEASE);
   return 0;
 }
 

@@ -72,10 +72,22 @@ struct ext4fs_inode {
   pthread_mutex_t map_lock;
   struct ext4fs_map *map;
 
+  /* The map has more runs than a map may hold: not built again until
+   * the file is closed (nothing can change it: every change needs the
+   * map).  Set under map_lock; atomic.
+   */
+  bool too_fragmented;
+
   /* Time of the last data change not yet written to the inode
    * (seconds), or 0.  Atomic.
    */
   int64_t dirty_time;
+
+  /* The last write of ->raw failed: the next sync writes it again
+   * (the filesystem is never marked clean in this process anyway).
+   * Atomic.
+   */
+  bool raw_dirty;
 };
 
 /* Find or load inode ino, taking a reference.  Returns NULL with *err
@@ -84,6 +96,12 @@ struct ext4fs_inode {
 extern struct ext4fs_inode *inode_get (struct ext4fs_fs *fsi, ext2_ino_t ino,
                                        int *err);
 extern void inode_put (struct ext4fs_inode *ip);
+
+/* Free the inodes of fsi that no one uses but that were kept because
+ * the filesystem was marked broken (inode_put).  Called when fsi is
+ * closed.
+ */
+extern void inode_forget_all (struct ext4fs_fs *fsi);
 
 /* The current block map.  Caller holds ip->lock (either mode).
  * Returns NULL with *err set on error (corrupt mapping metadata).
@@ -107,7 +125,11 @@ extern void inode_map_changed (struct ext4fs_inode *ip);
 extern void inode_map_update (struct ext4fs_inode *ip,
                               const struct ext4fs_run *changes, size_t n);
 
-/* Write ip->raw to disk.  Caller holds fsi->lock. */
+/* Write ip->raw to disk.  Caller holds fsi->lock.  If the write
+ * fails, what is in memory stays the truth: the filesystem is never
+ * marked clean in this process (fs_meta_write_failed_locked) and the
+ * next sync writes the inode again.
+ */
 extern int inode_write_locked (struct ext4fs_inode *ip, int *err);
 
 /* Note a data change, for mtime/ctime at the next sync. */

@@ -336,7 +336,30 @@ struct changes {
   struct ext4fs_run *v;
   size_t n, cap;
   bool lost;
+  size_t added;                 /* runs the map may have gained, at most */
 };
+
+/* May the cached map take need more runs (at most) on top of what this
+ * request added so far?  A map holds at most bmap_max_runs () runs: a
+ * write that would take it past is refused (EFBIG, which NBD clients
+ * see as ENOSPC) before it changes anything, rather than leave a file
+ * no request can map any more.
+ */
+static int
+runs_room (struct ext4fs_inode *ip, const struct ext4fs_map *map,
+           struct changes *ch, size_t need, int *err)
+{
+  if (map->n + ch->added + need > bmap_max_runs ()) {
+    nbdkit_error ("inode %u: the file is too fragmented: this write would "
+                  "take its block map past %zu runs (extents); writing next "
+                  "to data, or into unwritten extents, needs fewer",
+                  ip->ino, bmap_max_runs ());
+    *err = EFBIG;
+    return -1;
+  }
+  ch->added += need;
+  return 0;
+}
 
 static void
 note_change (struct changes *c, uint64_t lblk, uint64_t len, uint64_t pblk)
@@ -372,29 +395,37 @@ fill_hole (struct ext4fs_inode *ip, const struct ext4fs_map *map,
   uint64_t goal = 0;             /* after the first allocation: pblk + n > 0 */
 
   while (s < e) {
-    uint64_t pblk;
+    uint64_t pblk, mapped, reserved;
     int64_t n;
     int r;
 
+    if (runs_room (ip, map, ch, 1, err) == -1)
+      return -1;
     pthread_mutex_lock (&fsi->lock);
     if (goal == 0)
       goal = bmap_goal_locked (ip, map, s);
-    n = bmap_alloc_locked (fsi, goal, e - s, &pblk, err);
+    n = bmap_alloc_locked (ip, s, goal, e - s, &pblk, &reserved, err);
     pthread_mutex_unlock (&fsi->lock);
     if (n == -1)
       return -1;
     if (write_fresh (ip, pblk, s, n, buf, count, offset, err) == -1) {
       pthread_mutex_lock (&fsi->lock);
       bmap_free_locked (fsi, pblk, n);
+      bmap_release_locked (fsi, reserved);
       pthread_mutex_unlock (&fsi->lock);
       return -1;
     }
     pthread_mutex_lock (&fsi->lock);
-    r = bmap_insert_locked (ip, s, pblk, n, err);
+    r = bmap_insert_locked (ip, s, pblk, n, reserved, &mapped, err);
+    bmap_release_locked (fsi, reserved);
     pthread_mutex_unlock (&fsi->lock);
+    /* What the tree has (or, broken, may have) is in the map too: the
+     * blocks hold the new data, and the map then agrees with the tree.
+     */
+    if (mapped > 0)
+      note_change (ch, s, mapped, pblk);
     if (r == -1)
       return -1;
-    note_change (ch, s, n, pblk);
     s += n;
     goal = pblk + n;
   }
@@ -406,28 +437,98 @@ fill_hole (struct ext4fs_inode *ip, const struct ext4fs_map *map,
  * holds ip->lock exclusive.
  */
 static int
-fill_unwritten (struct ext4fs_inode *ip, const struct ext4fs_run *r,
+fill_unwritten (struct ext4fs_inode *ip, const struct ext4fs_map *map,
+                const struct ext4fs_run *r,
                 uint64_t s, uint64_t e, const char *buf, uint64_t count,
                 uint64_t offset, struct changes *ch, int *err)
 {
   struct ext4fs_fs *fsi = ip->fsi;
   uint64_t zblocks = ZEROOUT_BYTES >> fsi->blockbits;
   uint64_t cs = s, ce = e;
+  bool converted;
   int ret;
 
   if (s - r->lblk <= zblocks)
     cs = r->lblk;
   if (r->lblk + r->len - e <= zblocks)
     ce = r->lblk + r->len;
+  if (runs_room (ip, map, ch, (cs > r->lblk) + (ce < r->lblk + r->len),
+                 err) == -1)
+    return -1;
   if (write_fresh (ip, r->pblk + (cs - r->lblk), cs, ce - cs,
                    buf, count, offset, err) == -1)
     return -1;
   pthread_mutex_lock (&fsi->lock);
-  ret = bmap_convert_locked (ip, cs, ce - cs, false, err);
+  ret = bmap_convert_locked (ip, cs, ce - cs, false, NULL, &converted, err);
   pthread_mutex_unlock (&fsi->lock);
-  if (ret == 0)
+  if (converted)
     note_change (ch, cs, ce - cs, r->pblk + (cs - r->lblk));
   return ret;
+}
+
+/* Is there room for all the blocks the request [b, bend) will
+ * allocate, data and metadata (tree nodes, indirect blocks), counted
+ * for the worst case, on the filesystem and in the file's i_blocks?
+ * If not, fail with ENOSPC or EFBIG before anything changes, rather
+ * than half way (each allocation checks again: concurrent requests on
+ * other files may take space meanwhile).
+ */
+static int
+check_room (struct ext4fs_inode *ip, const struct ext4fs_map *map,
+            uint64_t b, uint64_t bend, int *err)
+{
+  struct ext4fs_fs *fsi = ip->fsi;
+  uint64_t data = 0, meta = 0, avail;
+  size_t runs = 0;
+  struct changes none = { .added = 0 };
+
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&fsi->lock);
+  while (b < bend) {
+    uint64_t hole_end, e;
+    const struct ext4fs_run *r = bmap_lookup (map, b, &hole_end);
+
+    e = min64 (bend, r ? r->lblk + r->len : hole_end);
+    if (r == NULL && e > bmap_map_limit (ip)) {
+      nbdkit_error ("inode %u: logical block %" PRIu64 " is beyond what "
+                    "this file can map (%" PRIu64 " blocks)", ip->ino,
+                    e - 1, bmap_map_limit (ip));
+      *err = EFBIG;
+      return -1;
+    }
+    if (r == NULL) {
+      data += e - b;
+      meta += bmap_meta_need_locked (ip, b, e - b);
+      runs++;
+    }
+    else if (r->unwritten) {
+      /* Split (as fill_unwritten will: small remainders are zeroed
+       * and converted too).
+       */
+      uint64_t zb = ZEROOUT_BYTES >> fsi->blockbits;
+      bool left = b - r->lblk > zb, right = r->lblk + r->len - e > zb;
+
+      if (left || right)
+        meta += bmap_meta_need_locked (ip, b, 1);
+      runs += left + right;
+    }
+    b = e;
+  }
+  if (data + meta == 0)
+    return 0;
+  if (runs_room (ip, map, &none, runs, err) == -1)
+    return -1;
+  if (bmap_iblk_room_locked (ip, data + meta, err) == -1)
+    return -1;
+  avail = bmap_available_locked (fsi);
+  if (data + meta > avail) {
+    nbdkit_error ("no space left on the filesystem: the write needs up to "
+                  "%" PRIu64 " blocks (%" PRIu64 " of them for the file's "
+                  "metadata), %" PRIu64 " are available", data + meta, meta,
+                  avail);
+    *err = ENOSPC;
+    return -1;
+  }
+  return 0;
 }
 
 /* The general write: some blocks need allocation or conversion.
@@ -449,6 +550,8 @@ write_allocating (struct ext4fs_inode *ip, const struct ext4fs_map *map,
     *err = EROFS;
     return -1;
   }
+  if (check_room (ip, map, b, bend, err) == -1)
+    return -1;
   while (b < bend) {
     uint64_t hole_end, e;
     const struct ext4fs_run *r = bmap_lookup (map, b, &hole_end);
@@ -462,7 +565,7 @@ write_allocating (struct ext4fs_inode *ip, const struct ext4fs_map *map,
         return -1;
     }
     else if (r->unwritten) {
-      if (fill_unwritten (ip, r, b, e, buf, count, offset, ch, err) == -1)
+      if (fill_unwritten (ip, map, r, b, e, buf, count, offset, ch, err) == -1)
         return -1;
     }
     else {
@@ -539,8 +642,13 @@ rw_pwrite (struct ext4fs_inode *ip, const void *buf, uint32_t count,
       return -1;
     r = write_allocating (ip, map, buf, count, offset, &ch, err);
     fs_handle_stop (fsi, true);
-    /* After a failure the tree may hold changes we did not note. */
-    if (r == 0 && !ch.lost)
+    /* Also after a failure: the changes noted are what the tree has
+     * (fill_hole, fill_unwritten).  Dropping the map instead would
+     * build it again from a tree that a half-made change (the
+     * filesystem then marked broken) may have left unreadable, and
+     * every later read of the file would fail.
+     */
+    if (!ch.lost)
       inode_map_update (ip, ch.v, ch.n);
     else
       inode_map_changed (ip);
@@ -650,6 +758,8 @@ remap_range (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1, bool punch,
 {
   struct ext4fs_fs *fsi = ip->fsi;
   const struct ext4fs_map *map;
+  size_t runs_left;
+  bool broken;
   int r = 0;
   ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&ip->lock);
 
@@ -658,6 +768,20 @@ remap_range (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1, bool punch,
     return -1;
   if (!any_mapped (map, b0, b1))
     return 0;                   /* nothing to change */
+  runs_left = map->n < bmap_max_runs () ? bmap_max_runs () - map->n : 0;
+  if (punch && runs_left == 0) {
+    /* Only a punch strictly inside one run splits it in two. */
+    uint64_t hole_end;
+    const struct ext4fs_run *run = bmap_lookup (map, b0, &hole_end);
+
+    if (run && run->lblk < b0 && b1 < run->lblk + run->len) {
+      nbdkit_error ("inode %u: the file is too fragmented: splitting an "
+                    "extent would take its block map past %zu runs",
+                    ip->ino, bmap_max_runs ());
+      *err = EFBIG;
+      return -1;
+    }
+  }
   if (fs_begin_write (fsi, err) == -1 || fs_handle_start (fsi, err) == -1)
     return -1;
   pthread_mutex_lock (&fsi->lock);
@@ -668,6 +792,7 @@ remap_range (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1, bool punch,
     while (b < b1 && r == 0) {
       uint64_t hole_end, e;
       const struct ext4fs_run *run = bmap_lookup (map, b, &hole_end);
+      bool converted;
 
       if (run == NULL) {
         b = hole_end;
@@ -675,13 +800,21 @@ remap_range (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1, bool punch,
       }
       e = run->lblk + run->len < b1 ? run->lblk + run->len : b1;
       if (!run->unwritten)
-        r = bmap_convert_locked (ip, b, e - b, true, err);
+        r = bmap_convert_locked (ip, b, e - b, true, &runs_left, &converted,
+                                 err);
       b = e;
     }
   }
+  broken = fsi->broken;
   pthread_mutex_unlock (&fsi->lock);
   fs_handle_stop (fsi, true);
-  inode_map_changed (ip);
+  /* Rebuilt from the tree at the next use, unless a change was left
+   * half made: that tree may be unreadable, and the old map still
+   * serves every block the request did not touch (blocks it freed
+   * are not given to anyone: a broken filesystem allocates nothing).
+   */
+  if (r == 0 || !broken)
+    inode_map_changed (ip);
   if (r == 0)
     inode_touch (ip);
   return r == 0 ? 1 : -1;
@@ -749,8 +882,21 @@ rw_zero (struct ext4fs_inode *ip, uint32_t count, uint64_t offset,
                   flags & ~(NBDKIT_FLAG_FUA | NBDKIT_FLAG_FAST_ZERO),
                   err) == -1)
     return -1;
-  if (b0 < b1 && remap_range (ip, b0, b1, may_trim, err) == -1)
-    return -1;
+  if (b0 < b1 && remap_range (ip, b0, b1, may_trim, err) == -1) {
+    /* Refused before changing the rest (no free block to split an
+     * extent, the file's limits): zeros written in place need no
+     * metadata.  Blocks already punched or made unwritten are
+     * skipped.  (FAST_ZERO: ENOTSUP then, that is not fast.)
+     */
+    if ((*err != ENOSPC && *err != EFBIG) ||
+        __atomic_load_n (&fsi->broken, __ATOMIC_RELAXED))
+      return -1;
+    nbdkit_debug ("ext4fs: inode %u: zero: no room to change the extent "
+                  "tree; writing zeros instead", ip->ino);
+    if (rw_zero_written (ip, (b1 - b0) << bits, b0 << bits,
+                         flags & ~NBDKIT_FLAG_FUA, err) == -1)
+      return -1;
+  }
   r = 0;
   if (flags & NBDKIT_FLAG_FUA)
     r = fs_sync (fsi, err);

@@ -800,12 +800,6 @@ dev_read_blk64 (io_channel channel, unsigned long long block, int count,
 }
 
 static errcode_t
-dev_read_blk (io_channel channel, unsigned long block, int count, void *buf)
-{
-  return dev_read_blk64 (channel, block, count, buf);
-}
-
-static errcode_t
 dev_write_blk64 (io_channel channel, unsigned long long block, int count,
                  const void *buf)
 {
@@ -832,13 +826,6 @@ dev_write_blk64 (io_channel channel, unsigned long long block, int count,
   if (ext4fs_dev_pwrite (dev, buf, bytes, offset, 0, &err) == -1)
     return ext4fs_errno_to_errcode (err);
   return 0;
-}
-
-static errcode_t
-dev_write_blk (io_channel channel, unsigned long block, int count,
-               const void *buf)
-{
-  return dev_write_blk64 (channel, block, count, buf);
 }
 
 static errcode_t
@@ -907,23 +894,100 @@ dev_zeroout (io_channel channel, unsigned long long block,
   return 0;
 }
 
+/* Metadata I/O through the io_manager, counted per thread: writes,
+ * and failed reads and writes.  libext2fs loses some of its own
+ * errors: in 1.47.0 ext2fs_extent_replace and ext2fs_extent_fix_parents
+ * ignore the result of writing the changed extent block, and
+ * ext2fs_punch ignores a failed ext2fs_extent_goto.  Every libext2fs
+ * call is made by one thread holding the fs mutex, so a caller that
+ * compares the counts before and after its calls (ext4fs_io_counts)
+ * learns of every failure below them, and whether they wrote at all.
+ */
+static __thread struct ext4fs_io_counts thread_counts;
+
+void
+ext4fs_io_counts (struct ext4fs_io_counts *c)
+{
+  *c = thread_counts;
+}
+
+static errcode_t
+counted (errcode_t e, bool write)
+{
+  if (write)
+    thread_counts.writes++;
+  if (e && write)
+    thread_counts.write_failures++;
+  else if (e)
+    thread_counts.read_failures++;
+  return e;
+}
+
+static errcode_t
+counted_read_blk64 (io_channel channel, unsigned long long block, int count,
+                    void *buf)
+{
+  return counted (dev_read_blk64 (channel, block, count, buf), false);
+}
+
+static errcode_t
+counted_read_blk (io_channel channel, unsigned long block, int count,
+                  void *buf)
+{
+  return counted_read_blk64 (channel, block, count, buf);
+}
+
+static errcode_t
+counted_write_blk64 (io_channel channel, unsigned long long block, int count,
+                     const void *buf)
+{
+  return counted (dev_write_blk64 (channel, block, count, buf), true);
+}
+
+static errcode_t
+counted_write_blk (io_channel channel, unsigned long block, int count,
+                   const void *buf)
+{
+  return counted_write_blk64 (channel, block, count, buf);
+}
+
+static errcode_t
+counted_write_byte (io_channel channel, unsigned long offset, int size,
+                    const void *buf)
+{
+  return counted (dev_write_byte (channel, offset, size, buf), true);
+}
+
+static errcode_t
+counted_flush (io_channel channel)
+{
+  return counted (dev_flush (channel), true);
+}
+
+static errcode_t
+counted_zeroout (io_channel channel, unsigned long long block,
+                 unsigned long long count)
+{
+  return counted (dev_zeroout (channel, block, count), true);
+}
+
 static struct struct_io_manager manager = {
   .magic = EXT2_ET_MAGIC_IO_MANAGER,
   .name = "ext4fs nbdkit I/O manager",
   .open = dev_open,
   .close = dev_close,
   .set_blksize = dev_set_blksize,
-  .read_blk = dev_read_blk,
-  .write_blk = dev_write_blk,
-  .flush = dev_flush,
-  .write_byte = dev_write_byte,
+  .read_blk = counted_read_blk,
+  .write_blk = counted_write_blk,
+  .flush = counted_flush,
+  .write_byte = counted_write_byte,
   .set_option = dev_set_option,
-  .read_blk64 = dev_read_blk64,
-  .write_blk64 = dev_write_blk64,
+  .read_blk64 = counted_read_blk64,
+  .write_blk64 = counted_write_blk64,
   /* .discard is left unset: libext2fs then reports UNIMPLEMENTED, and
    * nothing we call discards.
    */
-  .zeroout = dev_zeroout,
+  .zeroout = counted_zeroout,
 };
 
 io_manager ext4fs_io_manager = &manager;

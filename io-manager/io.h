@@ -131,6 +131,17 @@ extern int ext4fs_dev_flush (struct ext4fs_dev *dev, int *err);
 extern int ext4fs_dev_block_size (struct ext4fs_dev *dev, uint32_t *minimum,
                                   uint32_t *preferred, uint32_t *maximum);
 
+/* Metadata I/O through ext4fs_io_manager (libext2fs's) in the
+ * calling thread so far: writes made, and reads and writes that
+ * failed.  libext2fs does not return every failure of its own writes;
+ * a caller that holds the fs mutex around its libext2fs calls compares
+ * the counts before and after them.
+ */
+struct ext4fs_io_counts {
+  uint64_t writes, write_failures, read_failures;
+};
+extern void ext4fs_io_counts (struct ext4fs_io_counts *c);
+
 /* Error codes, both ways, in one place.
  *
  * ext4fs_errcode_to_errno: our io_manager passes errnos up unchanged

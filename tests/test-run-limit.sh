@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# The cached block map of a file holds at most 4 Mi runs; here the
+# test-only flag -D ext4fs.max_runs=40 lowers that.
+#  1. Writes into holes that each add a run work up to the limit; the
+#     one that could cross it fails with ENOSPC (EFBIG below) and a
+#     message, before anything changed.  Then the file still reads,
+#     overwrites and writes into unwritten extents that add no run
+#     work, a zero without MAY_TRIM that would split an extent writes
+#     zeros in place, a trim that would split one fails, a trim of
+#     whole extents frees runs and makes room again.
+#  2. A file more fragmented than the limit when opened: reads fail
+#     with EIO, and its extent tree is walked once, not at every
+#     request.
+# Ends with a clean stop, e2fsck -fn and a byte comparison.  All of
+# it without and with a journal.
+source "$srcdir/functions.sh"
+requires python3 -c 'import nbd'
+requires debugfs -V
+cd "$tmpdir"
+
+mkdir src
+# /f: 30 extents (3 blocks of data every 8); /g: 50 extents.
+/usr/bin/python3 -c '
+import os
+for name, n in (("f", 30), ("g", 50)):
+    f = open("src/" + name, "wb"); f.truncate(64 * 8 * 4096)
+    for i in range(n):
+        f.seek(i * 8 * 4096); f.write(os.urandom(3 * 4096))'
+# flavour MKE2FS_OPTIONS: the whole test on one image.
+flavour ()
+{
+echo "== ext4 $1"
+rm -f "$tmpdir/sock" "$tmpdir/sock.pid"
+rm -f img
+truncate -s 64M img
+# shellcheck disable=SC2086
+mke2fs -q -F -t ext4 -b 4096 $1 -d src img
+cp src/f expected
+# The runs of /f's map: its extents, those contiguous on disk merged
+# (mke2fs -d may cut a segment in two).
+# Also the middle block of a 3-block extent (between blocks 16 and
+# 160) for the requests that would split one.
+read -r runs mid < <(debugfs -R "ex /f" img 2>/dev/null | /usr/bin/python3 -c '
+import sys
+runs, end, mid = 0, None, 0
+for line in sys.stdin:
+    # LEVEL/ DEPTH ENTRY/ ENTRIES LBLK - LAST PBLK - PLAST LEN [FLAGS]
+    w = line.split()
+    if len(w) < 11 or not w[0].endswith("/") or w[8] != "-" or \
+       int(w[0][:-1]) != int(w[1]):
+        continue
+    lb, pb, n = int(w[4]), int(w[7]), int(w[10])
+    if end != (lb, pb):
+        runs += 1
+    end = (lb + n, pb + n)
+    if n >= 3 and 16 <= lb < 160 and lb % 8 == 0:
+        mid = lb + 1
+print(runs, mid)')
+[ "$mid" -gt 0 ] || fail "/f has no 3-block extent"
+[ "$runs" -ge 28 ] && [ "$runs" -le 36 ] || fail "/f has $runs runs, expected about 30"
+
+cat > runs.py <<'EOF'
+import nbd, sys, os, errno
+sock, expf, outf = sys.argv[1:4]
+bs = 4096
+def connect(name):
+    h = nbd.NBD(); h.set_export_name(name); h.connect_unix(sock)
+    return h
+h = connect("/f")
+exp = bytearray(open(expf, "rb").read()); size = len(exp)
+def check(what):
+    got = h.pread(size, 0)
+    if got != exp:
+        i = next(i for i in range(size) if got[i] != exp[i])
+        sys.exit("%s: byte %d differs" % (what, i))
+def write(o, n):
+    buf = os.urandom(n)
+    h.pwrite(buf, o)
+    exp[o:o+n] = buf
+def refused(what, fn):
+    try:
+        fn()
+    except nbd.Error as e:
+        if e.errnum != errno.ENOSPC:
+            sys.exit("%s: expected ENOSPC (EFBIG), got %s" % (what, e))
+        check("after " + what)
+        return
+    sys.exit("%s: succeeded past the run limit" % what)
+
+# Each write in the middle of a hole adds one run, up to the limit.
+runs = int(sys.argv[4])
+for i in range(40 - runs):
+    write((i * 8 + 5) * bs, bs)
+check("at the limit")
+refused("a write into a hole past the limit",
+        lambda: h.pwrite(os.urandom(bs), ((40 - runs) * 8 + 5) * bs))
+write(3, 100)                           # overwrites work
+write(8 * bs + 100, 2 * bs)
+# Zero without MAY_TRIM inside an extent would split it: zeros in place.
+mid = int(sys.argv[5])
+h.zero(bs, mid * bs, nbd.CMD_FLAG_NO_HOLE)
+exp[mid * bs:(mid + 1) * bs] = bytes(bs)
+check("zero at the limit")
+refused("a trim splitting an extent", lambda: h.trim(bs, mid * bs))
+# Trimming whole extents takes runs away; then there is room again.
+h.trim(4 * 8 * bs, 20 * 8 * bs)
+exp[20 * 8 * bs:24 * 8 * bs] = bytes(4 * 8 * bs)
+check("after trimming four extents")
+write(((41 - runs) * 8 + 5) * bs, bs)
+h.flush()
+check("end")
+h.shutdown()
+
+# A file more fragmented than the limit.
+g = connect("/g")
+for i in range(5):
+    try:
+        g.pread(bs, i * bs)
+        sys.exit("read of a file past the run limit succeeded")
+    except nbd.Error as e:
+        if e.errnum != errno.EIO:
+            sys.exit("expected EIO, got %s" % e)
+g.shutdown()
+open(outf, "wb").write(exp)
+EOF
+
+start_nbdkit "$tmpdir/sock" -D ext4fs.max_runs=40 --filter="$FILTER" \
+    file img ext4file=exportname 2> srv.err
+/usr/bin/python3 runs.py "$tmpdir/sock" expected out "$runs" "$mid" ||
+    { tail -5 srv.err; fail "run limit checks"; }
+stop_nbdkit "$tmpdir/sock"
+grep -q "too fragmented: this write would take its block map past 40 runs" srv.err ||
+    fail "no message for the refused write"
+walks=$(grep -c "more than 40 fragments" srv.err || :)
+[ "$walks" -eq 1 ] || fail "the tree of a too fragmented file was walked $walks times (expected once)"
+grep -qE "marking the filesystem|aborting the journal" srv.err &&
+    fail "marked with errors, or the journal aborted"
+fsck_clean img
+dump_cmp img /f out
+}
+
+flavour "-O ^has_journal"
+flavour ""             # journaled
+echo "the run limit refuses writes before crossing it"
