@@ -253,7 +253,6 @@ inode_map (struct ext4fs_inode *ip, int *err)
   }
   if (map == NULL)
     return NULL;
-  map->gen = ip->gen;
   __atomic_store_n (&ip->map, map, __ATOMIC_RELEASE);
   return map;
 }
@@ -264,7 +263,6 @@ inode_map_changed (struct ext4fs_inode *ip)
   struct ext4fs_map *old;
 
   /* We hold ip->lock exclusive: nobody else is using the map. */
-  ip->gen++;
   old = __atomic_exchange_n (&ip->map, NULL, __ATOMIC_ACQ_REL);
   free (old);
 }
@@ -276,20 +274,16 @@ inode_map_update (struct ext4fs_inode *ip, const struct ext4fs_run *changes,
   struct ext4fs_map *m = ip->map;   /* ip->lock exclusive: no reader */
   size_t i;
 
-  if (m == NULL) {
-    ip->gen++;                  /* nothing cached: built when needed */
-    return;
-  }
+  if (m == NULL)
+    return;                     /* nothing cached: built when needed */
   for (i = 0; i < n; ++i) {
     if (bmap_map_set (&m, changes[i].lblk, changes[i].len,
                       changes[i].pblk) == -1) {
       __atomic_store_n (&ip->map, m, __ATOMIC_RELEASE);
-      inode_map_changed (ip);   /* frees m, bumps gen */
+      inode_map_changed (ip);   /* frees m */
       return;
     }
   }
-  ip->gen++;
-  m->gen = ip->gen;
   /* (Not on a broken filesystem: a failed request may have left the
    * tree half changed on disk, and the map is what is known good.)
    */

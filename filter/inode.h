@@ -25,12 +25,12 @@ struct ext4fs_run {
 
 /* The cached block map: runs sorted by lblk, not overlapping, written
  * runs merged wherever contiguous, each unwritten run exactly one
- * extent.  Built for one generation of the inode; changed (and
- * realloc'd) or freed only by a holder of the inode's lock in
- * exclusive mode (inode_map_update, inode_map_changed).
+ * extent.  Changed (and realloc'd) or freed only by a holder of the
+ * inode's lock in exclusive mode (inode_map_update,
+ * inode_map_changed): the inode rwlock alone guards it, so a holder of
+ * the lock in either mode sees a map that matches the tree.
  */
 struct ext4fs_map {
-  uint64_t gen;
   size_t n;
   size_t cap;                   /* runs allocated */
   struct ext4fs_run runs[];
@@ -61,13 +61,8 @@ struct ext4fs_inode {
    */
   struct ext2_inode_large raw;
 
-  /* Bumped (with ->lock exclusive) by every change to the block map:
-   * a user of an older map must map again.
-   */
-  uint64_t gen;
-
-  /* Lazily built map for ->gen, or NULL.  Published with release
-   * semantics under map_lock; read with acquire by holders of ->lock.
+  /* Lazily built map, or NULL.  Published with release semantics
+   * under map_lock; read with acquire by holders of ->lock.
    */
   pthread_mutex_t map_lock;
   struct ext4fs_map *map;

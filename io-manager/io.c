@@ -770,6 +770,28 @@ blk_range (io_channel channel, unsigned long long block, int count,
   return 0;
 }
 
+/* blk_range, and inside the device. */
+static errcode_t
+blk_extent (io_channel channel, unsigned long long block, int count,
+            bool write, uint64_t *offset, uint64_t *bytes)
+{
+  struct ext4fs_dev *dev = chan_dev (channel);
+  errcode_t e;
+
+  e = blk_range (channel, block, count, offset, bytes);
+  if (e)
+    return e;
+  if (*offset > dev->size || *bytes > dev->size - *offset) {
+    nbdkit_error ("%s: filesystem metadata %s of %" PRIu64 " bytes at "
+                  "block %llu is beyond the end of the device (%" PRIu64
+                  " bytes): truncated image or corrupt filesystem",
+                  dev->name, write ? "write" : "read", *bytes, block,
+                  dev->size);
+    return write ? EXT2_ET_SHORT_WRITE : EXT2_ET_SHORT_READ;
+  }
+  return 0;
+}
+
 static errcode_t
 dev_read_blk64 (io_channel channel, unsigned long long block, int count,
                 void *buf)
@@ -779,16 +801,9 @@ dev_read_blk64 (io_channel channel, unsigned long long block, int count,
   errcode_t e;
   int err = 0;
 
-  e = blk_range (channel, block, count, &offset, &bytes);
+  e = blk_extent (channel, block, count, false, &offset, &bytes);
   if (e)
     return e;
-  if (offset > dev->size || bytes > dev->size - offset) {
-    nbdkit_error ("%s: filesystem metadata read of %" PRIu64 " bytes at "
-                  "block %llu is beyond the end of the device (%" PRIu64
-                  " bytes): truncated image or corrupt filesystem",
-                  dev->name, bytes, block, dev->size);
-    return EXT2_ET_SHORT_READ;
-  }
   if (meta_ops (dev)) {
     if (meta_ops (dev)->read (dev->meta_opaque, buf, bytes, offset, &err) == -1)
       return ext4fs_errno_to_errcode (err);
@@ -799,23 +814,15 @@ dev_read_blk64 (io_channel channel, unsigned long long block, int count,
   return 0;
 }
 
+/* A metadata write from libext2fs: into the metadata hooks (the
+ * journal writer's cache) if set, else to the device.
+ */
 static errcode_t
-dev_write_blk64 (io_channel channel, unsigned long long block, int count,
-                 const void *buf)
+meta_write (struct ext4fs_dev *dev, const void *buf, uint64_t bytes,
+            uint64_t offset)
 {
-  struct ext4fs_dev *dev = chan_dev (channel);
-  uint64_t offset, bytes;
-  errcode_t e;
   int err = 0;
 
-  e = blk_range (channel, block, count, &offset, &bytes);
-  if (e)
-    return e;
-  if (offset > dev->size || bytes > dev->size - offset) {
-    nbdkit_error ("%s: filesystem metadata write at block %llu is beyond "
-                  "the end of the device", dev->name, block);
-    return EXT2_ET_SHORT_WRITE;
-  }
   __atomic_add_fetch (&dev->meta_writes, 1, __ATOMIC_ACQ_REL);
   if (meta_ops (dev)) {
     if (meta_ops (dev)->write (dev->meta_opaque, buf, bytes, offset,
@@ -829,6 +836,19 @@ dev_write_blk64 (io_channel channel, unsigned long long block, int count,
 }
 
 static errcode_t
+dev_write_blk64 (io_channel channel, unsigned long long block, int count,
+                 const void *buf)
+{
+  uint64_t offset, bytes;
+  errcode_t e;
+
+  e = blk_extent (channel, block, count, true, &offset, &bytes);
+  if (e)
+    return e;
+  return meta_write (chan_dev (channel), buf, bytes, offset);
+}
+
+static errcode_t
 dev_write_byte (io_channel channel, unsigned long offset, int size,
                 const void *buf)
 {
@@ -837,17 +857,10 @@ dev_write_byte (io_channel channel, unsigned long offset, int size,
 
   if (size < 0)
     return EXT2_ET_INVALID_ARGUMENT;
-  __atomic_add_fetch (&dev->meta_writes, 1, __ATOMIC_ACQ_REL);
-  if (meta_ops (dev)) {
-    if (check_range (dev, "write", size, offset, &err) == -1 ||
-        meta_ops (dev)->write (dev->meta_opaque, buf, size, offset,
-                               &err) == -1)
-      return ext4fs_errno_to_errcode (err);
-    return 0;
-  }
-  if (ext4fs_dev_pwrite (dev, buf, size, offset, 0, &err) == -1)
+  /* (ext4fs_dev_pwrite checks the range itself.) */
+  if (meta_ops (dev) && check_range (dev, "write", size, offset, &err) == -1)
     return ext4fs_errno_to_errcode (err);
-  return 0;
+  return meta_write (dev, buf, size, offset);
 }
 
 static errcode_t
