@@ -196,13 +196,32 @@ alloc_stats_range_cb (ext2_filsys fs, blk64_t blk, blk_t num, int inuse)
   fs_group_dirty_locked (fs->priv_data, blk, num);
 }
 
+/* Why writing is refused: to nbdkit_error, or (why != NULL, for the
+ * warning at start-up) into why.
+ */
+static void refuse (char *why, size_t n, const char *fmt, ...)
+  __attribute__ ((format (printf, 3, 4)));
+
+static void
+refuse (char *why, size_t n, const char *fmt, ...)
+{
+  va_list ap;
+
+  va_start (ap, fmt);
+  if (why)
+    vsnprintf (why, n, fmt, ap);
+  else
+    nbdkit_verror (fmt, ap);
+  va_end (ap);
+}
+
 /* Refuse to write to filesystems whose features or state we cannot
  * keep consistent.  Read-only access works for all of them (but for a
  * journal that needs recovery we warn: the newest data may be in the
  * journal only).
  */
 static int
-check_features (ext2_filsys fs, bool rw)
+check_features (ext2_filsys fs, bool rw, char *why, size_t n)
 {
   struct ext2_super_block *sb = fs->super;
   static const struct { int kind; uint32_t mask; const char *name; } no_write[] = {
@@ -217,8 +236,8 @@ check_features (ext2_filsys fs, bool rw)
   size_t i;
 
   if (sb->s_feature_incompat & EXT3_FEATURE_INCOMPAT_JOURNAL_DEV) {
-    nbdkit_error ("the image is an external ext3/ext4 journal device, "
-                  "not a filesystem");
+    refuse (why, n, "the image is an external ext3/ext4 journal device, "
+            "not a filesystem");
     return -1;
   }
   if (!rw)
@@ -227,9 +246,9 @@ check_features (ext2_filsys fs, bool rw)
     uint32_t f = no_write[i].kind == 0 ? sb->s_feature_incompat
                                        : sb->s_feature_ro_compat;
     if (f & no_write[i].mask) {
-      nbdkit_error ("the filesystem has the '%s' feature, which ext4fs "
-                    "cannot write safely: serve it read-only with nbdkit -r",
-                    no_write[i].name);
+      refuse (why, n, "the filesystem has the '%s' feature, which ext4fs "
+              "cannot write safely: serve it read-only with nbdkit -r",
+              no_write[i].name);
       return -1;
     }
   }
@@ -241,8 +260,10 @@ check_features (ext2_filsys fs, bool rw)
  * any): another node holding the filesystem is the better diagnosis
  * than the state it leaves.
  */
+static int check_clean (ext2_filsys fs, char *why, size_t n);
+
 static int
-check_state (ext2_filsys fs, bool rw)
+check_state (ext2_filsys fs, bool rw, char *why, size_t n)
 {
   struct ext2_super_block *sb = fs->super;
 
@@ -252,23 +273,32 @@ check_state (ext2_filsys fs, bool rw)
    */
   if (sb->s_feature_incompat & EXT3_FEATURE_INCOMPAT_RECOVER) {
     if (rw) {
-      nbdkit_error ("the filesystem's journal needs recovery and %s: run "
-                    "'e2fsck -E journal_only IMAGE' (or mount and unmount "
-                    "it once) first, or serve it read-only with nbdkit -r",
-                    !ext2fs_has_feature_journal (sb) ?
-                    "the filesystem has no journal (needs_recovery without "
-                    "has_journal)" :
-                    "the journal is on an external device, which ext4fs "
-                    "cannot read");
+      refuse (why, n, "the filesystem's journal needs recovery and %s: run "
+              "'e2fsck -E journal_only IMAGE' (or mount and unmount "
+              "it once) first, or serve it read-only with nbdkit -r",
+              !ext2fs_has_feature_journal (sb) ?
+              "the filesystem has no journal (needs_recovery without "
+              "has_journal)" :
+              "the journal is on an external device, which ext4fs "
+              "cannot read");
       return -1;
     }
   }
   if (!rw)
     return 0;
+  return check_clean (fs, why, n);
+}
+
+/* The clean state writing needs (after any journal replay). */
+static int
+check_clean (ext2_filsys fs, char *why, size_t n)
+{
+  struct ext2_super_block *sb = fs->super;
+
   if (sb->s_state & EXT2_ERROR_FS) {
-    nbdkit_error ("the filesystem is marked as having errors: run "
-                  "'e2fsck -f IMAGE' before writing to it, or serve it "
-                  "read-only with nbdkit -r");
+    refuse (why, n, "the filesystem is marked as having errors: run "
+            "'e2fsck -f IMAGE' before writing to it, or serve it "
+            "read-only with nbdkit -r");
     return -1;
   }
   if (!(sb->s_state & EXT2_VALID_FS)) {
@@ -277,10 +307,10 @@ check_state (ext2_filsys fs, bool rw)
      * a file uses could be handed to another.  (ext4fs itself clears
      * this flag from the first write until a clean exit.)
      */
-    nbdkit_error ("the filesystem was not cleanly unmounted or closed "
-                  "(its state is not clean), so its free-space bitmaps "
-                  "cannot be trusted for writing: run 'e2fsck -f IMAGE' "
-                  "first, or serve it read-only with nbdkit -r");
+    refuse (why, n, "the filesystem was not cleanly unmounted or closed "
+            "(its state is not clean), so its free-space bitmaps "
+            "cannot be trusted for writing: run 'e2fsck -f IMAGE' "
+            "first, or serve it read-only with nbdkit -r");
     return -1;
   }
   return 0;
@@ -579,6 +609,27 @@ journal_writer_open (struct ext4fs_fs *fsi)
   return 0;
 }
 
+/* At the read-only open of start-up: would a client that writes be
+ * refused?  Then say why now, not only in the log at its connection
+ * (where qemu shows just "Requested export not available").  The same
+ * checks as the read-write open (features, state, orphans, a journal
+ * it could not replay); a journal it can replay is not a reason.
+ */
+static void
+rw_warning (struct ext4fs_fs *fsi, const struct ext4fs_journal *jr)
+{
+  char why[512];
+
+  /* With the journal replayed (jr), needs_recovery is no reason. */
+  if (check_features (fsi->fs, true, why, sizeof why) == -1 ||
+      (jr ? check_clean (fsi->fs, why, sizeof why) :
+       check_state (fsi->fs, true, why, sizeof why)) == -1)
+    note (fsi, "warning: clients that write will be refused (%s)", why);
+  else if (has_orphans (fsi->fs))
+    note (fsi, "warning: clients that write will be refused (the "
+          "filesystem has orphan inodes: run 'e2fsck -fy IMAGE' first)");
+}
+
 struct ext4fs_fs *
 fs_open_dev (struct ext4fs_dev *dev, bool rw)
 {
@@ -615,7 +666,7 @@ fs_open_dev (struct ext4fs_dev *dev, bool rw)
   fsi->blocks_count = ext2fs_blocks_count (fsi->fs->super);
   fsi->first_data_block = fsi->fs->super->s_first_data_block;
 
-  if (check_features (fsi->fs, rw) == -1)
+  if (check_features (fsi->fs, rw, NULL, 0) == -1)
     goto err;
   /* Does the filesystem fit in the device? */
   if (__builtin_mul_overflow (fsi->blocks_count, (uint64_t) fsi->blocksize,
@@ -627,8 +678,10 @@ fs_open_dev (struct ext4fs_dev *dev, bool rw)
                   ext4fs_dev_size (fsi->dev));
     goto err;
   }
-  if (!rw && check_state (fsi->fs, rw) == -1)
+  if (!rw && check_state (fsi->fs, rw, NULL, 0) == -1)
     goto err;
+  if (!rw)
+    rw_warning (fsi, jr);
   if (!rw && has_orphans (fsi->fs))
     note (fsi, "note: the filesystem has orphan inodes (files deleted or "
           "truncated while still open when it went down): they are served "
@@ -684,7 +737,7 @@ fs_open_dev (struct ext4fs_dev *dev, bool rw)
       nbdkit_error ("calloc: %m");
       goto err;
     }
-    if (check_state (fsi->fs, rw) == -1)
+    if (check_state (fsi->fs, rw, NULL, 0) == -1)
       goto err;
     if (journal_writer_open (fsi) == -1)
       goto err;

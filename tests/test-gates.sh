@@ -226,6 +226,12 @@ gate ()
     case "$r" in REFUSED*) ;; *) bad "$name: second writable client not refused: $r" ;; esac
     srv_stop gw
     grep_err "$name" gw "$@" "serve it read-only with nbdkit -r"
+    # ... and says so at start-up, before any client, with the reason.
+    w=$(grep -F "clients that write will be refused" "$tmpdir/gw.err")
+    [ -n "$w" ] || bad "$name: no start-up warning that writers will be refused"
+    for p in "$@"; do
+        case "$w" in *"$p"*) ;; *) bad "$name: the start-up warning lacks '$p': $w" ;; esac
+    done
     [ "$(sha_of "$img")" = "$sha" ] || bad "$name: refused server changed the image"
 
     srv_start gr -r --filter="$FILTER" file "$img" ext4file=exportname
@@ -253,6 +259,8 @@ srv_stop gr
 srv_start gw --filter="$FILTER" file rec ext4file=exportname
 expect_ok "needs_recovery, empty log" gw /big src/big 0
 srv_stop gw
+grep -q "clients that write will be refused" "$tmpdir/gw.err" &&
+    bad "needs_recovery, empty log: warned that writers would be refused"
 dumpe2fs -h rec 2>/dev/null | grep -q '^Filesystem features:.*needs_recovery' &&
     bad "needs_recovery, empty log: the flag was not cleared"
 e2fsck -fn rec > fsck.out 2>&1 || bad "needs_recovery, empty log: e2fsck: $(cat fsck.out)"
