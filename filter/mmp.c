@@ -99,11 +99,12 @@ mmp_write (const struct ext4fs_mmp *mmp, struct mmp_struct *m, int *err)
   m->mmp_checksum = mmp->csum ? mmp_csum (mmp, m) : 0;
   memcpy (buf, m, sizeof *m);
   /* Like O_DIRECT|O_SYNC in the kernel and e2fsprogs: on stable
-   * storage before we rely on it.
+   * storage before we rely on it.  FUA (a plugin flush only if the
+   * plugin has no FUA), so that an update does not wait for a flush
+   * of everything else written since the last one.
    */
   if (ext4fs_dev_pwrite (fsi->dev, buf, fsi->blocksize, blk << fsi->blockbits,
-                         0, err) == -1 ||
-      ext4fs_dev_flush (fsi->dev, err) == -1)
+                         NBDKIT_FLAG_FUA, err) == -1)
     return -1;
   return 0;
 }
@@ -154,7 +155,10 @@ updater (void *arg)
     uint32_t ours;
     int err, r;
 
-    clock_gettime (CLOCK_REALTIME, &deadline);
+    /* Monotonic: a step of the wall clock neither delays nor hurries
+     * the next update.
+     */
+    clock_gettime (CLOCK_MONOTONIC, &deadline);
     deadline.tv_sec += mmp->interval;
     pthread_cond_timedwait (&mmp->cond, &mmp->lock, &deadline);
     if (mmp->stop)
@@ -213,7 +217,13 @@ mmp_start (struct ext4fs_fs *fsi)
     return NULL;
   }
   pthread_mutex_init (&mmp->lock, NULL);
-  pthread_cond_init (&mmp->cond, NULL);
+  {
+    pthread_condattr_t ca;
+    pthread_condattr_init (&ca);
+    pthread_condattr_setclock (&ca, CLOCK_MONOTONIC);
+    pthread_cond_init (&mmp->cond, &ca);
+    pthread_condattr_destroy (&ca);
+  }
   mmp->fsi = fsi;
   mmp->blk = fs->super->s_mmp_block;
   mmp->csum = ext2fs_has_feature_metadata_csum (fs->super);

@@ -27,7 +27,8 @@ cmp ro.out src/f
 
 # Server A claims the filesystem at its first writable connection.
 sock=$tmpdir/a.sock
-start_nbdkit "$sock" --filter="$FILTER" file img ext4file=/f
+start_nbdkit "$sock" --filter="$FILTER" --filter=log \
+    file img logfile="$tmpdir/a.log" ext4file=/f
 start=$(date +%s)
 nbdsh -u "nbd+unix:///?socket=$sock" -c 'h.pwrite(b"A" * 4096, 0); h.flush()'
 took=$(( $(date +%s) - start ))
@@ -37,6 +38,14 @@ s1=$(seq_of)
 [ "$s1" != ff4d4d50 ] || fail "MMP block still clean while held"
 sleep 6
 [ "$(seq_of)" != "$s1" ] || fail "MMP sequence does not move while held"
+# Every MMP write is FUA (not a write and a flush of everything else
+# written since the last flush), as seen by the log filter below.
+mmpoff=$(printf '0x%x' $(( $(dumpe2fs -h img 2>/dev/null | awk '/^MMP block number:/{print $4}') *
+                           $(dumpe2fs -h img 2>/dev/null | awk '/^Block size:/{print $3}') )))
+grep -E " Write .*offset=$mmpoff " "$tmpdir/a.log" > mmp-writes || true
+[ "$(wc -l < mmp-writes)" -ge 2 ] ||
+    { cat "$tmpdir/a.log"; fail "the log shows fewer than 2 MMP writes (claim, update) at $mmpoff"; }
+grep -q "fua=0" mmp-writes && { cat mmp-writes; fail "an MMP write without FUA"; }
 
 # Server B is refused while A holds it.
 if nbdkit_srv -U - --filter="$FILTER" file img ext4file=/f \
