@@ -111,6 +111,20 @@ build_meta_map (struct ext4fs_fs *fsi)
   struct meta_builder mb = { 0 };
   dgrp_t g;
   size_t i, j;
+  blk64_t old_desc_blocks;
+
+  /* The old-style descriptor area, as libext2fs reserves it: under
+   * meta_bg only the first s_first_meta_bg descriptor blocks are
+   * there (the kernel's online resize makes such filesystems), the
+   * rest are in their meta groups (new_desc).
+   */
+  if (ext2fs_has_feature_meta_bg (fs->super)) {
+    old_desc_blocks = fs->super->s_first_meta_bg;
+    if (old_desc_blocks > fs->desc_blocks)
+      old_desc_blocks = fs->desc_blocks;
+  }
+  else
+    old_desc_blocks = fs->desc_blocks + fs->super->s_reserved_gdt_blocks;
 
   for (g = 0; g < fs->group_desc_count; ++g) {
     blk64_t super_blk = 0, old_desc = 0, new_desc = 0;
@@ -120,8 +134,7 @@ build_meta_map (struct ext4fs_fs *fsi)
     if (super_blk || g == 0)
       meta_add (&mb, super_blk, 1);
     if (old_desc)
-      meta_add (&mb, old_desc,
-                fs->desc_blocks + fs->super->s_reserved_gdt_blocks);
+      meta_add (&mb, old_desc, old_desc_blocks);
     if (new_desc)
       meta_add (&mb, new_desc, 1);
     meta_add (&mb, ext2fs_block_bitmap_loc (fs, g), 1);
