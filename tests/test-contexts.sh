@@ -17,6 +17,11 @@
 #     clients, flush, stop, e2fsck and the bytes; the nbd plugin's
 #     dynamic-export=true is refused with a message (it aborted nbdkit).
 source "$srcdir/functions.sh"
+# Below the serializing plugins, tests/nbdkit-overlap-filter.c fails
+# any call that overlaps another where the thread model forbids it.
+overlap=$abs_builddir/.libs/nbdkit-overlap-filter.so
+export here=$(cd "$srcdir" && pwd)
+[ -f "$overlap" ] || fail "$overlap is not built (make check builds it)"
 requires nbdsh --version
 requires python3 -c 'import nbd'
 requires debugfs -V
@@ -102,18 +107,31 @@ contexts log3 | grep -q "^4 context(s) into the plugin (read-only)" ||
 cmp img img.orig || fail "read-only server changed the image"
 
 # --- 3. serializing plugins.
-nbdkit_srv -v -U - --filter="$FILTER" --filter=noparallel \
-    file img ext4file=/f serialize=all-requests ext4contexts=4 \
+nbdkit_srv -v -U - --filter="$FILTER" --filter=noparallel --filter="$overlap" \
+    file img ext4file=/f serialize=all-requests overlap=all-requests \
+    ext4contexts=4 \
     --run 'nbdcopy --connections=2 "$uri" out3' 2> log4 ||
     { tail log4; fail "copy over serialize=all-requests failed"; }
+grep "error: overlap:" log4 && fail "calls overlapped over serialize=all-requests"
 cmp out3 src/f || fail "copy over serialize=all-requests differs"
 [ "$(contexts log4 | grep -c '^1 context')" -ge 1 ] &&
     ! contexts log4 | grep -qv '^1 context' ||
     fail "serialize=all-requests must use one context: $(contexts log4)"
-nbdkit_srv -v -U - --filter="$FILTER" --filter=noparallel \
-    file img ext4file=/f serialize=requests ext4contexts=2 \
+nbdkit_srv -v -U - --filter="$FILTER" --filter=noparallel --filter="$overlap" \
+    file img ext4file=/f serialize=requests overlap=requests ext4contexts=2 \
     --run 'nbdcopy --connections=2 "$uri" out4' 2> log5 ||
     { tail log5; fail "copy over serialize=requests failed"; }
+grep "error: overlap:" log5 && fail "calls on one context overlapped over serialize=requests"
+# Many small requests from 4 clients: no two calls may meet where the
+# thread model forbids it (one context over serialize=all-requests,
+# one call per context over serialize=requests).
+for m in all-requests:4 requests:2; do
+    nbdkit_srv -U - --filter="$FILTER" --filter=noparallel --filter="$overlap" \
+        file img ext4file=/f serialize=${m%:*} overlap=${m%:*} ext4contexts=${m#*:} \
+        --run '/usr/bin/python3 "$here/parallel-readers.py" "$uri" src/f' 2> log-r ||
+        { grep -m3 error log-r; fail "readers over serialize=${m%:*} failed"; }
+    grep "error: overlap:" log-r && fail "calls overlapped over serialize=${m%:*}"
+done
 cmp out4 src/f || fail "copy over serialize=requests differs"
 contexts log5 | grep -q "^2 context(s)" ||
     fail "serialize=requests may use 2 contexts: $(contexts log5)"
