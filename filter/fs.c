@@ -255,6 +255,16 @@ check_features (ext2_filsys fs, bool rw, char *why, size_t n)
   }
   if (!rw)
     return 0;
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+  /* The superblock, group descriptors and MMP block are written from
+   * libext2fs's in-memory copies, which are in CPU order (libext2fs
+   * swaps them only in its own flush, which ext4fs does not use).
+   */
+  refuse (why, n, "ext4fs cannot write ext2/3/4 metadata on a big-endian "
+          "host (it would be written in the wrong byte order): serve it "
+          "read-only with nbdkit -r");
+  return -1;
+#endif
   for (i = 0; i < sizeof no_write / sizeof no_write[0]; ++i) {
     uint32_t f = no_write[i].kind == 0 ? sb->s_feature_incompat
                                        : sb->s_feature_ro_compat;
