@@ -219,13 +219,13 @@ static void
 refuse (char *why, size_t n, const char *fmt, ...)
 {
   va_list ap;
+  char buf[1024];
 
   va_start (ap, fmt);
-  if (why)
-    vsnprintf (why, n, fmt, ap);
-  else
-    nbdkit_verror (fmt, ap);
+  vsnprintf (why ? why : buf, why ? n : sizeof buf, fmt, ap);
   va_end (ap);
+  if (why == NULL)
+    nbdkit_error ("%s", buf);
 }
 
 /* Refuse to write to filesystems whose features or state we cannot
