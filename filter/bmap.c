@@ -1491,23 +1491,18 @@ bmap_punch_locked (struct ext4fs_inode *ip, const struct ext4fs_map *map,
 {
   struct ext4fs_fs *fsi = ip->fsi;
   ext2_filsys fs = fsi->fs;
-  uint64_t end = lblk + len, b = lblk;
+  struct bmap_walk w;
+  struct bmap_seg seg;
   errcode_t e;
 
-  while (b < end) {
-    uint64_t hole_end, s, n;
-    const struct ext4fs_run *r = bmap_lookup (map, b, &hole_end);
+  bmap_walk_blocks (&w, map, fsi->blockbits, lblk, lblk + len);
+  w.max_blocks = PUNCH_CHUNK;
+  while (bmap_walk_next (&w, &seg)) {
+    const struct ext4fs_run *r = seg.run;
+    uint64_t s = seg.lblk, n = seg.end - seg.lblk;
 
-    if (r == NULL) {
-      b = hole_end;
+    if (r == NULL)
       continue;
-    }
-    s = b;
-    n = r->lblk + r->len - b;
-    if (n > end - b)
-      n = end - b;
-    if (n > PUNCH_CHUNK)
-      n = PUNCH_CHUNK;
     if (ip->extents) {
       /* Strictly inside one extent: split it ourselves (see
        * punch_split_locked).  Else every step of ext2fs_punch is one
@@ -1521,10 +1516,8 @@ bmap_punch_locked (struct ext4fs_inode *ip, const struct ext4fs_map *map,
 
       if (split == -1)
         return -1;
-      if (split == 0) {
-        b = s + n;
+      if (split == 0)
         continue;
-      }
 
       /* libext2fs 1.47.0 refuses to free a range that ends at the last
        * block of the filesystem (off by one, fixed in 1.47.4): punch
@@ -1582,7 +1575,6 @@ bmap_punch_locked (struct ext4fs_inode *ip, const struct ext4fs_map *map,
       if (inode_write_locked (ip, err) == -1)
         return -1;
     }
-    b = s + n;
   }
   return 0;
 }

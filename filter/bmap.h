@@ -24,6 +24,96 @@ extern size_t bmap_max_runs (void);
 extern const struct ext4fs_run *bmap_lookup (const struct ext4fs_map *map,
                                              uint64_t lblk, uint64_t *hole_end);
 
+/* Walking a range through a map, one mapping at a time (the idea of
+ * the kernel's iomap: map a range, act on one mapping, advance).  Start
+ * with bmap_walk_bytes (a byte range of the file) or bmap_walk_blocks
+ * (whole logical blocks), then each bmap_walk_next gives the next
+ * segment in order, until it returns false: logical blocks [lblk, end),
+ * all of one kind (a hole, or part of one run: written or unwritten,
+ * at physical blocks bmap_seg_pblk ...), and the bytes [off, off+len)
+ * of the range that fall in them.  Segments are never longer than
+ * max_blocks if that is set (0: no limit).  Nothing is allocated; the
+ * map must not change during the walk (the caller holds ip->lock).
+ */
+struct bmap_seg {
+  uint64_t lblk, end;                   /* logical blocks [lblk, end) */
+  const struct ext4fs_run *run;         /* NULL: a hole */
+  uint64_t off, len;                    /* bytes [off, off+len) */
+};
+
+struct bmap_walk {
+  const struct ext4fs_map *map;
+  unsigned bits;                        /* log2 of the block size */
+  uint64_t b, bend;                     /* blocks left: [b, bend) */
+  uint64_t off, endoff;                 /* bytes of the range */
+  uint64_t max_blocks;
+};
+
+static inline void
+bmap_walk_bytes (struct bmap_walk *w, const struct ext4fs_map *map,
+                 unsigned bits, uint64_t offset, uint64_t count)
+{
+  *w = (struct bmap_walk) {
+    .map = map, .bits = bits, .off = offset, .endoff = offset + count,
+    .b = offset >> bits,
+    .bend = count ? ((offset + count - 1) >> bits) + 1 : offset >> bits,
+  };
+}
+
+static inline void
+bmap_walk_blocks (struct bmap_walk *w, const struct ext4fs_map *map,
+                  unsigned bits, uint64_t b0, uint64_t b1)
+{
+  *w = (struct bmap_walk) {
+    .map = map, .bits = bits, .b = b0, .bend = b1,
+    .off = b0 << bits, .endoff = b1 << bits,
+  };
+}
+
+static inline bool
+bmap_walk_next (struct bmap_walk *w, struct bmap_seg *s)
+{
+  uint64_t hole_end, e, lo, hi;
+
+  if (w->b >= w->bend)
+    return false;
+  s->lblk = w->b;
+  s->run = bmap_lookup (w->map, w->b, &hole_end);
+  e = s->run ? s->run->lblk + s->run->len : hole_end;
+  if (e > w->bend)
+    e = w->bend;
+  if (w->max_blocks && e - s->lblk > w->max_blocks)
+    e = s->lblk + w->max_blocks;
+  s->end = e;
+  lo = s->lblk << w->bits;
+  hi = e << w->bits;
+  s->off = lo > w->off ? lo : w->off;
+  s->len = (hi < w->endoff ? hi : w->endoff) - s->off;
+  w->b = e;
+  return true;
+}
+
+/* Is the segment mapped and written (not a hole, not unwritten)? */
+static inline bool
+bmap_seg_written (const struct bmap_seg *s)
+{
+  return s->run && !s->run->unwritten;
+}
+
+/* The physical block of s->lblk (s->run not NULL). */
+static inline uint64_t
+bmap_seg_pblk (const struct bmap_seg *s)
+{
+  return s->run->pblk + (s->lblk - s->run->lblk);
+}
+
+/* The physical byte of s->off (s->run not NULL). */
+static inline uint64_t
+bmap_seg_pos (const struct bmap_walk *w, const struct bmap_seg *s)
+{
+  return (bmap_seg_pblk (s) << w->bits) + (s->off - (s->lblk << w->bits));
+}
+
 /* Change a cached map in memory as a request changed the file: map
  * logical [lblk, lblk+len) to physical [pblk, pblk+len), written,
  * replacing what was there (a hole, or part of an unwritten run whose

@@ -1,8 +1,9 @@
 /* ext4fs: the I/O paths.
  *
- * Owns: mapping a request's byte range to physical runs and doing the
- * data I/O straight through the shared contexts (no ext2_file_t, no
- * shared position, no single-block buffer); read-modify-write of
+ * Owns: mapping a request's byte range to physical runs (one segment at
+ * a time, with the walker in bmap.h) and doing the data I/O straight
+ * through the shared contexts (no ext2_file_t, no shared position, no
+ * single-block buffer); read-modify-write of
  * partial blocks; allocation into holes and conversion of unwritten
  * extents; zero, trim, block status and cache.
  *
@@ -99,18 +100,6 @@ stripes_unlock (const struct stripe_set *set)
       pthread_rwlock_unlock (&stripes[s]);
 }
 
-/* Bytes from offset (inside block lblk) to the end of block endblk. */
-static uint64_t
-bytes_to (struct ext4fs_fs *fsi, uint64_t offset, uint64_t endblk)
-{
-  uint64_t endbyte;
-
-  if (endblk > (UINT64_MAX >> fsi->blockbits))
-    return UINT64_MAX;
-  endbyte = endblk << fsi->blockbits;
-  return endbyte - offset;
-}
-
 static uint64_t
 min64 (uint64_t a, uint64_t b)
 {
@@ -123,26 +112,18 @@ read_mapped (struct ext4fs_inode *ip, const struct ext4fs_map *map,
              char *buf, uint64_t count, uint64_t offset, int *err)
 {
   struct ext4fs_fs *fsi = ip->fsi;
-  unsigned bits = fsi->blockbits;
+  struct bmap_walk w;
+  struct bmap_seg s;
 
-  while (count > 0) {
-    uint64_t lblk = offset >> bits, hole_end, n;
-    const struct ext4fs_run *r = bmap_lookup (map, lblk, &hole_end);
+  bmap_walk_bytes (&w, map, fsi->blockbits, offset, count);
+  while (bmap_walk_next (&w, &s)) {
+    char *p = buf + (s.off - offset);
 
-    if (r == NULL || r->unwritten) {
-      n = min64 (count, bytes_to (fsi, offset, r ? r->lblk + r->len : hole_end));
-      memset (buf, 0, n);
-    }
-    else {
-      uint64_t pos = ((r->pblk + (lblk - r->lblk)) << bits) +
-        (offset & (fsi->blocksize - 1));
-      n = min64 (count, bytes_to (fsi, offset, r->lblk + r->len));
-      if (ext4fs_dev_pread (fsi->dev, buf, n, pos, err) == -1)
-        return -1;
-    }
-    buf += n;
-    offset += n;
-    count -= n;
+    if (!bmap_seg_written (&s))
+      memset (p, 0, s.len);
+    else if (ext4fs_dev_pread (fsi->dev, p, s.len, bmap_seg_pos (&w, &s),
+                               err) == -1)
+      return -1;
   }
   return 0;
 }
@@ -170,32 +151,25 @@ rw_pread (struct ext4fs_inode *ip, void *buf, uint32_t count,
   return read_mapped (ip, map, buf, count, offset, err);
 }
 
-/* Are all blocks [b0, b1) mapped and written? */
-static bool
-all_written (const struct ext4fs_map *map, uint64_t b0, uint64_t b1)
-{
-  while (b0 < b1) {
-    uint64_t hole_end;
-    const struct ext4fs_run *r = bmap_lookup (map, b0, &hole_end);
-    if (r == NULL || r->unwritten)
-      return false;
-    b0 = r->lblk + r->len;
-  }
-  return true;
-}
+/* Is any block of [b0, b1) of the kind asked for? */
+enum seg_kind { SEG_WRITTEN, SEG_NOT_WRITTEN, SEG_MAPPED };
 
-/* Are no blocks of [b0, b1) mapped as written? */
 static bool
-all_unwritten_or_hole (const struct ext4fs_map *map, uint64_t b0, uint64_t b1)
+any_seg (const struct ext4fs_map *map, unsigned bits, uint64_t b0,
+         uint64_t b1, enum seg_kind kind)
 {
-  while (b0 < b1) {
-    uint64_t hole_end;
-    const struct ext4fs_run *r = bmap_lookup (map, b0, &hole_end);
-    if (r && !r->unwritten)
-      return false;
-    b0 = r ? r->lblk + r->len : hole_end;
+  struct bmap_walk w;
+  struct bmap_seg s;
+
+  bmap_walk_blocks (&w, map, bits, b0, b1);
+  while (bmap_walk_next (&w, &s)) {
+    bool hit = kind == SEG_WRITTEN ? bmap_seg_written (&s)
+      : kind == SEG_NOT_WRITTEN ? !bmap_seg_written (&s)
+      : s.run != NULL;
+    if (hit)
+      return true;
   }
-  return true;
+  return false;
 }
 
 /* Write part of one written block by read-modify-write. */
@@ -230,40 +204,40 @@ write_mapped (struct ext4fs_inode *ip, const struct ext4fs_map *map,
   struct ext4fs_fs *fsi = ip->fsi;
   unsigned bits = fsi->blockbits;
   uint32_t bmask = fsi->blocksize - 1;
+  struct bmap_walk w;
+  struct bmap_seg s;
 
-  while (count > 0) {
-    uint64_t lblk = offset >> bits, hole_end, n, pblk;
-    const struct ext4fs_run *r = bmap_lookup (map, lblk, &hole_end);
+  bmap_walk_bytes (&w, map, bits, offset, count);
+  while (bmap_walk_next (&w, &s)) {
+    const char *p = buf + (s.off - offset);
+    uint64_t pos, left = s.len, n;
 
-    if (r == NULL || r->unwritten) {
+    if (!bmap_seg_written (&s)) {
       nbdkit_error ("inode %u: internal error: write to unmapped block",
                     ip->ino);
       *err = EIO;
       return -1;
     }
-    pblk = r->pblk + (lblk - r->lblk);
-    if ((offset & bmask) || count < fsi->blocksize) {
-      /* Partial block. */
-      n = min64 (count, fsi->blocksize - (offset & bmask));
-      if (rmw_block (ip, pblk, offset & bmask, buf, n, flags, err) == -1)
-        return -1;
-    }
-    else {
-      /* Whole blocks up to the end of the run. */
-      struct stripe_set set;
-      int ret;
+    for (pos = bmap_seg_pos (&w, &s); left > 0; p += n, pos += n, left -= n) {
+      if ((pos & bmask) || left < fsi->blocksize) {
+        /* Partial block. */
+        n = min64 (left, fsi->blocksize - (pos & bmask));
+        if (rmw_block (ip, pos >> bits, pos & bmask, p, n, flags, err) == -1)
+          return -1;
+      }
+      else {
+        /* Whole blocks, up to the end of the run. */
+        struct stripe_set set;
+        int ret;
 
-      n = min64 (count & ~(uint64_t) bmask,
-                 bytes_to (fsi, offset, r->lblk + r->len));
-      stripes_lock_shared (pblk << bits, n, &set);
-      ret = ext4fs_dev_pwrite (fsi->dev, buf, n, pblk << bits, flags, err);
-      stripes_unlock (&set);
-      if (ret == -1)
-        return -1;
+        n = left & ~(uint64_t) bmask;
+        stripes_lock_shared (pos, n, &set);
+        ret = ext4fs_dev_pwrite (fsi->dev, p, n, pos, flags, err);
+        stripes_unlock (&set);
+        if (ret == -1)
+          return -1;
+      }
     }
-    buf += n;
-    offset += n;
-    count -= n;
   }
   return 0;
 }
@@ -481,37 +455,36 @@ check_room (struct ext4fs_inode *ip, const struct ext4fs_map *map,
   uint64_t data = 0, meta = 0, avail;
   size_t runs = 0;
   struct changes none = { .added = 0 };
+  struct bmap_walk w;
+  struct bmap_seg s;
 
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&fsi->lock);
-  while (b < bend) {
-    uint64_t hole_end, e;
-    const struct ext4fs_run *r = bmap_lookup (map, b, &hole_end);
-
-    e = min64 (bend, r ? r->lblk + r->len : hole_end);
-    if (r == NULL && e > bmap_map_limit (ip)) {
+  bmap_walk_blocks (&w, map, fsi->blockbits, b, bend);
+  while (bmap_walk_next (&w, &s)) {
+    if (s.run == NULL && s.end > bmap_map_limit (ip)) {
       nbdkit_error ("inode %u: logical block %" PRIu64 " is beyond what "
                     "this file can map (%" PRIu64 " blocks)", ip->ino,
-                    e - 1, bmap_map_limit (ip));
+                    s.end - 1, bmap_map_limit (ip));
       *err = EFBIG;
       return -1;
     }
-    if (r == NULL) {
-      data += e - b;
-      meta += bmap_meta_need_locked (ip, b, e - b);
+    if (s.run == NULL) {
+      data += s.end - s.lblk;
+      meta += bmap_meta_need_locked (ip, s.lblk, s.end - s.lblk);
       runs++;
     }
-    else if (r->unwritten) {
+    else if (s.run->unwritten) {
       /* Split (as fill_unwritten will: small remainders are zeroed
        * and converted too).
        */
       uint64_t zb = ZEROOUT_BYTES >> fsi->blockbits;
-      bool left = b - r->lblk > zb, right = r->lblk + r->len - e > zb;
+      bool left = s.lblk - s.run->lblk > zb;
+      bool right = s.run->lblk + s.run->len - s.end > zb;
 
       if (left || right)
-        meta += bmap_meta_need_locked (ip, b, 1);
+        meta += bmap_meta_need_locked (ip, s.lblk, 1);
       runs += left + right;
     }
-    b = e;
   }
   if (data + meta == 0)
     return 0;
@@ -543,6 +516,8 @@ write_allocating (struct ext4fs_inode *ip, const struct ext4fs_map *map,
   unsigned bits = fsi->blockbits;
   uint64_t b = offset >> bits;
   uint64_t bend = ((offset + count - 1) >> bits) + 1;
+  struct bmap_walk w;
+  struct bmap_seg s;
 
   if (ip->inline_data) {
     nbdkit_error ("inode %u: writing to inline-data files is not supported",
@@ -552,27 +527,20 @@ write_allocating (struct ext4fs_inode *ip, const struct ext4fs_map *map,
   }
   if (check_room (ip, map, b, bend, err) == -1)
     return -1;
-  while (b < bend) {
-    uint64_t hole_end, e;
-    const struct ext4fs_run *r = bmap_lookup (map, b, &hole_end);
-    uint64_t so = b << bits > offset ? b << bits : offset; /* byte range of */
-    uint64_t eo;                                          /* this segment  */
+  bmap_walk_bytes (&w, map, bits, offset, count);
+  while (bmap_walk_next (&w, &s)) {
+    int r;
 
-    e = min64 (bend, r ? r->lblk + r->len : hole_end);
-    eo = min64 (offset + count, e << bits);
-    if (r == NULL) {
-      if (fill_hole (ip, map, b, e, buf, count, offset, ch, err) == -1)
-        return -1;
-    }
-    else if (r->unwritten) {
-      if (fill_unwritten (ip, map, r, b, e, buf, count, offset, ch, err) == -1)
-        return -1;
-    }
-    else {
-      if (write_mapped (ip, map, buf + (so - offset), eo - so, so, 0, err) == -1)
-        return -1;
-    }
-    b = e;
+    if (s.run == NULL)
+      r = fill_hole (ip, map, s.lblk, s.end, buf, count, offset, ch, err);
+    else if (s.run->unwritten)
+      r = fill_unwritten (ip, map, s.run, s.lblk, s.end, buf, count, offset,
+                          ch, err);
+    else
+      r = write_mapped (ip, map, buf + (s.off - offset), s.len, s.off, 0,
+                        err);
+    if (r == -1)
+      return -1;
   }
   return 0;
 }
@@ -597,7 +565,7 @@ rw_pwrite (struct ext4fs_inode *ip, const void *buf, uint32_t count,
     map = inode_map (ip, err);
     if (map == NULL)
       return -1;
-    if (all_written (map, b0, b1)) {
+    if (!any_seg (map, bits, b0, b1, SEG_NOT_WRITTEN)) {
       /* The image changes only from here (a corrupt map above has
        * changed nothing, not even the clean flag).
        */
@@ -676,6 +644,8 @@ rw_zero_written (struct ext4fs_inode *ip, uint64_t count, uint64_t offset,
   unsigned bits = fsi->blockbits;
   const struct ext4fs_map *map;
   CLEANUP_FREE char *zeros = NULL;
+  struct bmap_walk w;
+  struct bmap_seg s;
 
   if (count == 0)
     return 0;
@@ -695,53 +665,36 @@ rw_zero_written (struct ext4fs_inode *ip, uint64_t count, uint64_t offset,
    * not fast.  Fail before changing anything.
    */
   if ((flags & NBDKIT_FLAG_FAST_ZERO) &&
-      !all_unwritten_or_hole (map, offset >> bits,
-                              ((offset + count - 1) >> bits) + 1)) {
+      any_seg (map, bits, offset >> bits, ((offset + count - 1) >> bits) + 1,
+               SEG_WRITTEN)) {
     *err = ENOTSUP;
     return -1;
   }
-  while (count > 0) {
-    uint64_t lblk = offset >> bits, hole_end, n;
-    const struct ext4fs_run *r = bmap_lookup (map, lblk, &hole_end);
+  bmap_walk_bytes (&w, map, bits, offset, count);
+  while (bmap_walk_next (&w, &s)) {
+    uint64_t done, m;
 
-    n = min64 (count, bytes_to (fsi, offset, r ? r->lblk + r->len : hole_end));
-    if (r && !r->unwritten) {
-      uint64_t done = 0;
-
-      /* Only now does the image change. */
-      if (fs_begin_write (fsi, err) == -1)
-        return -1;
-      if (zeros == NULL && (zeros = calloc (1, 1024 * 1024)) == NULL) {
-        *err = errno;
-        nbdkit_error ("calloc: %m");
-        return -1;
-      }
-      while (done < n) {
-        uint64_t m = min64 (n - done, 1024 * 1024);
-        if (write_mapped (ip, map, zeros, m, offset + done,
-                          flags & NBDKIT_FLAG_FUA, err) == -1)
-          return -1;
-        done += m;
-      }
-      inode_touch (ip);
+    if (!bmap_seg_written (&s))
+      continue;
+    /* Only now does the image change. */
+    if (fs_begin_write (fsi, err) == -1)
+      return -1;
+    if (zeros == NULL && (zeros = calloc (1, 1024 * 1024)) == NULL) {
+      *err = errno;
+      nbdkit_error ("calloc: %m");
+      return -1;
     }
-    offset += n;
-    count -= n;
+    for (done = 0; done < s.len; done += m) {
+      m = min64 (s.len - done, 1024 * 1024);
+      if (write_mapped (ip, map, zeros, m, s.off + done,
+                        flags & NBDKIT_FLAG_FUA, err) == -1)
+        return -1;
+    }
+    inode_touch (ip);
   }
   return 0;
 }
 
-
-/* Any block of [b0, b1) mapped (written or unwritten)? */
-static bool
-any_mapped (const struct ext4fs_map *map, uint64_t b0, uint64_t b1)
-{
-  uint64_t hole_end;
-
-  if (b0 >= b1)
-    return false;
-  return bmap_lookup (map, b0, &hole_end) != NULL || hole_end < b1;
-}
 
 /* Change the block map of whole blocks [b0, b1): punch them (free the
  * blocks), or on extent files turn written extents into unwritten
@@ -766,7 +719,7 @@ remap_range (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1, bool punch,
   map = inode_map (ip, err);
   if (map == NULL)
     return -1;
-  if (!any_mapped (map, b0, b1))
+  if (!any_seg (map, fsi->blockbits, b0, b1, SEG_MAPPED))
     return 0;                   /* nothing to change */
   runs_left = map->n < bmap_max_runs () ? bmap_max_runs () - map->n : 0;
   if (punch && runs_left == 0) {
@@ -788,22 +741,15 @@ remap_range (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1, bool punch,
   if (punch)
     r = bmap_punch_locked (ip, map, b0, b1 - b0, err);
   else {
-    uint64_t b = b0;
-    while (b < b1 && r == 0) {
-      uint64_t hole_end, e;
-      const struct ext4fs_run *run = bmap_lookup (map, b, &hole_end);
-      bool converted;
+    struct bmap_walk w;
+    struct bmap_seg s;
+    bool converted;
 
-      if (run == NULL) {
-        b = hole_end;
-        continue;
-      }
-      e = run->lblk + run->len < b1 ? run->lblk + run->len : b1;
-      if (!run->unwritten)
-        r = bmap_convert_locked (ip, b, e - b, true, &runs_left, &converted,
-                                 err);
-      b = e;
-    }
+    bmap_walk_blocks (&w, map, fsi->blockbits, b0, b1);
+    while (r == 0 && bmap_walk_next (&w, &s))
+      if (bmap_seg_written (&s))
+        r = bmap_convert_locked (ip, s.lblk, s.end - s.lblk, true,
+                                 &runs_left, &converted, err);
   }
   broken = fsi->broken;
   pthread_mutex_unlock (&fsi->lock);
@@ -928,9 +874,9 @@ rw_extents (struct ext4fs_inode *ip, uint32_t count, uint64_t offset,
             uint32_t flags, struct nbdkit_extents *extents, int *err)
 {
   struct ext4fs_fs *fsi = ip->fsi;
-  unsigned bits = fsi->blockbits;
   const struct ext4fs_map *map;
-  uint64_t end = offset + count;
+  struct bmap_walk w;
+  struct bmap_seg s;
 
   if (ip->inline_data)
     return nbdkit_add_extent (extents, offset, count, 0) == -1 ? (*err = errno, -1) : 0;
@@ -939,32 +885,23 @@ rw_extents (struct ext4fs_inode *ip, uint32_t count, uint64_t offset,
   map = inode_map (ip, err);
   if (map == NULL)
     return -1;
-  while (offset < end) {
-    uint64_t lblk = offset >> bits, hole_end, n;
-    const struct ext4fs_run *r = bmap_lookup (map, lblk, &hole_end);
-    uint32_t type;
-
-    if (r == NULL) {
-      type = NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO;
-      n = bytes_to (fsi, offset, hole_end);
-    }
-    else {
-      type = r->unwritten ? NBDKIT_EXTENT_ZERO : 0;
-      n = bytes_to (fsi, offset, r->lblk + r->len);
-    }
-    /* Never past the end of the file, nor of the request: nbdkit 1.32
-     * asserts (aborting the server) when one extent is longer than the
-     * request (a hole of more than 4 GiB, for example).
+  bmap_walk_bytes (&w, map, fsi->blockbits, offset, count);
+  while (bmap_walk_next (&w, &s)) {
+    uint32_t type = s.run == NULL ? NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO
+      : s.run->unwritten ? NBDKIT_EXTENT_ZERO : 0;
+    /* Never past the end of the file (a segment is never past the end
+     * of the request: nbdkit 1.32 asserts, aborting the server, when
+     * one extent is longer than the request, a hole of more than
+     * 4 GiB for example).
      */
-    n = min64 (n, ip->size - offset);
-    n = min64 (n, end - offset);
+    uint64_t n = min64 (s.len, s.off < ip->size ? ip->size - s.off : 0);
+
     if (n == 0)
       break;
-    if (nbdkit_add_extent (extents, offset, n, type) == -1) {
+    if (nbdkit_add_extent (extents, s.off, n, type) == -1) {
       *err = errno;
       return -1;
     }
-    offset += n;
     if (flags & NBDKIT_FLAG_REQ_ONE)
       break;
   }
@@ -975,8 +912,9 @@ int
 rw_cache (struct ext4fs_inode *ip, uint32_t count, uint64_t offset, int *err)
 {
   struct ext4fs_fs *fsi = ip->fsi;
-  unsigned bits = fsi->blockbits;
   const struct ext4fs_map *map;
+  struct bmap_walk w;
+  struct bmap_seg s;
 
   if (ip->inline_data)
     return 0;
@@ -984,19 +922,10 @@ rw_cache (struct ext4fs_inode *ip, uint32_t count, uint64_t offset, int *err)
   map = inode_map (ip, err);
   if (map == NULL)
     return -1;
-  while (count > 0) {
-    uint64_t lblk = offset >> bits, hole_end, n;
-    const struct ext4fs_run *r = bmap_lookup (map, lblk, &hole_end);
-
-    n = min64 (count, bytes_to (fsi, offset, r ? r->lblk + r->len : hole_end));
-    if (r && !r->unwritten) {
-      uint64_t pos = ((r->pblk + (lblk - r->lblk)) << bits) +
-        (offset & (fsi->blocksize - 1));
-      if (ext4fs_dev_cache (fsi->dev, n, pos, err) == -1)
-        return -1;
-    }
-    offset += n;
-    count -= n;
-  }
+  bmap_walk_bytes (&w, map, fsi->blockbits, offset, count);
+  while (bmap_walk_next (&w, &s))
+    if (bmap_seg_written (&s) &&
+        ext4fs_dev_cache (fsi->dev, s.len, bmap_seg_pos (&w, &s), err) == -1)
+      return -1;
   return 0;
 }
