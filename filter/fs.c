@@ -653,6 +653,37 @@ rw_warning (struct ext4fs_fs *fsi, const struct ext4fs_journal *jr)
           "filesystem has orphan inodes: run 'e2fsck -fy IMAGE' first)");
 }
 
+/* Claim MMP (mmp.c) before anything is written, replay included, and
+ * before anything but the superblock and group descriptors is read;
+ * then read those again.  Another node may have written the
+ * filesystem until its clean release, just before the claim: nothing
+ * read before then is used.  (The claim takes 11 s or more, under the
+ * registry lock: it happens only when no connection uses the
+ * filesystem, and the connections that arrive meanwhile need the
+ * instance being opened.)
+ */
+static int
+claim_mmp (struct ext4fs_fs *fsi)
+{
+  uint64_t blk = fsi->fs->super->s_mmp_block;
+
+  /* Refuse what we refuse anyway before the wait, not after. */
+  if (check_features (fsi->fs, true, NULL, 0) == -1)
+    return -1;
+  fsi->mmp = mmp_start (fsi);
+  if (fsi->mmp == NULL || reopen_handle (fsi, true) == -1)
+    return -1;
+  if (!ext2fs_has_feature_mmp (fsi->fs->super) ||
+      fsi->fs->super->s_mmp_block != blk ||
+      fsi->blocksize != fsi->fs->blocksize) {
+    nbdkit_error ("MMP: the filesystem's superblock changed while ext4fs "
+                  "claimed it (another host or program changed the MMP "
+                  "settings): refusing to open it read-write");
+    return -1;
+  }
+  return 0;
+}
+
 struct ext4fs_fs *
 fs_open_dev (struct ext4fs_dev *dev, bool rw)
 {
@@ -684,6 +715,11 @@ fs_open_dev (struct ext4fs_dev *dev, bool rw)
   fsi->rw = rw;
   fsi->blocksize = fsi->fs->blocksize;
   fsi->blockbits = 10 + fsi->fs->super->s_log_block_size;
+  fsi->blocks_count = ext2fs_blocks_count (fsi->fs->super);
+  fsi->first_data_block = fsi->fs->super->s_first_data_block;
+  if (rw && ext2fs_has_feature_mmp (fsi->fs->super) &&
+      claim_mmp (fsi) == -1)
+    goto err;
   if (journal_open (fsi, rw, &jr) == -1)
     goto err;
   fsi->blocks_count = ext2fs_blocks_count (fsi->fs->super);
@@ -719,12 +755,6 @@ fs_open_dev (struct ext4fs_dev *dev, bool rw)
                     "mount and unmount it once) before writing, or serve "
                     "it read-only with nbdkit -r");
       goto err;
-    }
-    /* Claim MMP before anything is written, replay included. */
-    if (ext2fs_has_feature_mmp (fsi->fs->super)) {
-      fsi->mmp = mmp_start (fsi);
-      if (fsi->mmp == NULL)
-        goto err;
     }
     if (jr && jr->r.nblocks > 0) {
       /* The overlay goes before the writes: it would hide them. */

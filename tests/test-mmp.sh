@@ -4,7 +4,8 @@
 # keeps it moving; a second read-write server is refused while the
 # first holds it; a clean exit releases it; a claim left by kill -9 is
 # detected as stale and taken over; a block held by e2fsck (FSCK
-# sequence) is refused at once.
+# sequence) is refused at once; what was read before the claim is read
+# again after it.
 source "$srcdir/functions.sh"
 requires debugfs -R "help" /dev/null
 cd "$tmpdir"
@@ -46,6 +47,12 @@ grep -E " Write .*offset=$mmpoff " "$tmpdir/a.log" > mmp-writes || true
 [ "$(wc -l < mmp-writes)" -ge 2 ] ||
     { cat "$tmpdir/a.log"; fail "the log shows fewer than 2 MMP writes (claim, update) at $mmpoff"; }
 grep -q "fua=0" mmp-writes && { cat mmp-writes; fail "an MMP write without FUA"; }
+# The superblock and the group descriptors are read again after the
+# claim (its first MMP write): another node may have written them until
+# its release, just before.
+claimline=$(grep -nE " Write .*offset=$mmpoff " "$tmpdir/a.log" | head -n 1 | cut -d: -f1)
+tail -n +"$claimline" "$tmpdir/a.log" | grep -qE " Read .*offset=0x400 " ||
+    { cat "$tmpdir/a.log"; fail "the superblock was not read again after the MMP claim"; }
 
 # Server B is refused while A holds it.
 if nbdkit_srv -U - --filter="$FILTER" file img ext4file=/f \
