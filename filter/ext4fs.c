@@ -43,6 +43,13 @@ NBDKIT_DLL_PUBLIC int ext4fs_debug_journal_stats;
  * instead of 4 Mi (bmap.c; tests of the limit).
  */
 NBDKIT_DLL_PUBLIC int ext4fs_debug_max_runs;
+/* -D ext4fs.fail_meta_read=N, -D ext4fs.fail_meta_write=N,
+ * -D ext4fs.count_meta=1: test faults in libext2fs's metadata I/O
+ * (io.h: ext4fs_io_set_meta_faults).
+ */
+NBDKIT_DLL_PUBLIC int ext4fs_debug_fail_meta_read;
+NBDKIT_DLL_PUBLIC int ext4fs_debug_fail_meta_write;
+NBDKIT_DLL_PUBLIC int ext4fs_debug_count_meta;
 
 static const char *ext4file;    /* absolute path, or NULL in exportname mode */
 static bool exportname_mode;

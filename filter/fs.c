@@ -1072,6 +1072,11 @@ fs_startup (nbdkit_backend *backend, int thread_model, unsigned lanes)
    */
   serializes = thread_model < NBDKIT_THREAD_MODEL_PARALLEL;
   max_lanes = thread_model < NBDKIT_THREAD_MODEL_SERIALIZE_REQUESTS ? 1 : lanes;
+  ext4fs_io_set_meta_faults (ext4fs_debug_fail_meta_read > 0 ?
+                             ext4fs_debug_fail_meta_read : 0,
+                             ext4fs_debug_fail_meta_write > 0 ?
+                             ext4fs_debug_fail_meta_write : 0,
+                             ext4fs_debug_count_meta != 0);
   the_fs = fs_open (false);
   if (the_fs == NULL)
     return -1;

@@ -76,6 +76,9 @@ extern int ext4fs_debug_verify_map;
 extern int ext4fs_debug_journal;        /* -D ext4fs.journal=0: not journaled */
 extern int ext4fs_debug_journal_stats;
 extern int ext4fs_debug_max_runs;       /* tests: a lower run limit */
+extern int ext4fs_debug_fail_meta_read;  /* tests: io.h's meta faults */
+extern int ext4fs_debug_fail_meta_write;
+extern int ext4fs_debug_count_meta;
 
 /* Open the filesystem on an existing device (no registry, no
  * context management): used by fs_open and by the fuzz target.

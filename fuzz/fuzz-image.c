@@ -35,6 +35,9 @@ int ext4fs_debug_verify_map;
 int ext4fs_debug_journal = 1;
 int ext4fs_debug_journal_stats;
 int ext4fs_debug_max_runs;
+int ext4fs_debug_fail_meta_read;
+int ext4fs_debug_fail_meta_write;
+int ext4fs_debug_count_meta;
 
 /* --- nbdkit's functions, which the server would provide. --- */
 

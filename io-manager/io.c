@@ -792,6 +792,41 @@ blk_extent (io_channel channel, unsigned long long block, int count,
   return 0;
 }
 
+/* The test faults (io.h).  Set once before any thread; the counters
+ * are atomic.
+ */
+static unsigned fault_nth[2];           /* [0] reads, [1] writes */
+static bool fault_log;
+static uint64_t fault_seen[2];
+
+void
+ext4fs_io_set_meta_faults (unsigned read_nth, unsigned write_nth, bool log)
+{
+  fault_nth[0] = read_nth;
+  fault_nth[1] = write_nth;
+  fault_log = log;
+}
+
+static int
+meta_fault (bool write, uint64_t bytes, uint64_t offset, int *err)
+{
+  const char *op = write ? "write" : "read";
+  uint64_t k;
+
+  if (fault_nth[write] == 0 && !fault_log)
+    return 0;
+  k = __atomic_add_fetch (&fault_seen[write], 1, __ATOMIC_RELAXED);
+  if (fault_log)
+    nbdkit_debug ("ext4fs: metadata %s #%" PRIu64 ": %" PRIu64 " bytes at %"
+                  PRIu64, op, k, bytes, offset);
+  if (k != fault_nth[write])
+    return 0;
+  nbdkit_error ("ext4fs: test fault: metadata %s #%" PRIu64 " (%" PRIu64
+                " bytes at %" PRIu64 ") fails", op, k, bytes, offset);
+  *err = EIO;
+  return -1;
+}
+
 static errcode_t
 dev_read_blk64 (io_channel channel, unsigned long long block, int count,
                 void *buf)
@@ -804,6 +839,8 @@ dev_read_blk64 (io_channel channel, unsigned long long block, int count,
   e = blk_extent (channel, block, count, false, &offset, &bytes);
   if (e)
     return e;
+  if (meta_fault (false, bytes, offset, &err) == -1)
+    return ext4fs_errno_to_errcode (err);
   if (meta_ops (dev)) {
     if (meta_ops (dev)->read (dev->meta_opaque, buf, bytes, offset, &err) == -1)
       return ext4fs_errno_to_errcode (err);
@@ -824,6 +861,8 @@ meta_write (struct ext4fs_dev *dev, const void *buf, uint64_t bytes,
   int err = 0;
 
   __atomic_add_fetch (&dev->meta_writes, 1, __ATOMIC_ACQ_REL);
+  if (meta_fault (true, bytes, offset, &err) == -1)
+    return ext4fs_errno_to_errcode (err);
   if (meta_ops (dev)) {
     if (meta_ops (dev)->write (dev->meta_opaque, buf, bytes, offset,
                                &err) == -1)
@@ -896,6 +935,8 @@ dev_zeroout (io_channel channel, unsigned long long block,
       __builtin_mul_overflow ((uint64_t) count, bs, &bytes))
     return EXT2_ET_INVALID_ARGUMENT;
   __atomic_add_fetch (&dev->meta_writes, 1, __ATOMIC_ACQ_REL);
+  if (meta_fault (true, bytes, offset, &err) == -1)
+    return ext4fs_errno_to_errcode (err);
   if (meta_ops (dev)) {
     if (check_range (dev, "zero", bytes, offset, &err) == -1 ||
         meta_ops (dev)->zero (dev->meta_opaque, bytes, offset, &err) == -1)

@@ -142,6 +142,19 @@ struct ext4fs_io_counts {
 };
 extern void ext4fs_io_counts (struct ext4fs_io_counts *c);
 
+/* Tests only (-D ext4fs.fail_meta_read=N, -D ext4fs.fail_meta_write=N,
+ * -D ext4fs.count_meta=1): the Nth metadata read or write (zeroing
+ * included) that libext2fs makes through ext4fs_io_manager, counted
+ * from the start of the process, fails with EIO, once, before it
+ * reaches the journal writer's cache or the device: as a failure of
+ * the cache (out of memory) or of its read of a block it misses
+ * would.  0: never.  log: each one is logged with its number
+ * (nbdkit_debug), for a test to learn which to fail.  Set before any
+ * thread runs.
+ */
+extern void ext4fs_io_set_meta_faults (unsigned read_nth, unsigned write_nth,
+                                       bool log);
+
 /* Error codes, both ways, in one place.
  *
  * ext4fs_errcode_to_errno: our io_manager passes errnos up unchanged
