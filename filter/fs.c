@@ -30,6 +30,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "common/vector.h"
 #include "cleanup.h"
 #include "fs.h"
 #include "inode.h"
@@ -62,30 +63,24 @@ static int write_super_locked (struct ext4fs_fs *fsi, int *err);
  * The metadata map.
  */
 
+DEFINE_VECTOR_TYPE (meta_range_vector, struct ext4fs_meta_range);
+
 struct meta_builder {
-  struct ext4fs_meta_range *v;
-  size_t n, cap;
+  meta_range_vector v;
   bool failed;
 };
 
 static void
 meta_add (struct meta_builder *mb, uint64_t start, uint64_t len)
 {
+  struct ext4fs_meta_range r = {
+    .start = start, .end = start + len < start ? UINT64_MAX : start + len,
+  };
+
   if (len == 0 || mb->failed)
     return;
-  if (mb->n == mb->cap) {
-    size_t ncap = mb->cap ? mb->cap * 2 : 64;
-    struct ext4fs_meta_range *v = realloc (mb->v, ncap * sizeof *v);
-    if (v == NULL) {
-      mb->failed = true;
-      return;
-    }
-    mb->v = v;
-    mb->cap = ncap;
-  }
-  mb->v[mb->n].start = start;
-  mb->v[mb->n].end = start + len < start ? UINT64_MAX : start + len;
-  mb->n++;
+  if (meta_range_vector_append (&mb->v, r) == -1)
+    mb->failed = true;
 }
 
 static int
@@ -109,6 +104,7 @@ build_meta_map (struct ext4fs_fs *fsi)
 {
   ext2_filsys fs = fsi->fs;
   struct meta_builder mb = { 0 };
+  struct ext4fs_meta_range *v;
   dgrp_t g;
   size_t i, j;
   blk64_t old_desc_blocks;
@@ -150,24 +146,25 @@ build_meta_map (struct ext4fs_fs *fsi)
   if (fs->super->s_feature_incompat & EXT4_FEATURE_INCOMPAT_MMP)
     meta_add (&mb, fs->super->s_mmp_block, 1);
   if (mb.failed) {
-    free (mb.v);
+    meta_range_vector_reset (&mb.v);
     nbdkit_error ("out of memory building the metadata map");
     return -1;
   }
-  if (mb.n > 0) {
-    qsort (mb.v, mb.n, sizeof mb.v[0], meta_cmp);
-    for (i = 0, j = 1; j < mb.n; ++j) {
-      if (mb.v[j].start <= mb.v[i].end) {
-        if (mb.v[j].end > mb.v[i].end)
-          mb.v[i].end = mb.v[j].end;
+  v = mb.v.ptr;
+  if (mb.v.len > 0) {
+    qsort (v, mb.v.len, sizeof v[0], meta_cmp);
+    for (i = 0, j = 1; j < mb.v.len; ++j) {
+      if (v[j].start <= v[i].end) {
+        if (v[j].end > v[i].end)
+          v[i].end = v[j].end;
       }
       else
-        mb.v[++i] = mb.v[j];
+        v[++i] = v[j];
     }
-    mb.n = i + 1;
+    mb.v.len = i + 1;
   }
-  fsi->meta = mb.v;
-  fsi->nmeta = mb.n;
+  fsi->meta = v;
+  fsi->nmeta = mb.v.len;
   return 0;
 }
 
