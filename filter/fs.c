@@ -22,6 +22,7 @@
 
 #include <config.h>
 
+#include <assert.h>
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -665,15 +666,6 @@ fs_open_dev (struct ext4fs_dev *dev, bool rw)
     return NULL;
   }
   pthread_mutex_init (&fsi->lock, NULL);
-  {
-    /* A waiting sync stops new requests from overtaking it. */
-    pthread_rwlockattr_t attr;
-    pthread_rwlockattr_init (&attr);
-    pthread_rwlockattr_setkind_np (&attr,
-                                   PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
-    pthread_rwlock_init (&fsi->handle_lock, &attr);
-    pthread_rwlockattr_destroy (&attr);
-  }
   fsi->dev = dev;
 
   if (open_handle (fsi, rw) == -1)
@@ -799,7 +791,6 @@ fs_open_dev (struct ext4fs_dev *dev, bool rw)
   free (fsi->meta);
   free (fsi->dirty_groups);
   pthread_mutex_destroy (&fsi->lock);
-  pthread_rwlock_destroy (&fsi->handle_lock);
   free (fsi);
   return NULL;
 }
@@ -912,7 +903,6 @@ fs_close_dev (struct ext4fs_fs *fsi)
   free (fsi->meta);
   free (fsi->dirty_groups);
   pthread_mutex_destroy (&fsi->lock);
-  pthread_rwlock_destroy (&fsi->handle_lock);
   free (fsi);
 }
 
@@ -1292,25 +1282,20 @@ fs_blocks_freed_locked (struct ext4fs_fs *fsi, uint64_t blk, uint64_t n)
   ext2fs_mark_block_bitmap_range2 (fsi->fs->block_map, blk, n);
 }
 
+/* Only after fs_begin_write succeeded (or, for times, after a write
+ * did): the instance is read-write, so it has its writer.
+ */
 int
 fs_handle_start (struct ext4fs_fs *fsi, int *err)
 {
-  if (fsi->jt)
-    return jtx_handle_start (fsi->jt, err);
-  /* No journal: the same lock keeps a sync's writeback from catching
-   * a request half way through (bitmap written, extent not yet).
-   */
-  pthread_rwlock_rdlock (&fsi->handle_lock);
-  return 0;
+  assert (fsi->jt != NULL);
+  return jtx_handle_start (fsi->jt, err);
 }
 
 void
 fs_handle_stop (struct ext4fs_fs *fsi, bool needs_commit)
 {
-  if (fsi->jt)
-    jtx_handle_stop (fsi->jt, needs_commit);
-  else
-    pthread_rwlock_unlock (&fsi->handle_lock);
+  jtx_handle_stop (fsi->jt, needs_commit);
 }
 
 bool
@@ -1329,11 +1314,8 @@ fs_enospc_retry (struct ext4fs_fs *fsi)
 bool
 fs_fua_needs_sync (struct ext4fs_fs *fsi)
 {
-  if (fsi->jt)
-    return jtx_pending (fsi->jt);
-  /* Every mapping change writes an inode or a tree block. */
-  return ext4fs_dev_meta_writes (fsi->dev) !=
-    __atomic_load_n (&fsi->synced_meta_writes, __ATOMIC_RELAXED);
+  assert (fsi->jt != NULL);     /* after fs_begin_write */
+  return jtx_pending (fsi->jt);
 }
 
 struct held_clear {
@@ -1517,58 +1499,17 @@ fs_writeback_locked (struct ext4fs_fs *fsi, int *err)
 int
 fs_sync (struct ext4fs_fs *fsi, int *err)
 {
-  if (fsi->rw && fsi->jt) {
-    /* Times go into the running transaction but need no commit of
-     * their own (as fdatasync); a mapping change or a free does.
+  if (fsi->rw) {
+    /* Every read-write instance has its writer (jtx_open, or
+     * jtx_open_nolog without a journal).  Times go into the running
+     * transaction but need no commit of their own (as fdatasync); a
+     * mapping change or a free does.
      */
     if (inode_sync_times (fsi) == -1) {
       *err = EIO;
       return -1;
     }
     return jtx_sync (fsi->jt, false, err);
-  }
-  if (fsi->rw) {
-    uint64_t meta = ext4fs_dev_meta_writes (fsi->dev);
-    int r;
-
-    if (__atomic_load_n (&fsi->broken, __ATOMIC_RELAXED)) {
-      /* After a failed flush or a half-done change nothing this
-       * session wrote can be promised any more.
-       */
-      nbdkit_error ("flush refused: the filesystem was marked as having "
-                    "errors earlier in this session");
-      *err = EIO;
-      return -1;
-    }
-
-    if (inode_sync_times (fsi) == -1) {
-      *err = EIO;
-      return -1;
-    }
-    /* No request is half way through its metadata changes while the
-     * bitmaps are written and flushed: the state at the flush is one
-     * the requests left.
-     */
-    pthread_rwlock_wrlock (&fsi->handle_lock);
-    pthread_mutex_lock (&fsi->lock);
-    r = fs_writeback_locked (fsi, err);
-    pthread_mutex_unlock (&fsi->lock);
-    if (r == 0 && ext4fs_dev_flush (fsi->dev, err) == -1) {
-      /* A failed flush may have lost writes below, file data and
-       * metadata alike, that later flushes would not bring back: the
-       * filesystem may be inconsistent now, and must never be marked
-       * clean.
-       */
-      pthread_mutex_lock (&fsi->lock);
-      fs_set_broken_locked (fsi, "a flush failed below");
-      pthread_mutex_unlock (&fsi->lock);
-      r = -1;
-    }
-    pthread_rwlock_unlock (&fsi->handle_lock);
-    if (r == -1)
-      return -1;
-    __atomic_store_n (&fsi->synced_meta_writes, meta, __ATOMIC_RELAXED);
-    return 0;
   }
   return ext4fs_dev_flush (fsi->dev, err);
 }
