@@ -1083,16 +1083,9 @@ fs_shutdown (void)
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&reg_lock);
 
   if (the_fs) {
-    int err;
-
-    if (the_fs->rw) {
+    /* The last write-back or commit is fs_close_dev's. */
+    if (the_fs->rw)
       inode_sync_times (the_fs);
-      if (the_fs->jt == NULL) {
-        pthread_mutex_lock (&the_fs->lock);
-        fs_writeback_locked (the_fs, &err);
-        pthread_mutex_unlock (&the_fs->lock);
-      }
-    }
     fs_close (the_fs);
     the_fs = NULL;
   }
@@ -1188,7 +1181,7 @@ fs_begin_write (struct ext4fs_fs *fsi, int *err)
     *err = EIO;
     return -1;
   }
-  if (fsi->jt && jtx_aborted (fsi->jt)) {
+  if (jtx_aborted (fsi->jt)) {
     nbdkit_error ("%s earlier in this session; refusing to change the "
                   "filesystem further", jtx_logged (fsi->jt) ?
                   "the journal was aborted" :
@@ -1198,7 +1191,8 @@ fs_begin_write (struct ext4fs_fs *fsi, int *err)
   }
   if (fsi->marked_unclean)
     return 0;
-  if (fsi->jt && jtx_logged (fsi->jt)) {
+  /* Read-write: the instance has its writer (journal_writer_open). */
+  if (jtx_logged (fsi->jt)) {
     /* Journaled: needs_recovery (with the journal's features) durable
      * before anything changes; VALID_FS stays set, as under a kernel.
      */
@@ -1209,24 +1203,11 @@ fs_begin_write (struct ext4fs_fs *fsi, int *err)
     __atomic_store_n (&fsi->marked_unclean, true, __ATOMIC_RELEASE);
     return 0;
   }
-  if (fsi->jt) {
-    /* Write-back without a journal: VALID_FS cleared on disk (home and
-     * flushed) before anything else changes, so that a crash from now
-     * on makes e2fsck check the filesystem.
-     */
-    if (jtx_begin_locked (fsi->jt, mark_not_clean, fsi, err) == -1) {
-      fsi->fs->super->s_state = fsi->orig_state;
-      return -1;
-    }
-    __atomic_store_n (&fsi->marked_unclean, true, __ATOMIC_RELEASE);
-    return 0;
-  }
-  /* Clear VALID_FS on disk before anything else changes, so that a
-   * crash from now on makes e2fsck check the filesystem.
+  /* Write-back without a journal: VALID_FS cleared on disk (home and
+   * flushed) before anything else changes, so that a crash from now on
+   * makes e2fsck check the filesystem.
    */
-  fsi->fs->super->s_state &= ~EXT2_VALID_FS;
-  if (write_super_locked (fsi, err) == -1 ||
-      ext4fs_dev_flush (fsi->dev, err) == -1) {
+  if (jtx_begin_locked (fsi->jt, mark_not_clean, fsi, err) == -1) {
     fsi->fs->super->s_state = fsi->orig_state;
     return -1;
   }
