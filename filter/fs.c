@@ -58,7 +58,8 @@ fs_set_discard (bool passthrough, bool free_at_open)
   discard_free_at_open = free_at_open;
 }
 
-static int write_super_locked (struct ext4fs_fs *fsi, int *err);
+static int write_super_locked (struct ext4fs_fs *fsi, struct ext4fs_jtx *jt,
+                               int *err);
 
 /*----------------------------------------------------------------------
  * The metadata map.
@@ -529,7 +530,7 @@ clear_recovery_flag (struct ext4fs_fs *fsi, int *err)
   if (free_inodes <= fs->super->s_inodes_count)
     fs->super->s_free_inodes_count = free_inodes;
   ext2fs_clear_feature_journal_needs_recovery (fs->super);
-  if (write_super_locked (fsi, err) == -1 ||
+  if (write_super_locked (fsi, NULL, err) == -1 ||
       ext4fs_dev_flush (fsi->dev, err) == -1) {
     nbdkit_error ("journal: clearing needs_recovery: %s", strerror (*err));
     return -1;
@@ -838,7 +839,7 @@ fs_close_dev (struct ext4fs_fs *fsi)
           jtx_close (fsi->jt, &err) == 0) {
         pthread_mutex_lock (&fsi->lock);
         ext2fs_clear_feature_journal_needs_recovery (fsi->fs->super);
-        if (write_super_locked (fsi, &err) == -1 ||
+        if (write_super_locked (fsi, NULL, &err) == -1 ||
             ext4fs_dev_flush (fsi->dev, &err) == -1)
           nbdkit_error ("closing the filesystem: needs_recovery could not "
                         "be cleared: %s", strerror (err));
@@ -861,7 +862,7 @@ fs_close_dev (struct ext4fs_fs *fsi)
     pthread_mutex_lock (&fsi->lock);
     fsi->fs->super->s_state |= EXT2_ERROR_FS;
     fsi->fs->super->s_state &= ~EXT2_VALID_FS;
-    write_super_locked (fsi, &err);
+    write_super_locked (fsi, NULL, &err);
     ext2fs_free (fsi->fs);
     fsi->fs = NULL;
     pthread_mutex_unlock (&fsi->lock);
@@ -888,7 +889,7 @@ fs_close_dev (struct ext4fs_fs *fsi)
                       "(run e2fsck -f)");
       else {
         fsi->fs->super->s_state = fsi->orig_state;
-        if (write_super_locked (fsi, &err) == -1)
+        if (write_super_locked (fsi, NULL, &err) == -1)
           nbdkit_error ("closing the filesystem: the clean flag could not "
                         "be written: %s", strerror (err));
       }
@@ -1095,38 +1096,28 @@ fs_shutdown (void)
  * Writeback.
  */
 
-/* Write the primary superblock from memory, with a fresh checksum. */
-static int
-write_super_locked (struct ext4fs_fs *fsi, int *err)
-{
-  ext2_filsys fs = fsi->fs;
-
-  fs->super->s_wtime = time (NULL);
-  ext2fs_superblock_csum_set (fs, fs->super);
-  if (ext4fs_dev_pwrite (fsi->dev, fs->super, SUPERBLOCK_SIZE,
-                         SUPERBLOCK_OFFSET, 0, err) == -1)
-    return -1;
-  /* ext2fs_close2 writes only the bytes that differ from orig_super:
-   * keep it equal to what is on disk now.
-   */
-  if (fs->orig_super)
-    memcpy (fs->orig_super, fs->super, SUPERBLOCK_SIZE);
-  return 0;
-}
-
-/* The primary superblock into the running transaction (journal or
- * write-back), with a fresh checksum.
+/* The primary superblock from memory, with a fresh checksum and
+ * s_wtime: into the running transaction of jt (journal or write-back),
+ * or with jt NULL straight to the device.
  */
 static int
-put_super_locked (struct ext4fs_fs *fsi, int *err)
+write_super_locked (struct ext4fs_fs *fsi, struct ext4fs_jtx *jt, int *err)
 {
   ext2_filsys fs = fsi->fs;
+  int r;
 
   fs->super->s_wtime = time (NULL);
   ext2fs_superblock_csum_set (fs, fs->super);
-  if (jtx_put_bytes (fsi->jt, SUPERBLOCK_OFFSET, fs->super, SUPERBLOCK_SIZE,
-                     err) == -1)
+  if (jt)
+    r = jtx_put_bytes (jt, SUPERBLOCK_OFFSET, fs->super, SUPERBLOCK_SIZE, err);
+  else
+    r = ext4fs_dev_pwrite (fsi->dev, fs->super, SUPERBLOCK_SIZE,
+                           SUPERBLOCK_OFFSET, 0, err);
+  if (r == -1)
     return -1;
+  /* ext2fs_close2 writes only the bytes that differ from orig_super:
+   * keep it equal to what is (or will be) on disk.
+   */
   if (fs->orig_super)
     memcpy (fs->orig_super, fs->super, SUPERBLOCK_SIZE);
   return 0;
@@ -1138,7 +1129,7 @@ mark_not_clean (void *opaque, int *err)
   struct ext4fs_fs *fsi = opaque;
 
   fsi->fs->super->s_state &= ~EXT2_VALID_FS;
-  return put_super_locked (fsi, err);
+  return write_super_locked (fsi, fsi->jt, err);
 }
 
 static int
@@ -1147,7 +1138,7 @@ set_recovery_flag (void *opaque, int *err)
   struct ext4fs_fs *fsi = opaque;
 
   ext2fs_set_feature_journal_needs_recovery (fsi->fs->super);
-  return write_super_locked (fsi, err);
+  return write_super_locked (fsi, NULL, err);
 }
 
 int
@@ -1410,7 +1401,7 @@ fs_writeback_locked (struct ext4fs_fs *fsi, int *err)
      * only the superblock, which carries the errors flag, and leave
      * the rest to e2fsck.
      */
-    if (write_super_locked (fsi, err) == -1)
+    if (write_super_locked (fsi, NULL, err) == -1)
       return -1;
     fsi->super_dirty = false;
     return 0;
@@ -1466,11 +1457,7 @@ fs_writeback_locked (struct ext4fs_fs *fsi, int *err)
   /* Then the superblock (free counts): journaled too, so that the
    * replayed state has the right totals (with needs_recovery set).
    */
-  if (fsi->jt) {
-    if (put_super_locked (fsi, err) == -1)
-      return -1;
-  }
-  else if (write_super_locked (fsi, err) == -1)
+  if (write_super_locked (fsi, fsi->jt, err) == -1)
     return -1;
   memset (fsi->dirty_groups, 0, fs->group_desc_count);
   fsi->super_dirty = false;
