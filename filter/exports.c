@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/vector.h"
 #include "cleanup.h"
 #include "exports.h"
 
@@ -362,9 +363,15 @@ struct dirent_copy {
   char name[EXT2_NAME_LEN + 1];
 };
 
+DEFINE_VECTOR_TYPE (dirent_vector, struct dirent_copy);
+
+/* A bound for corrupt directories: 2^19 entries (about 130 MiB of
+ * copies).
+ */
+#define MAX_DIR_ENTRIES 524288
+
 struct dir_list {
-  struct dirent_copy *v;
-  size_t n, cap;
+  dirent_vector v;
   int failed;
 };
 
@@ -374,32 +381,21 @@ list_cb (struct ext2_dir_entry *dirent, int offset, int blocksize,
 {
   struct dir_list *l = priv;
   int len = ext2fs_dirent_name_len (dirent);
+  struct dirent_copy *d;
 
   if ((len == 1 && dirent->name[0] == '.') ||
       (len == 2 && dirent->name[0] == '.' && dirent->name[1] == '.') ||
       dirent->inode == 0)
     return 0;
-  if (l->n == l->cap) {
-    size_t ncap = l->cap ? l->cap * 2 : 32;
-    struct dirent_copy *v;
-
-    if (ncap > 1000000) {       /* a bound for corrupt directories */
-      l->failed = 1;
-      return DIRENT_ABORT;
-    }
-    v = realloc (l->v, ncap * sizeof *v);
-    if (v == NULL) {
-      l->failed = 1;
-      return DIRENT_ABORT;
-    }
-    l->v = v;
-    l->cap = ncap;
+  if (l->v.len >= MAX_DIR_ENTRIES || dirent_vector_reserve (&l->v, 1) == -1) {
+    l->failed = 1;
+    return DIRENT_ABORT;
   }
-  l->v[l->n].ino = dirent->inode;
-  l->v[l->n].type = ext2fs_dirent_file_type (dirent);
-  memcpy (l->v[l->n].name, dirent->name, len);
-  l->v[l->n].name[len] = '\0';
-  l->n++;
+  d = &l->v.ptr[l->v.len++];
+  d->ino = dirent->inode;
+  d->type = ext2fs_dirent_file_type (dirent);
+  memcpy (d->name, dirent->name, len);
+  d->name[len] = '\0';
   return 0;
 }
 
@@ -441,42 +437,43 @@ list_dir (struct ext4fs_fs *fsi, ext2_ino_t dir, char *path, size_t plen,
   if (e || l.failed) {
     nbdkit_debug ("ext4fs: listing directory inode %u: %s", dir,
                   e ? error_message (e) : "too many entries");
-    free (l.v);
+    dirent_vector_reset (&l.v);
     return 0;                   /* skip it, keep listing */
   }
-  for (i = 0; i < l.n && st->count < MAX_EXPORTS; ++i) {
+  for (i = 0; i < l.v.len && st->count < MAX_EXPORTS; ++i) {
+    const struct dirent_copy *c = &l.v.ptr[i];
     struct ext2_inode_large inode;
-    size_t nlen = strlen (l.v[i].name);
+    size_t nlen = strlen (c->name);
 
     if (plen + 1 + nlen > MAX_PATH)
       continue;                 /* names over 4096 bytes are skipped */
-    if (l.v[i].ino < 1 || l.v[i].ino > fsi->fs->super->s_inodes_count ||
-        read_inode (fsi, l.v[i].ino, &inode) == -1)
+    if (c->ino < 1 || c->ino > fsi->fs->super->s_inodes_count ||
+        read_inode (fsi, c->ino, &inode) == -1)
       continue;
     path[plen] = '/';
-    memcpy (path + plen + 1, l.v[i].name, nlen + 1);
+    memcpy (path + plen + 1, c->name, nlen + 1);
     if (LINUX_S_ISREG (inode.i_mode) &&
-        l.v[i].ino >= EXT2_FIRST_INODE (fsi->fs->super)) {
+        c->ino >= EXT2_FIRST_INODE (fsi->fs->super)) {
       char desc[128];
 
       snprintf (desc, sizeof desc, "%" PRIu64 " bytes, inode %u",
-                (uint64_t) EXT2_I_SIZE (&inode), l.v[i].ino);
+                (uint64_t) EXT2_I_SIZE (&inode), c->ino);
       if (nbdkit_add_export (exports, path, desc) == -1) {
-        free (l.v);
+        dirent_vector_reset (&l.v);
         return -1;
       }
       st->count++;
     }
     else if (LINUX_S_ISDIR (inode.i_mode)) {
-      if (list_dir (fsi, l.v[i].ino, path, plen + 1 + nlen, depth + 1,
+      if (list_dir (fsi, c->ino, path, plen + 1 + nlen, depth + 1,
                     exports, st) == -1) {
-        free (l.v);
+        dirent_vector_reset (&l.v);
         return -1;
       }
     }
     path[plen] = '\0';
   }
-  free (l.v);
+  dirent_vector_reset (&l.v);
   return 0;
 }
 

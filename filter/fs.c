@@ -22,6 +22,7 @@
 
 #include <config.h>
 
+#include <assert.h>
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -30,6 +31,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "common/vector.h"
 #include "cleanup.h"
 #include "fs.h"
 #include "inode.h"
@@ -56,36 +58,31 @@ fs_set_discard (bool passthrough, bool free_at_open)
   discard_free_at_open = free_at_open;
 }
 
-static int write_super_locked (struct ext4fs_fs *fsi, int *err);
+static int write_super_locked (struct ext4fs_fs *fsi, struct ext4fs_jtx *jt,
+                               int *err);
 
 /*----------------------------------------------------------------------
  * The metadata map.
  */
 
+DEFINE_VECTOR_TYPE (meta_range_vector, struct ext4fs_meta_range);
+
 struct meta_builder {
-  struct ext4fs_meta_range *v;
-  size_t n, cap;
+  meta_range_vector v;
   bool failed;
 };
 
 static void
 meta_add (struct meta_builder *mb, uint64_t start, uint64_t len)
 {
+  struct ext4fs_meta_range r = {
+    .start = start, .end = start + len < start ? UINT64_MAX : start + len,
+  };
+
   if (len == 0 || mb->failed)
     return;
-  if (mb->n == mb->cap) {
-    size_t ncap = mb->cap ? mb->cap * 2 : 64;
-    struct ext4fs_meta_range *v = realloc (mb->v, ncap * sizeof *v);
-    if (v == NULL) {
-      mb->failed = true;
-      return;
-    }
-    mb->v = v;
-    mb->cap = ncap;
-  }
-  mb->v[mb->n].start = start;
-  mb->v[mb->n].end = start + len < start ? UINT64_MAX : start + len;
-  mb->n++;
+  if (meta_range_vector_append (&mb->v, r) == -1)
+    mb->failed = true;
 }
 
 static int
@@ -109,6 +106,7 @@ build_meta_map (struct ext4fs_fs *fsi)
 {
   ext2_filsys fs = fsi->fs;
   struct meta_builder mb = { 0 };
+  struct ext4fs_meta_range *v;
   dgrp_t g;
   size_t i, j;
   blk64_t old_desc_blocks;
@@ -150,24 +148,25 @@ build_meta_map (struct ext4fs_fs *fsi)
   if (fs->super->s_feature_incompat & EXT4_FEATURE_INCOMPAT_MMP)
     meta_add (&mb, fs->super->s_mmp_block, 1);
   if (mb.failed) {
-    free (mb.v);
+    meta_range_vector_reset (&mb.v);
     nbdkit_error ("out of memory building the metadata map");
     return -1;
   }
-  if (mb.n > 0) {
-    qsort (mb.v, mb.n, sizeof mb.v[0], meta_cmp);
-    for (i = 0, j = 1; j < mb.n; ++j) {
-      if (mb.v[j].start <= mb.v[i].end) {
-        if (mb.v[j].end > mb.v[i].end)
-          mb.v[i].end = mb.v[j].end;
+  v = mb.v.ptr;
+  if (mb.v.len > 0) {
+    qsort (v, mb.v.len, sizeof v[0], meta_cmp);
+    for (i = 0, j = 1; j < mb.v.len; ++j) {
+      if (v[j].start <= v[i].end) {
+        if (v[j].end > v[i].end)
+          v[i].end = v[j].end;
       }
       else
-        mb.v[++i] = mb.v[j];
+        v[++i] = v[j];
     }
-    mb.n = i + 1;
+    mb.v.len = i + 1;
   }
-  fsi->meta = mb.v;
-  fsi->nmeta = mb.n;
+  fsi->meta = v;
+  fsi->nmeta = mb.v.len;
   return 0;
 }
 
@@ -531,7 +530,7 @@ clear_recovery_flag (struct ext4fs_fs *fsi, int *err)
   if (free_inodes <= fs->super->s_inodes_count)
     fs->super->s_free_inodes_count = free_inodes;
   ext2fs_clear_feature_journal_needs_recovery (fs->super);
-  if (write_super_locked (fsi, err) == -1 ||
+  if (write_super_locked (fsi, NULL, err) == -1 ||
       ext4fs_dev_flush (fsi->dev, err) == -1) {
     nbdkit_error ("journal: clearing needs_recovery: %s", strerror (*err));
     return -1;
@@ -699,15 +698,6 @@ fs_open_dev (struct ext4fs_dev *dev, bool rw)
     return NULL;
   }
   pthread_mutex_init (&fsi->lock, NULL);
-  {
-    /* A waiting sync stops new requests from overtaking it. */
-    pthread_rwlockattr_t attr;
-    pthread_rwlockattr_init (&attr);
-    pthread_rwlockattr_setkind_np (&attr,
-                                   PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
-    pthread_rwlock_init (&fsi->handle_lock, &attr);
-    pthread_rwlockattr_destroy (&attr);
-  }
   fsi->dev = dev;
 
   if (open_handle (fsi, rw) == -1)
@@ -832,7 +822,6 @@ fs_open_dev (struct ext4fs_dev *dev, bool rw)
   free (fsi->meta);
   free (fsi->dirty_groups);
   pthread_mutex_destroy (&fsi->lock);
-  pthread_rwlock_destroy (&fsi->handle_lock);
   free (fsi);
   return NULL;
 }
@@ -880,7 +869,7 @@ fs_close_dev (struct ext4fs_fs *fsi)
           jtx_close (fsi->jt, &err) == 0) {
         pthread_mutex_lock (&fsi->lock);
         ext2fs_clear_feature_journal_needs_recovery (fsi->fs->super);
-        if (write_super_locked (fsi, &err) == -1 ||
+        if (write_super_locked (fsi, NULL, &err) == -1 ||
             ext4fs_dev_flush (fsi->dev, &err) == -1)
           nbdkit_error ("closing the filesystem: needs_recovery could not "
                         "be cleared: %s", strerror (err));
@@ -903,7 +892,7 @@ fs_close_dev (struct ext4fs_fs *fsi)
     pthread_mutex_lock (&fsi->lock);
     fsi->fs->super->s_state |= EXT2_ERROR_FS;
     fsi->fs->super->s_state &= ~EXT2_VALID_FS;
-    write_super_locked (fsi, &err);
+    write_super_locked (fsi, NULL, &err);
     ext2fs_free (fsi->fs);
     fsi->fs = NULL;
     pthread_mutex_unlock (&fsi->lock);
@@ -930,7 +919,7 @@ fs_close_dev (struct ext4fs_fs *fsi)
                       "(run e2fsck -f)");
       else {
         fsi->fs->super->s_state = fsi->orig_state;
-        if (write_super_locked (fsi, &err) == -1)
+        if (write_super_locked (fsi, NULL, &err) == -1)
           nbdkit_error ("closing the filesystem: the clean flag could not "
                         "be written: %s", strerror (err));
       }
@@ -945,7 +934,6 @@ fs_close_dev (struct ext4fs_fs *fsi)
   free (fsi->meta);
   free (fsi->dirty_groups);
   pthread_mutex_destroy (&fsi->lock);
-  pthread_rwlock_destroy (&fsi->handle_lock);
   free (fsi);
 }
 
@@ -1131,16 +1119,9 @@ fs_shutdown (void)
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&reg_lock);
 
   if (the_fs) {
-    int err;
-
-    if (the_fs->rw) {
+    /* The last write-back or commit is fs_close_dev's. */
+    if (the_fs->rw)
       inode_sync_times (the_fs);
-      if (the_fs->jt == NULL) {
-        pthread_mutex_lock (&the_fs->lock);
-        fs_writeback_locked (the_fs, &err);
-        pthread_mutex_unlock (&the_fs->lock);
-      }
-    }
     fs_close (the_fs);
     the_fs = NULL;
   }
@@ -1150,38 +1131,28 @@ fs_shutdown (void)
  * Writeback.
  */
 
-/* Write the primary superblock from memory, with a fresh checksum. */
-static int
-write_super_locked (struct ext4fs_fs *fsi, int *err)
-{
-  ext2_filsys fs = fsi->fs;
-
-  fs->super->s_wtime = time (NULL);
-  ext2fs_superblock_csum_set (fs, fs->super);
-  if (ext4fs_dev_pwrite (fsi->dev, fs->super, SUPERBLOCK_SIZE,
-                         SUPERBLOCK_OFFSET, 0, err) == -1)
-    return -1;
-  /* ext2fs_close2 writes only the bytes that differ from orig_super:
-   * keep it equal to what is on disk now.
-   */
-  if (fs->orig_super)
-    memcpy (fs->orig_super, fs->super, SUPERBLOCK_SIZE);
-  return 0;
-}
-
-/* The primary superblock into the running transaction (journal or
- * write-back), with a fresh checksum.
+/* The primary superblock from memory, with a fresh checksum and
+ * s_wtime: into the running transaction of jt (journal or write-back),
+ * or with jt NULL straight to the device.
  */
 static int
-put_super_locked (struct ext4fs_fs *fsi, int *err)
+write_super_locked (struct ext4fs_fs *fsi, struct ext4fs_jtx *jt, int *err)
 {
   ext2_filsys fs = fsi->fs;
+  int r;
 
   fs->super->s_wtime = time (NULL);
   ext2fs_superblock_csum_set (fs, fs->super);
-  if (jtx_put_bytes (fsi->jt, SUPERBLOCK_OFFSET, fs->super, SUPERBLOCK_SIZE,
-                     err) == -1)
+  if (jt)
+    r = jtx_put_bytes (jt, SUPERBLOCK_OFFSET, fs->super, SUPERBLOCK_SIZE, err);
+  else
+    r = ext4fs_dev_pwrite (fsi->dev, fs->super, SUPERBLOCK_SIZE,
+                           SUPERBLOCK_OFFSET, 0, err);
+  if (r == -1)
     return -1;
+  /* ext2fs_close2 writes only the bytes that differ from orig_super:
+   * keep it equal to what is (or will be) on disk.
+   */
   if (fs->orig_super)
     memcpy (fs->orig_super, fs->super, SUPERBLOCK_SIZE);
   return 0;
@@ -1193,7 +1164,7 @@ mark_not_clean (void *opaque, int *err)
   struct ext4fs_fs *fsi = opaque;
 
   fsi->fs->super->s_state &= ~EXT2_VALID_FS;
-  return put_super_locked (fsi, err);
+  return write_super_locked (fsi, fsi->jt, err);
 }
 
 static int
@@ -1202,7 +1173,7 @@ set_recovery_flag (void *opaque, int *err)
   struct ext4fs_fs *fsi = opaque;
 
   ext2fs_set_feature_journal_needs_recovery (fsi->fs->super);
-  return write_super_locked (fsi, err);
+  return write_super_locked (fsi, NULL, err);
 }
 
 int
@@ -1236,7 +1207,7 @@ fs_begin_write (struct ext4fs_fs *fsi, int *err)
     *err = EIO;
     return -1;
   }
-  if (fsi->jt && jtx_aborted (fsi->jt)) {
+  if (jtx_aborted (fsi->jt)) {
     nbdkit_error ("%s earlier in this session; refusing to change the "
                   "filesystem further", jtx_logged (fsi->jt) ?
                   "the journal was aborted" :
@@ -1246,7 +1217,8 @@ fs_begin_write (struct ext4fs_fs *fsi, int *err)
   }
   if (fsi->marked_unclean)
     return 0;
-  if (fsi->jt && jtx_logged (fsi->jt)) {
+  /* Read-write: the instance has its writer (journal_writer_open). */
+  if (jtx_logged (fsi->jt)) {
     /* Journaled: needs_recovery (with the journal's features) durable
      * before anything changes; VALID_FS stays set, as under a kernel.
      */
@@ -1257,24 +1229,11 @@ fs_begin_write (struct ext4fs_fs *fsi, int *err)
     __atomic_store_n (&fsi->marked_unclean, true, __ATOMIC_RELEASE);
     return 0;
   }
-  if (fsi->jt) {
-    /* Write-back without a journal: VALID_FS cleared on disk (home and
-     * flushed) before anything else changes, so that a crash from now
-     * on makes e2fsck check the filesystem.
-     */
-    if (jtx_begin_locked (fsi->jt, mark_not_clean, fsi, err) == -1) {
-      fsi->fs->super->s_state = fsi->orig_state;
-      return -1;
-    }
-    __atomic_store_n (&fsi->marked_unclean, true, __ATOMIC_RELEASE);
-    return 0;
-  }
-  /* Clear VALID_FS on disk before anything else changes, so that a
-   * crash from now on makes e2fsck check the filesystem.
+  /* Write-back without a journal: VALID_FS cleared on disk (home and
+   * flushed) before anything else changes, so that a crash from now on
+   * makes e2fsck check the filesystem.
    */
-  fsi->fs->super->s_state &= ~EXT2_VALID_FS;
-  if (write_super_locked (fsi, err) == -1 ||
-      ext4fs_dev_flush (fsi->dev, err) == -1) {
+  if (jtx_begin_locked (fsi->jt, mark_not_clean, fsi, err) == -1) {
     fsi->fs->super->s_state = fsi->orig_state;
     return -1;
   }
@@ -1330,25 +1289,20 @@ fs_blocks_freed_locked (struct ext4fs_fs *fsi, uint64_t blk, uint64_t n)
   ext2fs_mark_block_bitmap_range2 (fsi->fs->block_map, blk, n);
 }
 
+/* Only after fs_begin_write succeeded (or, for times, after a write
+ * did): the instance is read-write, so it has its writer.
+ */
 int
 fs_handle_start (struct ext4fs_fs *fsi, int *err)
 {
-  if (fsi->jt)
-    return jtx_handle_start (fsi->jt, err);
-  /* No journal: the same lock keeps a sync's writeback from catching
-   * a request half way through (bitmap written, extent not yet).
-   */
-  pthread_rwlock_rdlock (&fsi->handle_lock);
-  return 0;
+  assert (fsi->jt != NULL);
+  return jtx_handle_start (fsi->jt, err);
 }
 
 void
 fs_handle_stop (struct ext4fs_fs *fsi, bool needs_commit)
 {
-  if (fsi->jt)
-    jtx_handle_stop (fsi->jt, needs_commit);
-  else
-    pthread_rwlock_unlock (&fsi->handle_lock);
+  jtx_handle_stop (fsi->jt, needs_commit);
 }
 
 bool
@@ -1367,11 +1321,8 @@ fs_enospc_retry (struct ext4fs_fs *fsi)
 bool
 fs_fua_needs_sync (struct ext4fs_fs *fsi)
 {
-  if (fsi->jt)
-    return jtx_pending (fsi->jt);
-  /* Every mapping change writes an inode or a tree block. */
-  return ext4fs_dev_meta_writes (fsi->dev) !=
-    __atomic_load_n (&fsi->synced_meta_writes, __ATOMIC_RELAXED);
+  assert (fsi->jt != NULL);     /* after fs_begin_write */
+  return jtx_pending (fsi->jt);
 }
 
 struct held_clear {
@@ -1485,7 +1436,7 @@ fs_writeback_locked (struct ext4fs_fs *fsi, int *err)
      * only the superblock, which carries the errors flag, and leave
      * the rest to e2fsck.
      */
-    if (write_super_locked (fsi, err) == -1)
+    if (write_super_locked (fsi, NULL, err) == -1)
       return -1;
     fsi->super_dirty = false;
     return 0;
@@ -1541,11 +1492,7 @@ fs_writeback_locked (struct ext4fs_fs *fsi, int *err)
   /* Then the superblock (free counts): journaled too, so that the
    * replayed state has the right totals (with needs_recovery set).
    */
-  if (fsi->jt) {
-    if (put_super_locked (fsi, err) == -1)
-      return -1;
-  }
-  else if (write_super_locked (fsi, err) == -1)
+  if (write_super_locked (fsi, fsi->jt, err) == -1)
     return -1;
   memset (fsi->dirty_groups, 0, fs->group_desc_count);
   fsi->super_dirty = false;
@@ -1555,58 +1502,17 @@ fs_writeback_locked (struct ext4fs_fs *fsi, int *err)
 int
 fs_sync (struct ext4fs_fs *fsi, int *err)
 {
-  if (fsi->rw && fsi->jt) {
-    /* Times go into the running transaction but need no commit of
-     * their own (as fdatasync); a mapping change or a free does.
+  if (fsi->rw) {
+    /* Every read-write instance has its writer (jtx_open, or
+     * jtx_open_nolog without a journal).  Times go into the running
+     * transaction but need no commit of their own (as fdatasync); a
+     * mapping change or a free does.
      */
     if (inode_sync_times (fsi) == -1) {
       *err = EIO;
       return -1;
     }
     return jtx_sync (fsi->jt, false, err);
-  }
-  if (fsi->rw) {
-    uint64_t meta = ext4fs_dev_meta_writes (fsi->dev);
-    int r;
-
-    if (__atomic_load_n (&fsi->broken, __ATOMIC_RELAXED)) {
-      /* After a failed flush or a half-done change nothing this
-       * session wrote can be promised any more.
-       */
-      nbdkit_error ("flush refused: the filesystem was marked as having "
-                    "errors earlier in this session");
-      *err = EIO;
-      return -1;
-    }
-
-    if (inode_sync_times (fsi) == -1) {
-      *err = EIO;
-      return -1;
-    }
-    /* No request is half way through its metadata changes while the
-     * bitmaps are written and flushed: the state at the flush is one
-     * the requests left.
-     */
-    pthread_rwlock_wrlock (&fsi->handle_lock);
-    pthread_mutex_lock (&fsi->lock);
-    r = fs_writeback_locked (fsi, err);
-    pthread_mutex_unlock (&fsi->lock);
-    if (r == 0 && ext4fs_dev_flush (fsi->dev, err) == -1) {
-      /* A failed flush may have lost writes below, file data and
-       * metadata alike, that later flushes would not bring back: the
-       * filesystem may be inconsistent now, and must never be marked
-       * clean.
-       */
-      pthread_mutex_lock (&fsi->lock);
-      fs_set_broken_locked (fsi, "a flush failed below");
-      pthread_mutex_unlock (&fsi->lock);
-      r = -1;
-    }
-    pthread_rwlock_unlock (&fsi->handle_lock);
-    if (r == -1)
-      return -1;
-    __atomic_store_n (&fsi->synced_meta_writes, meta, __ATOMIC_RELAXED);
-    return 0;
   }
   return ext4fs_dev_flush (fsi->dev, err);
 }

@@ -41,15 +41,10 @@ struct ext4fs_fs {
                                  (bmap_alloc_locked) */
 
   struct ext4fs_mmp *mmp;     /* MMP claim, read-write with mmp only */
-  /* Without a journal: requests changing metadata hold it shared
-   * (fs_handle_start), fs_sync exclusive around writeback + flush.
-   * Same place in the lock order as the journal's handle lock.
-   */
-  pthread_rwlock_t handle_lock;
-  struct ext4fs_jtx *jt;      /* journal writer (read-write with an
-                                 internal journal), or NULL; immutable */
-  uint64_t synced_meta_writes; /* atomic: metadata writes durable (no
-                                  journal) */
+  struct ext4fs_jtx *jt;      /* metadata writer of a read-write
+                                 instance (jtx_open, or jtx_open_nolog
+                                 without a journal); NULL read-only;
+                                 immutable until fs_close_dev */
   bool discard;               /* freed blocks are discarded below at
                                  their commit (immutable) */
 
@@ -149,8 +144,9 @@ extern void fs_blocks_freed_locked (struct ext4fs_fs *fsi, uint64_t blk,
                                     uint64_t n);
 
 /* A request that changes metadata holds a handle across all its
- * changes (journaled filesystems; no-ops otherwise): taken after the
- * inode rwlock, before fsi->lock.  needs_commit: the change must be
+ * changes (the writer's handle lock shared, journal or not): taken
+ * after the inode rwlock, before fsi->lock, and only on a read-write
+ * instance (after fs_begin_write).  needs_commit: the change must be
  * durable at the next flush (not just times).
  */
 extern int fs_handle_start (struct ext4fs_fs *fsi, int *err);

@@ -40,6 +40,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/vector.h"
 #include "bmap.h"
 #include "cleanup.h"
 #include "rw.h"
@@ -306,9 +307,10 @@ write_fresh (struct ext4fs_inode *ip, uint64_t pblk, uint64_t lblk,
  * the cached map at the end (inode_map_update).  If one cannot be
  * recorded, the map is rebuilt from disk instead.
  */
+DEFINE_VECTOR_TYPE (run_vector, struct ext4fs_run);
+
 struct changes {
-  struct ext4fs_run *v;
-  size_t n, cap;
+  run_vector runs;
   bool lost;
   size_t added;                 /* runs the map may have gained, at most */
 };
@@ -344,17 +346,9 @@ note_change (struct changes *c, uint64_t lblk, uint64_t len, uint64_t pblk)
     c->lost = true;
     return;
   }
-  if (c->n == c->cap) {
-    size_t ncap = c->cap ? c->cap * 2 : 8;
-    struct ext4fs_run *t = realloc (c->v, ncap * sizeof *t);
-    if (t == NULL) {
-      c->lost = true;
-      return;
-    }
-    c->v = t;
-    c->cap = ncap;
-  }
-  c->v[c->n++] = (struct ext4fs_run) { .lblk = lblk, .pblk = pblk, .len = len };
+  if (run_vector_append (&c->runs, (struct ext4fs_run) {
+        .lblk = lblk, .pblk = pblk, .len = len }) == -1)
+    c->lost = true;
 }
 
 /* Fill the hole [s, e) (logical blocks) with newly allocated blocks
@@ -617,10 +611,10 @@ rw_pwrite (struct ext4fs_inode *ip, const void *buf, uint32_t count,
      * every later read of the file would fail.
      */
     if (!ch.lost)
-      inode_map_update (ip, ch.v, ch.n);
+      inode_map_update (ip, ch.runs.ptr, ch.runs.len);
     else
       inode_map_changed (ip);
-    free (ch.v);
+    run_vector_reset (&ch.runs);
     if (r == 0 || *err != ENOSPC || attempt > 0)
       break;
   }

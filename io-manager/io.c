@@ -62,7 +62,6 @@ struct ext4fs_dev {
   struct overlay *overlay;      /* atomic pointer; NULL = none */
   struct overlay *retired;      /* replaced overlays, freed with the device */
   const struct ext4fs_meta_ops *meta;   /* NULL: metadata I/O to the device */
-  uint64_t meta_writes;         /* atomic */
   void *meta_opaque;
 };
 
@@ -484,12 +483,6 @@ ext4fs_dev_set_meta_ops (struct ext4fs_dev *dev,
   __atomic_store_n (&dev->meta, ops, __ATOMIC_RELEASE);
 }
 
-uint64_t
-ext4fs_dev_meta_writes (const struct ext4fs_dev *dev)
-{
-  return __atomic_load_n (&dev->meta_writes, __ATOMIC_ACQUIRE);
-}
-
 /* The metadata hooks, if set. */
 static const struct ext4fs_meta_ops *
 meta_ops (struct ext4fs_dev *dev)
@@ -860,7 +853,6 @@ meta_write (struct ext4fs_dev *dev, const void *buf, uint64_t bytes,
 {
   int err = 0;
 
-  __atomic_add_fetch (&dev->meta_writes, 1, __ATOMIC_ACQ_REL);
   if (meta_fault (true, bytes, offset, &err) == -1)
     return ext4fs_errno_to_errcode (err);
   if (meta_ops (dev)) {
@@ -934,7 +926,6 @@ dev_zeroout (io_channel channel, unsigned long long block,
   if (__builtin_mul_overflow ((uint64_t) block, bs, &offset) ||
       __builtin_mul_overflow ((uint64_t) count, bs, &bytes))
     return EXT2_ET_INVALID_ARGUMENT;
-  __atomic_add_fetch (&dev->meta_writes, 1, __ATOMIC_ACQ_REL);
   if (meta_fault (true, bytes, offset, &err) == -1)
     return ext4fs_errno_to_errcode (err);
   if (meta_ops (dev)) {

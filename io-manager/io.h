@@ -94,12 +94,6 @@ extern void ext4fs_dev_set_meta_ops (struct ext4fs_dev *dev,
                                      const struct ext4fs_meta_ops *ops,
                                      void *opaque);
 
-/* How many metadata writes (libext2fs's, through the io_manager) the
- * device has taken: fs.c compares it with the count at the last sync
- * to see whether a FUA needs a full sync.
- */
-extern uint64_t ext4fs_dev_meta_writes (const struct ext4fs_dev *dev);
-
 /* Data path.  Each returns 0 on success, or -1 with *err set to a
  * positive errno (EIO for a range outside the device, after
  * nbdkit_error).  count may be any size: requests are split at

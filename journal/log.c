@@ -35,6 +35,7 @@
 #include <ext2fs/ext2fs.h>
 #include <nbdkit-filter.h>
 
+#include "common/vector.h"
 #include "jbd2.h"
 
 static uint32_t
@@ -262,34 +263,16 @@ struct revoke {
   uint32_t tid;
 };
 
+DEFINE_VECTOR_TYPE (tag_vector, struct tag);
+DEFINE_VECTOR_TYPE (revoke_vector, struct revoke);
+
 struct scan {
   const struct jbd2_journal *j;
   const struct jbd2_io *io;
-  struct tag *tags;
-  size_t ntags, tagcap;
-  struct revoke *revs;
-  size_t nrevs, revcap;
+  tag_vector tags;
+  revoke_vector revs;
   uint32_t *by_home;            /* indices of tags sorted by (home, index) */
 };
-
-static int
-grow (void **v, size_t *cap, size_t n, size_t elem)
-{
-  size_t ncap;
-  void *p;
-
-  if (n < *cap)
-    return 0;
-  ncap = *cap ? *cap * 2 : 256;
-  p = realloc (*v, ncap * elem);
-  if (p == NULL) {
-    nbdkit_error ("journal: out of memory reading the log");
-    return -1;
-  }
-  *v = p;
-  *cap = ncap;
-  return 0;
-}
 
 static int
 read_block (struct scan *s, uint32_t jblk, uint8_t *buf)
@@ -376,10 +359,11 @@ pass_scan (struct scan *s, struct jbd2_replay *r, uint8_t *buf, uint8_t *dbuf)
 
         if (used++ >= loglen)
           goto loop;
-        if (grow ((void **) &s->tags, &s->tagcap, s->ntags,
-                  sizeof *s->tags) == -1)
+        if (tag_vector_reserve (&s->tags, 1) == -1) {
+          nbdkit_error ("journal: out of memory reading the log");
           return -1;
-        tg = &s->tags[s->ntags++];
+        }
+        tg = &s->tags.ptr[s->tags.len++];
         tg->home = be32 (t);
         if (j->incompat & JBD2_INCOMPAT_64BIT)
           tg->home |= (uint64_t) be32 (t + 8) << 32;
@@ -448,12 +432,11 @@ pass_scan (struct scan *s, struct jbd2_replay *r, uint8_t *buf, uint8_t *dbuf)
     if (type == JBD2_REVOKE_BLOCK) {
       if (!tail_ok (j, buf))
         need_check_commit_time = true;
-      if (grow ((void **) &s->revs, &s->revcap, s->nrevs,
-                sizeof *s->revs) == -1)
+      if (revoke_vector_append (&s->revs, (struct revoke) {
+            .jblk = here, .tid = tid }) == -1) {
+        nbdkit_error ("journal: out of memory reading the log");
         return -1;
-      s->revs[s->nrevs].jblk = here;
-      s->revs[s->nrevs].tid = tid;
-      s->nrevs++;
+      }
       continue;
     }
     break;                      /* an unknown block type ends the log */
@@ -485,11 +468,11 @@ by_home_cmp (const void *a, const void *b, void *tagsv)
 static size_t
 lower_bound (const struct scan *s, uint64_t home)
 {
-  size_t lo = 0, hi = s->ntags;
+  size_t lo = 0, hi = s->tags.len;
 
   while (lo < hi) {
     size_t mid = lo + (hi - lo) / 2;
-    if (s->tags[s->by_home[mid]].home < home)
+    if (s->tags.ptr[s->by_home[mid]].home < home)
       lo = mid + 1;
     else
       hi = mid;
@@ -505,12 +488,12 @@ pass_revoke (struct scan *s, const struct jbd2_replay *r, uint8_t *buf)
   unsigned rec = j->incompat & JBD2_INCOMPAT_64BIT ? 8 : 4;
   size_t i;
 
-  for (i = 0; i < s->nrevs; ++i) {
-    uint32_t rtid = s->revs[i].tid, count, off;
+  for (i = 0; i < s->revs.len; ++i) {
+    uint32_t rtid = s->revs.ptr[i].tid, count, off;
 
     if (!committed (r, rtid))
       continue;
-    if (read_block (s, s->revs[i].jblk, buf) == -1)
+    if (read_block (s, s->revs.ptr[i].jblk, buf) == -1)
       return -1;
     count = be32 (buf + JREVOKE_COUNT);
     if (count > tag_limit (j)) {
@@ -524,8 +507,8 @@ pass_revoke (struct scan *s, const struct jbd2_replay *r, uint8_t *buf)
       size_t k;
 
       for (k = lower_bound (s, home);
-           k < s->ntags && s->tags[s->by_home[k]].home == home; ++k) {
-        struct tag *t = &s->tags[s->by_home[k]];
+           k < s->tags.len && s->tags.ptr[s->by_home[k]].home == home; ++k) {
+        struct tag *t = &s->tags.ptr[s->by_home[k]];
         if (jbd2_tid_geq (rtid, t->tid))
           t->revoked = 1;
       }
@@ -555,8 +538,8 @@ pass_replay (struct scan *s, struct jbd2_replay *r, uint8_t *buf)
   const struct jbd2_journal *j = s->j;
   size_t i, n = 0;
 
-  for (i = 0; i < s->ntags; ++i) {
-    struct tag *t = &s->tags[i];
+  for (i = 0; i < s->tags.len; ++i) {
+    struct tag *t = &s->tags.ptr[i];
 
     if (!committed (r, t->tid))
       continue;
@@ -587,8 +570,8 @@ pass_replay (struct scan *s, struct jbd2_replay *r, uint8_t *buf)
     nbdkit_error ("journal: out of memory");
     return -1;
   }
-  for (i = 0; i < s->ntags; ++i) {
-    const struct tag *t = &s->tags[s->by_home[i]];
+  for (i = 0; i < s->tags.len; ++i) {
+    const struct tag *t = &s->tags.ptr[s->by_home[i]];
     struct jbd2_block *b;
 
     if (!committed (r, t->tid) || t->revoked)
@@ -626,14 +609,14 @@ jbd2_scan (const struct jbd2_journal *j, const struct jbd2_io *io,
   }
   if (pass_scan (&s, r, buf, dbuf) == -1)
     goto out;
-  s.by_home = malloc ((s.ntags ? s.ntags : 1) * sizeof *s.by_home);
+  s.by_home = malloc ((s.tags.len ? s.tags.len : 1) * sizeof *s.by_home);
   if (s.by_home == NULL) {
     nbdkit_error ("journal: out of memory");
     goto out;
   }
-  for (i = 0; i < s.ntags; ++i)
+  for (i = 0; i < s.tags.len; ++i)
     s.by_home[i] = i;
-  qsort_r (s.by_home, s.ntags, sizeof *s.by_home, by_home_cmp, s.tags);
+  qsort_r (s.by_home, s.tags.len, sizeof *s.by_home, by_home_cmp, s.tags.ptr);
   if (pass_revoke (&s, r, buf) == -1 ||
       pass_replay (&s, r, buf) == -1)
     goto out;
@@ -642,8 +625,8 @@ jbd2_scan (const struct jbd2_journal *j, const struct jbd2_io *io,
  out:
   if (ret == -1)
     jbd2_replay_free (r);
-  free (s.tags);
-  free (s.revs);
+  tag_vector_reset (&s.tags);
+  revoke_vector_reset (&s.revs);
   free (s.by_home);
   free (buf);
   free (dbuf);

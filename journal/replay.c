@@ -31,7 +31,6 @@ struct map_ctx {
   uint64_t want;                /* journal blocks to map */
   uint64_t fs_blocks;
   uint64_t first_data_block;
-  size_t cap;
   int bad;                      /* 1 = outside the fs, 2 = out of order */
   uint64_t bad_blk;
 };
@@ -53,7 +52,7 @@ map_cb (ext2_filsys fs, blk64_t *blocknr, e2_blkcnt_t blockcnt,
     m->bad_blk = *blocknr;
     return BLOCK_ABORT;
   }
-  last = jr->nruns ? &jr->runs[jr->nruns - 1] : NULL;
+  last = jr->runs.len ? &jr->runs.ptr[jr->runs.len - 1] : NULL;
   if (last && (uint64_t) blockcnt < (uint64_t) last->jblk + last->len) {
     m->bad = 2;
     return BLOCK_ABORT;
@@ -63,31 +62,22 @@ map_cb (ext2_filsys fs, blk64_t *blocknr, e2_blkcnt_t blockcnt,
     last->len++;
     return 0;
   }
-  if (jr->nruns == m->cap) {
-    size_t ncap = m->cap ? m->cap * 2 : 16;
-    struct jrun *v = realloc (jr->runs, ncap * sizeof *v);
-    if (v == NULL) {
-      m->bad = 3;
-      return BLOCK_ABORT;
-    }
-    jr->runs = v;
-    m->cap = ncap;
+  if (jrun_vector_append (&jr->runs, (struct jrun) {
+        .jblk = blockcnt, .len = 1, .pblk = *blocknr }) == -1) {
+    m->bad = 3;
+    return BLOCK_ABORT;
   }
-  jr->runs[jr->nruns].jblk = blockcnt;
-  jr->runs[jr->nruns].len = 1;
-  jr->runs[jr->nruns].pblk = *blocknr;
-  jr->nruns++;
   return 0;
 }
 
 uint64_t
 journal_map_block (const struct ext4fs_journal *jr, uint32_t jblk)
 {
-  size_t lo = 0, hi = jr->nruns;
+  size_t lo = 0, hi = jr->runs.len;
 
   while (lo < hi) {
     size_t mid = lo + (hi - lo) / 2;
-    const struct jrun *r = &jr->runs[mid];
+    const struct jrun *r = &jr->runs.ptr[mid];
 
     if (jblk < r->jblk)
       hi = mid;
@@ -125,7 +115,7 @@ check_home (void *opaque, uint64_t home)
 {
   struct ext4fs_journal *jr = opaque;
   uint64_t dev_blocks = ext4fs_dev_size (jr->dev) >> jr->blockbits;
-  size_t lo = 0, hi = jr->nruns;
+  size_t lo = 0, hi = jr->runs.len;
 
   if (home >= dev_blocks) {
     nbdkit_error ("journal: the log holds a copy of block %" PRIu64 ", "
@@ -258,30 +248,31 @@ journal_load (ext2_filsys fs, struct ext4fs_dev *dev)
   if (jbd2_load (&jr->j, buf, fs->blocksize, jblocks) == -1)
     goto err;
   for (i = 0; i < jr->j.maxlen; ) {
-    size_t lo = 0, hi = jr->nruns;
+    size_t lo = 0, hi = jr->runs.len;
     /* Every block of the journal must be mapped: find the run. */
     while (lo < hi) {
       size_t mid = lo + (hi - lo) / 2;
-      if (jr->runs[mid].jblk + (uint64_t) jr->runs[mid].len <= i)
+      if (jr->runs.ptr[mid].jblk + (uint64_t) jr->runs.ptr[mid].len <= i)
         lo = mid + 1;
       else
         hi = mid;
     }
-    if (lo == jr->nruns || jr->runs[lo].jblk > i) {
+    if (lo == jr->runs.len || jr->runs.ptr[lo].jblk > i) {
       nbdkit_error ("journal: journal block %" PRIu32 " is a hole in the "
                     "journal inode: the journal is corrupt", i);
       goto err;
     }
-    i = jr->runs[lo].jblk + jr->runs[lo].len;
+    i = jr->runs.ptr[lo].jblk + jr->runs.ptr[lo].len;
   }
 
-  jr->by_pblk = malloc ((jr->nruns ? jr->nruns : 1) * sizeof *jr->by_pblk);
+  jr->by_pblk = malloc ((jr->runs.len ? jr->runs.len : 1)
+                       * sizeof *jr->by_pblk);
   if (jr->by_pblk == NULL) {
     nbdkit_error ("malloc: %m");
     goto err;
   }
-  memcpy (jr->by_pblk, jr->runs, jr->nruns * sizeof *jr->by_pblk);
-  qsort (jr->by_pblk, jr->nruns, sizeof *jr->by_pblk, by_pblk_cmp);
+  memcpy (jr->by_pblk, jr->runs.ptr, jr->runs.len * sizeof *jr->by_pblk);
+  qsort (jr->by_pblk, jr->runs.len, sizeof *jr->by_pblk, by_pblk_cmp);
 
   io.opaque = jr;
   io.read = jread;
@@ -294,7 +285,7 @@ journal_load (ext2_filsys fs, struct ext4fs_dev *dev)
                 "log [%" PRIu32 ", %" PRIu32 ") from %" PRIu32 ", tids %"
                 PRIu32 "..%" PRIu32 ", %" PRIu64 " copies, %" PRIu64
                 " revoked, %zu blocks to replay%s%s",
-                jr->j.maxlen, jr->nruns, jr->j.first, jr->j.last,
+                jr->j.maxlen, jr->runs.len, jr->j.first, jr->j.last,
                 jr->j.start, jr->r.first_tid, jr->r.end_tid,
                 jr->r.nlogged, jr->r.nrevoked, jr->r.nblocks,
                 jr->r.failed_commit ? ", failed commit" : "",
@@ -313,7 +304,7 @@ journal_free (struct ext4fs_journal *jr)
   if (jr == NULL)
     return;
   jbd2_replay_free (&jr->r);
-  free (jr->runs);
+  jrun_vector_reset (&jr->runs);
   free (jr->by_pblk);
   free (jr);
 }

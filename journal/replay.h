@@ -8,16 +8,19 @@
 #define NO_INLINE_FUNCS
 #include <ext2fs/ext2fs.h>
 
+#include "common/vector.h"
 #include "io.h"
 #include "jbd2.h"
+
+struct jrun { uint32_t jblk, len; uint64_t pblk; };
+DEFINE_VECTOR_TYPE (jrun_vector, struct jrun);
 
 /* The journal of an opened filesystem and what replaying it means. */
 struct ext4fs_journal {
   struct jbd2_journal j;
   struct jbd2_replay r;
   /* Journal block -> device block, as runs sorted by journal block. */
-  struct jrun { uint32_t jblk, len; uint64_t pblk; } *runs;
-  size_t nruns;
+  jrun_vector runs;
   /* The same runs sorted by device block (to refuse replaying onto the
    * journal itself).
    */

@@ -46,6 +46,7 @@
 
 #include <nbdkit-filter.h>
 
+#include "common/vector.h"
 #include "trans.h"
 
 #define COMMIT_INTERVAL 5               /* seconds, the kernel's default */
@@ -68,6 +69,10 @@ struct jent {
 
 struct hold { uint64_t start, len; };
 
+DEFINE_VECTOR_TYPE (jent_vector, struct jent *);
+DEFINE_VECTOR_TYPE (blk_vector, uint64_t);
+DEFINE_VECTOR_TYPE (hold_vector, struct hold);
+
 struct ext4fs_jtx {
   struct ext4fs_journal *jr;    /* the journal map and superblock */
   struct ext4fs_dev *dev;
@@ -84,12 +89,9 @@ struct ext4fs_jtx {
   /* Protected by *fs_lock: */
   struct jent **buckets;
   size_t nbuckets, nent, nclean;
-  struct jent **running;
-  size_t nrunning, runcap;
-  uint64_t *revokes;
-  size_t nrevokes, revcap;
-  struct hold *held;
-  size_t nheld, heldcap;
+  jent_vector running;           /* the running transaction's blocks */
+  blk_vector revokes;           /* its revoke records */
+  hold_vector held;             /* blocks freed in it, reserved */
   uint32_t tid;                 /* the running transaction's */
   uint32_t head;                /* next log block */
   uint32_t log_start;           /* first block of the live log, 0 = empty */
@@ -104,7 +106,7 @@ struct ext4fs_jtx {
 
   bool needs_commit;            /* atomic */
   bool aborted;                 /* atomic */
-  size_t running_size;          /* atomic copy of nrunning, for handles */
+  size_t running_size;          /* atomic copy of running.len, for handles */
 
   /* The commit timer. */
   pthread_t timer;
@@ -261,14 +263,8 @@ make_running (struct ext4fs_jtx *jt, struct jent *e)
 {
   if (e->running)
     return 0;
-  if (jt->nrunning == jt->runcap) {
-    size_t ncap = jt->runcap ? jt->runcap * 2 : 64;
-    struct jent **v = realloc (jt->running, ncap * sizeof *v);
-    if (v == NULL)
-      return -1;
-    jt->running = v;
-    jt->runcap = ncap;
-  }
+  if (jent_vector_reserve (&jt->running, 1) == -1)
+    return -1;
   if (e->in_log && e->frozen == NULL) {
     /* Keep the committed contents for the checkpoint. */
     e->frozen = malloc (jt->bs);
@@ -279,8 +275,8 @@ make_running (struct ext4fs_jtx *jt, struct jent *e)
   if (is_clean (e))
     jt->nclean--;
   e->running = true;
-  jt->running[jt->nrunning++] = e;
-  __atomic_store_n (&jt->running_size, jt->nrunning, __ATOMIC_RELAXED);
+  jt->running.ptr[jt->running.len++] = e;
+  __atomic_store_n (&jt->running_size, jt->running.len, __ATOMIC_RELAXED);
   return 0;
 }
 
@@ -416,7 +412,7 @@ jtx_has_held (struct ext4fs_jtx *jt)
   bool r;
 
   pthread_mutex_lock (jt->fs_lock);
-  r = jt->nheld > 0;
+  r = jt->held.len > 0;
   pthread_mutex_unlock (jt->fs_lock);
   return r;
 }
@@ -435,6 +431,7 @@ jtx_put_bytes (struct ext4fs_jtx *jt, uint64_t offset, const void *buf,
 void
 jtx_blocks_freed_locked (struct ext4fs_jtx *jt, uint64_t blk, uint64_t n)
 {
+  struct hold *last;
   uint64_t i;
 
   for (i = 0; i < n; ++i) {
@@ -446,26 +443,19 @@ jtx_blocks_freed_locked (struct ext4fs_jtx *jt, uint64_t blk, uint64_t n)
       /* Replay would write the old copy over whatever the block holds
        * next: revoke it.
        */
-      if (jt->nrevokes == jt->revcap) {
-        size_t ncap = jt->revcap ? jt->revcap * 2 : 64;
-        uint64_t *v = realloc (jt->revokes, ncap * sizeof *v);
-        if (v == NULL) {
-          jtx_abort_locked (jt, "out of memory for a revoke record");
-          return;
-        }
-        jt->revokes = v;
-        jt->revcap = ncap;
+      if (blk_vector_append (&jt->revokes, blk + i) == -1) {
+        jtx_abort_locked (jt, "out of memory for a revoke record");
+        return;
       }
-      jt->revokes[jt->nrevokes++] = blk + i;
     }
     if (e->running) {
       size_t k;
-      for (k = 0; k < jt->nrunning; ++k)
-        if (jt->running[k] == e) {
-          jt->running[k] = jt->running[--jt->nrunning];
+      for (k = 0; k < jt->running.len; ++k)
+        if (jt->running.ptr[k] == e) {
+          jt->running.ptr[k] = jt->running.ptr[--jt->running.len];
           break;
         }
-      __atomic_store_n (&jt->running_size, jt->nrunning, __ATOMIC_RELAXED);
+      __atomic_store_n (&jt->running_size, jt->running.len, __ATOMIC_RELAXED);
       e->running = false;
       if (!e->in_log)
         jt->nclean++;           /* remove_entry counts it down */
@@ -473,27 +463,16 @@ jtx_blocks_freed_locked (struct ext4fs_jtx *jt, uint64_t blk, uint64_t n)
     remove_entry (jt, e);
   }
   /* Reserved until the transaction commits. */
-  if (jt->nheld > 0 &&
-      jt->held[jt->nheld - 1].start + jt->held[jt->nheld - 1].len == blk) {
-    jt->held[jt->nheld - 1].len += n;
-  }
-  else {
-    if (jt->nheld == jt->heldcap) {
-      size_t ncap = jt->heldcap ? jt->heldcap * 2 : 64;
-      struct hold *v = realloc (jt->held, ncap * sizeof *v);
-      if (v == NULL) {
-        /* The blocks stay marked in use in memory: leaked until the
-         * next open, never reused too early.
-         */
-        jtx_abort_locked (jt, "out of memory for freed blocks");
-        return;
-      }
-      jt->held = v;
-      jt->heldcap = ncap;
-    }
-    jt->held[jt->nheld].start = blk;
-    jt->held[jt->nheld].len = n;
-    jt->nheld++;
+  last = jt->held.len ? &jt->held.ptr[jt->held.len - 1] : NULL;
+  if (last && last->start + last->len == blk)
+    last->len += n;
+  else if (hold_vector_append (&jt->held, (struct hold) {
+             .start = blk, .len = n }) == -1) {
+    /* The blocks stay marked in use in memory: leaked until the next
+     * open, never reused too early.
+     */
+    jtx_abort_locked (jt, "out of memory for freed blocks");
+    return;
   }
   __atomic_store_n (&jt->needs_commit, true, __ATOMIC_RELAXED);
 }
@@ -503,8 +482,9 @@ jtx_held_locked (struct ext4fs_jtx *jt, uint64_t blk)
 {
   size_t i;
 
-  for (i = 0; i < jt->nheld; ++i)
-    if (blk >= jt->held[i].start && blk - jt->held[i].start < jt->held[i].len)
+  for (i = 0; i < jt->held.len; ++i)
+    if (blk >= jt->held.ptr[i].start &&
+        blk - jt->held.ptr[i].start < jt->held.ptr[i].len)
       return true;
   return false;
 }
@@ -516,8 +496,8 @@ jtx_for_held_locked (struct ext4fs_jtx *jt, uint64_t start, uint64_t end,
 {
   size_t i;
 
-  for (i = 0; i < jt->nheld; ++i) {
-    uint64_t s = jt->held[i].start, e = s + jt->held[i].len;
+  for (i = 0; i < jt->held.len; ++i) {
+    uint64_t s = jt->held.ptr[i].start, e = s + jt->held.ptr[i].len;
     if (s < start)
       s = start;
     if (e > end)
@@ -685,7 +665,7 @@ fill_descriptor (struct ext4fs_jtx *jt, uint8_t *d, size_t first, size_t n,
   memset (d, 0, jt->bs);
   header (d, JBD2_DESCRIPTOR_BLOCK, jt->tid);
   for (k = 0; k < n; ++k) {
-    const struct jent *e = jt->running[first + k];
+    const struct jent *e = jt->running.ptr[first + k];
     uint8_t *c = copies + k * jt->bs;
     uint8_t *t = d + off;
     uint32_t flags = 0, csum = 0;
@@ -749,8 +729,8 @@ write_home_locked (struct ext4fs_jtx *jt, int *err)
   for (pass = 0; pass < 3; ++pass) {
     bool wrote = pass == 0;
 
-    for (i = 0; pass > 0 && i < jt->nrunning; ++i) {
-      const struct jent *e = jt->running[i];
+    for (i = 0; pass > 0 && i < jt->running.len; ++i) {
+      const struct jent *e = jt->running.ptr[i];
       if (e->fresh != (pass == 1))
         continue;
       if (ext4fs_dev_pwrite (jt->dev, e->data, jt->bs, e->blk << jt->bits, 0,
@@ -767,13 +747,13 @@ write_home_locked (struct ext4fs_jtx *jt, int *err)
       return -1;
     }
   }
-  for (i = 0; i < jt->nrunning; ++i) {
-    jt->running[i]->running = false;
-    jt->running[i]->fresh = false;
+  for (i = 0; i < jt->running.len; ++i) {
+    jt->running.ptr[i]->running = false;
+    jt->running.ptr[i]->fresh = false;
     jt->nclean++;
   }
-  jt->nlogged += jt->nrunning;
-  jt->nrunning = 0;
+  jt->nlogged += jt->running.len;
+  jt->running.len = 0;
   __atomic_store_n (&jt->running_size, 0, __ATOMIC_RELAXED);
   jt->ncommits++;
   trim_clean (jt);
@@ -796,7 +776,7 @@ commit_locked (struct ext4fs_jtx *jt, int *err)
     jtx_abort_locked (jt, "metadata could not be prepared for a commit");
     return -1;
   }
-  if (jt->nrunning == 0 && jt->nrevokes == 0) {
+  if (jt->running.len == 0 && jt->revokes.len == 0) {
     /* Nothing to log: a flush is all it takes. */
     if (ext4fs_dev_flush (jt->dev, err) == -1) {
       if (!jt->logged)
@@ -813,9 +793,9 @@ commit_locked (struct ext4fs_jtx *jt, int *err)
   j = &jt->jr->j;
   per_desc = tags_per_desc (jt);
   per_rev = revokes_per_block (jt);
-  ndesc = (jt->nrunning + per_desc - 1) / per_desc;
-  nrev = (jt->nrevokes + per_rev - 1) / per_rev;
-  need = ndesc + jt->nrunning + nrev + 1;
+  ndesc = (jt->running.len + per_desc - 1) / per_desc;
+  nrev = (jt->revokes.len + per_rev - 1) / per_rev;
+  need = ndesc + jt->running.len + nrev + 1;
   if (need + 1 >= jt->capacity) {
     nbdkit_error ("journal: a transaction of %zu blocks does not fit in the "
                   "journal (%" PRIu32 " blocks)", need, jt->capacity);
@@ -843,20 +823,22 @@ commit_locked (struct ext4fs_jtx *jt, int *err)
 
   /* Descriptors, each followed by its copies. */
   p = jt->logbuf;
-  for (pos = 0; pos < jt->nrunning; pos += per_desc) {
-    size_t n = jt->nrunning - pos < per_desc ? jt->nrunning - pos : per_desc;
+  for (pos = 0; pos < jt->running.len; pos += per_desc) {
+    size_t n = jt->running.len - pos < per_desc ? jt->running.len - pos
+                                                 : per_desc;
     fill_descriptor (jt, p, pos, n, p + jt->bs);
     p += (n + 1) * jt->bs;
   }
   /* Revoke blocks. */
-  for (pos = 0; pos < jt->nrevokes; pos += per_rev) {
-    size_t n = jt->nrevokes - pos < per_rev ? jt->nrevokes - pos : per_rev;
+  for (pos = 0; pos < jt->revokes.len; pos += per_rev) {
+    size_t n = jt->revokes.len - pos < per_rev ? jt->revokes.len - pos
+                                               : per_rev;
     size_t rec = j->incompat & JBD2_INCOMPAT_64BIT ? 8 : 4, off = JREVOKE_HEADER;
 
     memset (p, 0, jt->bs);
     header (p, JBD2_REVOKE_BLOCK, jt->tid);
     for (i = 0; i < n; ++i) {
-      uint64_t b = jt->revokes[pos + i];
+      uint64_t b = jt->revokes.ptr[pos + i];
       if (rec == 8) {
         put_be32 (p + off, (uint32_t) (b >> 32));
         put_be32 (p + off + 4, (uint32_t) b);
@@ -923,25 +905,25 @@ commit_locked (struct ext4fs_jtx *jt, int *err)
   if (was_empty)
     jt->log_start = 1;          /* any non-zero: the log is live */
   jt->used += need;
-  for (i = 0; i < jt->nrunning; ++i) {
-    struct jent *e = jt->running[i];
+  for (i = 0; i < jt->running.len; ++i) {
+    struct jent *e = jt->running.ptr[i];
     e->running = false;
     e->in_log = true;
     free (e->frozen);           /* the log now holds data itself */
     e->frozen = NULL;
   }
-  jt->nlogged += jt->nrunning;
-  jt->nrunning = 0;
+  jt->nlogged += jt->running.len;
+  jt->running.len = 0;
   __atomic_store_n (&jt->running_size, 0, __ATOMIC_RELAXED);
-  jt->nrevokes = 0;
+  jt->revokes.len = 0;
   jt->tid++;
   jt->ncommits++;
 
  done:
   /* Freed blocks may be reused now. */
-  for (i = 0; i < jt->nheld; ++i)
-    jt->unhold (jt->opaque, jt->held[i].start, jt->held[i].len);
-  jt->nheld = 0;
+  for (i = 0; i < jt->held.len; ++i)
+    jt->unhold (jt->opaque, jt->held.ptr[i].start, jt->held.ptr[i].len);
+  jt->held.len = 0;
   __atomic_store_n (&jt->needs_commit, false, __ATOMIC_RELAXED);
   if (jt->used > jt->capacity / 2 && checkpoint_locked (jt, err) == -1) {
     jtx_abort_locked (jt, "checkpoint failed");
@@ -1310,9 +1292,9 @@ jtx_free (struct ext4fs_jtx *jt)
     }
   }
   free (jt->buckets);
-  free (jt->running);
-  free (jt->revokes);
-  free (jt->held);
+  jent_vector_reset (&jt->running);
+  blk_vector_reset (&jt->revokes);
+  hold_vector_reset (&jt->held);
   free (jt->logbuf);
   pthread_rwlock_destroy (&jt->handle_lock);
   pthread_mutex_destroy (&jt->tlock);
