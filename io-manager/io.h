@@ -20,6 +20,7 @@
 #ifndef EXT4FS_IO_H
 #define EXT4FS_IO_H
 
+#include <stdbool.h>
 #include <stdint.h>
 #include <ext2fs/ext2fs.h>
 #include <nbdkit-filter.h>
