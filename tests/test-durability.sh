@@ -14,17 +14,6 @@ requires python3 -c 'import nbd'
 requires debugfs -V
 cd "$tmpdir"
 
-# wait_gone PID: wait for a process (not our child) to disappear.
-wait_gone ()
-{
-    local i
-    for ((i=0; i<300; i++)); do
-        kill -0 "$1" 2>/dev/null || return 0
-        sleep 0.1
-    done
-    fail "process $1 did not exit"
-}
-
 cat > client.py <<'EOF'
 import sys, os, time, random, errno
 import nbd
@@ -177,7 +166,7 @@ for flavour in ext4 ext2-1k; do
     [ -f written ] || fail "client did not write"
     pid=$(cat $sock.pid)
     kill -9 $pid
-    wait_gone $pid
+    wait_gone $pid || fail "nbdkit $pid did not exit after kill -9"
     touch killed
     wait $cpid || fail "client failed"
     if [ $flavour = ext4 ]; then

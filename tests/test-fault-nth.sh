@@ -37,8 +37,7 @@
 source "$srcdir/functions.sh"
 requires python3 -c 'import nbd'
 requires debugfs -V
-failnth=$abs_builddir/.libs/nbdkit-failnth-filter.so
-[ -f "$failnth" ] || fail "$failnth is not built (make check builds it)"
+failnth=$(test_filter failnth)
 cd "$tmpdir"
 
 cat > req.py <<'EOF'
