@@ -10,6 +10,11 @@ set -u
 export PATH=/usr/bin:/usr/sbin:/sbin:$PATH
 : "${FILTER:?FILTER must point at nbdkit-ext4fs-filter.so}"
 
+# The Python clients import the shared test module, e4test.py (its
+# docstring says how to write a test), from the source directory.
+PYTHONPATH=$(cd "$srcdir" && pwd)${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH
+
 # test_filter NAME: the path of the check filter nbdkit-NAME-filter.so
 # built in tests/ (make check builds them); fails if it is not built.
 test_filter ()
