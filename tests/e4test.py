@@ -74,15 +74,18 @@ def touch(path):
 
 
 def wait_for(path, what=None, timeout=60, poll=0.002, on_timeout=fail):
-    """Wait until PATH exists.  Fails if "abort" appears first ("another
-    client failed") or after TIMEOUT seconds (via ON_TIMEOUT, e.g.
-    abort to stop the others too)."""
+    """Wait until PATH exists (a list or tuple: until all of them do).
+    Fails if "abort" appears first ("another client failed") or after
+    TIMEOUT seconds (via ON_TIMEOUT, e.g. abort to stop the others
+    too).  WHAT names what is awaited in messages."""
+    paths = [path] if isinstance(path, str) else list(path)
+    what = what or " ".join(paths)
     t0 = time.time()
-    while not os.path.exists(path):
-        if path != "abort" and os.path.exists("abort"):
-            fail("another client failed (waiting for %s)" % (what or path))
+    while not all(os.path.exists(p) for p in paths):
+        if "abort" not in paths and os.path.exists("abort"):
+            fail("another client failed (waiting for %s)" % what)
         if time.time() - t0 > timeout:
-            on_timeout("timeout waiting for %s" % (what or path))
+            on_timeout("timeout waiting for %s" % what)
         time.sleep(poll)
 
 
