@@ -15,27 +15,21 @@ requires debugfs -V
 cd "$tmpdir"
 
 cat > client.py <<'EOF'
-import sys, os, time, random, errno
+import sys, os, errno
 import nbd
+import e4test as t
 
 mode, sock, exp_path = sys.argv[1:4]
 exp = bytearray(open(exp_path, "rb").read())
 size = len(exp)
-rnd = random.Random(int(os.environ.get("SEED", "1")))
-h = nbd.NBD()
-h.connect_uri("nbd+unix:///?socket=" + sock)
-assert h.get_size() == size
+rnd = t.client_rng(scale=1)
+h = t.connect(sock, size=size)
 
-# libnbd's nbd.Error: .errnum is the number, .errno the symbolic name.
 def is_enospc(e):
-    return e.errnum == errno.ENOSPC or e.errno in ("ENOSPC", errno.ENOSPC)
+    return t.is_errno(e, errno.ENOSPC)
 
 def wait_for(name):
-    t0 = time.time()
-    while not os.path.exists(name):
-        if time.time() - t0 > 60:
-            sys.exit("timeout waiting for " + name)
-        time.sleep(0.01)
+    t.wait_for(name, timeout=60, poll=0.01)
 
 if mode == "kill9":
     # Flushed writes into holes (and over data).
