@@ -2,6 +2,13 @@
 #
 # Tests run with the just-built filter ($FILTER) and build their own
 # images with mke2fs/debugfs in a private temporary directory.
+#
+# A new test: a script that sources this file, builds its image, starts
+# the server (start_nbdkit, or nbdkit_srv --run), runs its clients and
+# ends with stop_nbdkit, fsck_clean and dump_cmp.  Clients in Python
+# import e4test (e4test.py here: connections, the barrier of
+# release_clients, a shadow model of the file, patterned data, expected
+# errors); its docstring has an example.
 
 set -e
 set -u
