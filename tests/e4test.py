@@ -17,8 +17,9 @@ Tell the story of what the users do; leave the mechanics here:
     t.barrier("writer.1")                   # ready.writer.1, wait for go
     m.pwrite(t.pattern(7, 4096), 8192)      # the export and the model
     m.check(8192, 4096, "read-back")        # exits at the first wrong byte
-    t.expect_errno("write past the end", lambda: h.pwrite(b"x", m.size),
-                   errno.ENOSPC, after=lambda: m.check_all("unchanged"))
+    t.expect_errno("write into a hole, filesystem full",
+                   lambda: h.pwrite(b"x", hole), errno.ENOSPC,
+                   after=lambda: m.check_all("unchanged"))
     m.save("out.f")                         # for dump_cmp in the script
 
 The shell side releases the clients with release_clients N PID...
