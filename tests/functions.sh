@@ -2,6 +2,13 @@
 #
 # Tests run with the just-built filter ($FILTER) and build their own
 # images with mke2fs/debugfs in a private temporary directory.
+#
+# A new test: a script that sources this file, builds its image, starts
+# the server (start_nbdkit, or nbdkit_srv --run), runs its clients and
+# ends with stop_nbdkit, fsck_clean and dump_cmp.  Clients in Python
+# import e4test (e4test.py here: connections, the barrier of
+# release_clients, a shadow model of the file, patterned data, expected
+# errors); its docstring has an example.
 
 set -e
 set -u
@@ -9,6 +16,20 @@ set -u
 # nbdsh must find python3's nbd module: /usr/bin first.
 export PATH=/usr/bin:/usr/sbin:/sbin:$PATH
 : "${FILTER:?FILTER must point at nbdkit-ext4fs-filter.so}"
+
+# The Python clients import the shared test module, e4test.py (its
+# docstring says how to write a test), from the source directory.
+PYTHONPATH=$(cd "$srcdir" && pwd)${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH
+
+# test_filter NAME: the path of the check filter nbdkit-NAME-filter.so
+# built in tests/ (make check builds them); fails if it is not built.
+test_filter ()
+{
+    local so="$abs_builddir/.libs/nbdkit-$1-filter.so"
+    [ -f "$so" ] || fail "$so is not built (make check builds it)"
+    echo "$so"
+}
 
 # Extra wrapper for the server (e.g. LD_PRELOAD of a sanitizer runtime
 # comes through $EXT4FS_SERVER_ENV, applied only to nbdkit).
@@ -117,13 +138,16 @@ start_nbdkit ()
     cleanup_fn "kill \$(cat $pidfile) 2>/dev/null; sleep 0.2"
 }
 
-# stop_nbdkit SOCK: SIGTERM and wait until it has exited.
-stop_nbdkit ()
+# wait_gone PID [SECS]: wait until process PID (not necessarily our
+# child) has disappeared, 30 s at most by default.  Returns 0 when it
+# has; 1 if it is still running.  Under a sanitizer runtime, an nbdkit
+# hung in glibc's exit handlers after our .cleanup has finished is
+# killed (with a note) and 2 is returned: that hang, nothing else, is
+# tolerated.
+wait_gone ()
 {
-    local pidfile="$1.pid" pid i
-    pid=$(cat "$pidfile")
-    kill "$pid" 2>/dev/null || true
-    for ((i=0; i<300; i++)); do
+    local pid=$1 secs=${2:-30} i
+    for ((i=0; i<secs*10; i++)); do
         kill -0 "$pid" 2>/dev/null || return 0
         # Under a sanitizer runtime, look every 3 s for the hang below
         # in the shared libraries' destructors (_dl_fini runs after
@@ -135,10 +159,11 @@ stop_nbdkit ()
                grep -qE "_dl_call_fini|_dl_fini"; then
             echo "note: nbdkit $pid hung in the shared libraries' destructors under the sanitizer runtime; killed"
             kill -9 "$pid" 2>/dev/null || true
-            return 0
+            return 2
         fi
         sleep 0.1
     done
+    kill -0 "$pid" 2>/dev/null || return 0
     # Under a sanitizer runtime, glibc can deadlock in the exit handlers
     # (a library destructor waiting for the locale lock) after our
     # .cleanup has finished: tolerate exactly that, nothing else.
@@ -147,12 +172,89 @@ stop_nbdkit ()
            grep -qE "_dl_call_fini|_dl_fini|__run_exit_handlers"; then
         echo "note: nbdkit $pid hung in the C library's exit handlers under the sanitizer runtime; killed"
         kill -9 "$pid" 2>/dev/null || true
-        return 0
+        return 2
     fi
-    fail "nbdkit $pid did not exit"
+    return 1
 }
 
-# fsck_clean IMG: e2fsck -fn must report no problem.
+# stop_nbdkit SOCK [SECS]: SIGTERM the server of SOCK (its pid in
+# SOCK.pid) and wait until it has exited (wait_gone); fails if it does
+# not exit within SECS (30) seconds.
+stop_nbdkit ()
+{
+    local pid st=0
+    pid=$(cat "$1.pid")
+    kill "$pid" 2>/dev/null || true
+    wait_gone "$pid" "${2:-30}" || st=$?
+    [ $st -ne 1 ] || fail "nbdkit $pid did not exit"
+}
+
+# The servers of the suites that record failures and go on (they
+# define bad MSG: record a failure).
+#
+# srv_try_start NAME ARGS...: a background server on $tmpdir/NAME.sock,
+# stderr in $tmpdir/NAME.err; its job is kept for srv_stop and it is
+# killed at exit.  Returns 1 if the server exits before it serves (the
+# caller decides).  srv_start NAME ARGS...: the same, but that fails
+# the test (with the server's stderr).
+declare -A srv_job
+srv_try_start ()
+{
+    local name="$1"; shift
+    local sock="$tmpdir/$name.sock" i
+    rm -f "$sock" "$sock.pid"
+    nbdkit_srv -U "$sock" -P "$sock.pid" -f "$@" 2> "$tmpdir/$name.err" &
+    srv_job[$name]=$!
+    cleanup_fn "[ -s $sock.pid ] && kill \$(cat $sock.pid) 2>/dev/null"
+    for ((i=0; i<150; i++)); do
+        [ -s "$sock.pid" ] && [ -S "$sock" ] && return 0
+        kill -0 "${srv_job[$name]}" 2>/dev/null || break
+        sleep 0.1
+    done
+    wait "${srv_job[$name]}" 2>/dev/null
+    return 1
+}
+srv_start ()
+{
+    srv_try_start "$@" && return 0
+    cat "$tmpdir/$1.err" >&2
+    fail "$1: nbdkit did not start: ${*:2}"
+}
+
+# srv_alive NAME: the server has not exited (crashed).
+srv_alive () { kill -0 "${srv_job[$1]}" 2>/dev/null; }
+
+# check_err NAME ERRFILE: no crash, sanitizer report or assertion in the
+# server's stderr (else bad).  A test may define its own after sourcing
+# this file.
+check_err ()
+{
+    if grep -q -E 'Sanitizer|runtime error:|Segmentation fault|Aborted|assertion' "$2"; then
+        bad "$1: crash, sanitizer report or assertion in stderr: $(grep -m1 -E 'Sanitizer|runtime error:|Segmentation|Aborted|assertion' "$2")"
+    fi
+}
+
+# srv_stop NAME: SIGTERM the server of srv_start; it must exit with
+# status 0 within 15 s (else bad), and check_err must find nothing in
+# $tmpdir/NAME.err.
+srv_stop ()
+{
+    local name="$1" sock="$tmpdir/$1.sock" job="${srv_job[$1]}" pid rc=0 st=0
+    if [ -s "$sock.pid" ]; then
+        pid=$(cat "$sock.pid")
+        kill "$pid" 2>/dev/null
+        wait_gone "$pid" 15 || st=$?
+        if [ $st = 1 ]; then
+            bad "$name: nbdkit did not exit within 15 s of SIGTERM"
+            kill -9 "$pid" 2>/dev/null
+        fi
+    fi
+    wait "$job" || rc=$?
+    rm -f "$sock.pid"
+    [ "$rc" = 0 ] || [ $st = 2 ] || bad "$name: nbdkit exited with status $rc"
+    check_err "$name" "$tmpdir/$name.err"
+}
+
 # release_clients N PID...: the barrier of the concurrency tests.  Wait
 # until N client processes have each created a file ready.*, create
 # the file "go" they wait for, so that they start together, then wait
@@ -173,6 +275,7 @@ release_clients ()
     [ $st -eq 0 ] || fail "a client failed"
 }
 
+# fsck_clean IMG: e2fsck -fn must report no problem.
 fsck_clean ()
 {
     if ! e2fsck -fn "$1" > "$tmpdir/fsck.out" 2>&1; then

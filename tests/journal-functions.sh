@@ -1,5 +1,6 @@
 # Helpers of the journal replay tests (test-journal-*.sh).  Source it
-# after functions.sh, before leaving the directory of the test (srcdir
+# after functions.sh (its srv_try_start, srv_stop and check_err use
+# bad, defined here), before leaving the directory of the test (srcdir
 # may be relative); it leaves the shell in $tmpdir.
 #
 # Every case runs even if an earlier one failed: bad() records a
@@ -31,55 +32,6 @@ report_failures ()
 # snap (a cmp against a copy: what an equal sha256 would show, faster).
 snap () { cp --sparse=always "$1" "$1.snap"; }
 unchanged () { cmp -s "$1" "$1.snap"; }
-
-# check_err NAME ERRFILE: no crash or sanitizer report in the server's
-# stderr.
-check_err ()
-{
-    if grep -q -E 'Sanitizer|runtime error:|Segmentation fault|Aborted|assertion' "$2"; then
-        bad "$1: crash, sanitizer report or assertion in stderr: $(grep -m1 -E 'Sanitizer|runtime error:|Segmentation|Aborted|assertion' "$2")"
-    fi
-}
-
-# srv_start NAME ARGS...: a background server on $tmpdir/NAME.sock,
-# stderr in $tmpdir/NAME.err.  Returns 1 (and records nothing) if the
-# server exits before it serves; the caller decides.
-declare -A srv_job
-srv_start ()
-{
-    local name="$1"; shift
-    local sock="$tmpdir/$name.sock" i
-    rm -f "$sock" "$sock.pid"
-    nbdkit_srv -U "$sock" -P "$sock.pid" -f "$@" 2> "$tmpdir/$name.err" &
-    srv_job[$name]=$!
-    cleanup_fn "[ -s $sock.pid ] && kill \$(cat $sock.pid) 2>/dev/null"
-    for ((i=0; i<150; i++)); do
-        [ -s "$sock.pid" ] && [ -S "$sock" ] && return 0
-        kill -0 "${srv_job[$name]}" 2>/dev/null || break
-        sleep 0.1
-    done
-    wait "${srv_job[$name]}" 2>/dev/null
-    return 1
-}
-
-# srv_stop NAME: SIGTERM; it must exit 0 within 15 s, no crash report.
-srv_stop ()
-{
-    local name="$1" sock="$tmpdir/$1.sock" job="${srv_job[$1]}" i rc=0
-    [ -s "$sock.pid" ] && kill "$(cat "$sock.pid")" 2>/dev/null
-    for ((i=0; i<150; i++)); do
-        kill -0 "$job" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$job" 2>/dev/null; then
-        bad "$name: nbdkit did not exit within 15 s of SIGTERM"
-        kill -9 "$(cat "$sock.pid")" 2>/dev/null
-    fi
-    wait "$job" || rc=$?
-    rm -f "$sock.pid"
-    [ "$rc" = 0 ] || bad "$name: nbdkit exited with status $rc"
-    check_err "$name" "$tmpdir/$name.err"
-}
 
 # rdump_to DIR IMG: every file of IMG, as debugfs reads it, under DIR.
 rdump_to ()

@@ -242,43 +242,6 @@ cmp_lists ()
     fi
 }
 
-# srv_start NAME ARGS...: background server on $tmpdir/NAME.sock,
-# stderr in $tmpdir/NAME.err.  srv_stop NAME: SIGTERM, must exit 0.
-declare -A srv_job
-srv_start ()
-{
-    local name="$1" sock="$tmpdir/$1.sock" i; shift
-    rm -f "$sock" "$sock.pid"
-    nbdkit_srv -U "$sock" -P "$sock.pid" -f "$@" 2> "$tmpdir/$name.err" &
-    srv_job[$name]=$!
-    cleanup_fn "[ -s $sock.pid ] && kill \$(cat $sock.pid) 2>/dev/null"
-    for ((i=0; i<150; i++)); do
-        [ -s "$sock.pid" ] && [ -S "$sock" ] && return 0
-        kill -0 "${srv_job[$name]}" 2>/dev/null || break
-        sleep 0.1
-    done
-    cat "$tmpdir/$name.err" >&2
-    fail "$name: nbdkit did not start: $*"
-}
-srv_stop ()
-{
-    local name="$1" sock="$tmpdir/$1.sock" job="${srv_job[$1]}" i rc=0
-    [ -s "$sock.pid" ] && kill "$(cat "$sock.pid")" 2>/dev/null
-    for ((i=0; i<150; i++)); do
-        kill -0 "$job" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$job" 2>/dev/null; then
-        bad "$name: nbdkit did not exit within 15 s of SIGTERM"
-        kill -9 "$(cat "$sock.pid")" 2>/dev/null
-    fi
-    wait "$job" || rc=$?
-    rm -f "$sock.pid"
-    [ "$rc" = 0 ] || bad "$name: nbdkit exited with status $rc"
-    if grep -q -E 'Sanitizer|runtime error:|Segmentation fault|Aborted|assertion' "$tmpdir/$name.err"; then
-        bad "$name: crash or sanitizer report: $(grep -m1 -E 'Sanitizer|runtime error:|Segmentation|Aborted|assertion' "$tmpdir/$name.err")"
-    fi
-}
 # replayed_count NAME: N from "ext4fs: journal: replayed N transaction(s)".
 replayed_count ()
 {

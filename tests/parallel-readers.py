@@ -9,13 +9,12 @@ import multiprocessing
 import random
 import sys
 
-import nbd
+import e4test as t
 
 
 def reader(uri, path, seed, count, go):
     data = open(path, "rb").read()
-    h = nbd.NBD()
-    h.connect_uri(uri)
+    h = t.connect(uri)
     rnd = random.Random(seed)
     go.wait()
     for _ in range(count):

@@ -18,42 +18,23 @@ requires debugfs -V
 cd "$tmpdir"
 
 cat > conc.py <<'EOF'
-import sys, os, time, random, pickle, errno
-import nbd
+import sys, os
+import e4test as t
 
 role, ident, sock, orig_path, out = sys.argv[1:6]
 ident = int(ident)
 orig = open(orig_path, "rb").read()
 size = len(orig)
-rnd = random.Random(int(os.environ.get("SEED", "1")) * 100 + ident)
+rnd = t.client_rng(ident)
 
-h = nbd.NBD()
-h.connect_uri("nbd+unix:///?socket=" + sock)
-assert h.get_size() == size, (h.get_size(), size)
+h = t.connect(sock, size=size)
+t.barrier("%s.%d" % (role, ident))
 
-# Barrier: say we are connected, then wait for "go".
-open("ready.%s.%d" % (role, ident), "w").close()
-t0 = time.time()
-while not os.path.exists("go"):
-    if time.time() - t0 > 60:
-        sys.exit("barrier timeout")
-    time.sleep(0.005)
-
-shadow = bytearray(orig)
+model = t.Shadow(h, orig, who="%s %d" % (role, ident))
 owned = []                      # [(off, len)] owned by this client
 
 def write(off, n):
-    buf = rnd.randbytes(n)
-    h.pwrite(buf, off)
-    shadow[off:off+n] = buf
-
-def check(off, n, what):
-    got = h.pread(n, off)
-    if got != shadow[off:off+n]:
-        for i in range(n):
-            if got[i] != shadow[off+i]:
-                sys.exit("%s %d: %s: byte %d is %d, expected %d" %
-                         (role, ident, what, off + i, got[i], shadow[off+i]))
+    model.randwrite(rnd, off, n)
 
 if role == "disjoint":
     # Chunks of 65537 bytes, owner = chunk index % NCLIENTS.
@@ -69,10 +50,10 @@ if role == "disjoint":
         while p < off + n:
             m = min(rnd.randint(1, 20000), off + n - p)
             write(p, m)
-            check(p, m, "read-back")
+            model.check(p, m, "read-back")
             p += m
     for off, n in owned:
-        check(off, n, "final read-back")
+        model.check(off, n, "final read-back")
 
 elif role == "hammer":
     # Region A (3-byte cells, cell c owned by c % 8) at each base in
@@ -101,13 +82,13 @@ elif role == "hammer":
             m = rnd.randint(1, n - a)
             write(off + a, m)
             off, n = off + a, m
-        check(off, n, "read-back")
+        model.check(off, n, "read-back")
     for off, n in owned:
-        check(off, n, "final read-back")
+        model.check(off, n, "final read-back")
 
 elif role in ("holewriter", "holereader"):
     # The pattern: seeded random bytes, never zero.
-    pat = random.Random(4242).randbytes(size).replace(b"\0", b"\1")
+    pat = t.pattern(4242, size, zero_as=b"\1")
     if role == "holewriter":
         nwriters = int(os.environ["NWRITERS"])
         chunk = 7777
@@ -118,11 +99,10 @@ elif role in ("holewriter", "holereader"):
             p = off
             while p < off + n:
                 m = min(rnd.randint(1, 5000), off + n - p)
-                h.pwrite(pat[p:p+m], p)
-                shadow[p:p+m] = pat[p:p+m]
+                model.pwrite(pat[p:p+m], p)
                 p += m
         for off, n in owned:
-            check(off, n, "final read-back")
+            model.check(off, n, "final read-back")
     else:
         seen = bytearray(size)
         zeros = bytes(65536)
@@ -155,32 +135,21 @@ elif role in ("holewriter", "holereader"):
                         elif g == 0 and not seen[off+i]:
                             pass
                         else:
-                            sys.exit("reader %d: byte %d is %d (pattern %d, "
-                                     "seen data before: %d)" %
-                                     (ident, off + i, g, pat[off+i], seen[off+i]))
+                            t.fail("reader %d: byte %d is %d (pattern %d, "
+                                   "seen data before: %d)" %
+                                   (ident, off + i, g, pat[off+i], seen[off+i]))
             if done:
                 break
         # After the writers: everything is written.
         got = h.pread(size, 0)
         if got != pat:
-            sys.exit("reader %d: final content differs" % ident)
+            t.fail("reader %d: final content differs" % ident)
         print("reader %d: %d reads" % (ident, reads))
 
 h.flush()
 h.shutdown()
-# The final content of the bytes this client owns.
-pickle.dump([(off, bytes(shadow[off:off+n])) for off, n in owned],
-            open(out, "wb"))
-EOF
-
-cat > merge.py <<'EOF'
-import sys, pickle
-orig, out = sys.argv[1:3]
-exp = bytearray(open(orig, "rb").read())
-for p in sys.argv[3:]:
-    for off, data in pickle.load(open(p, "rb")):
-        exp[off:off+len(data)] = data
-open(out, "wb").write(exp)
+# The final content of the bytes this client owns (for merge).
+model.save_owned(out, owned)
 EOF
 
 # run_clients SOCK ROLE:N[:ORIG] ...: start the clients, wait for them
@@ -233,7 +202,7 @@ for flavour in ext4 ext2-1k; do
     NCLIENTS=4 run_clients $sock disjoint:4:src/p
     stop_nbdkit $sock
     fsck_clean img
-    python3 merge.py src/p exp-p out.disjoint.*
+    python3 -m e4test merge src/p exp-p out.disjoint.*
     dump_cmp img /p exp-p
 
     # 2. 8 writers hammering the same blocks: region A in holes (0 and
@@ -244,7 +213,7 @@ for flavour in ext4 ext2-1k; do
         run_clients $sock hammer:8:src/s
     stop_nbdkit $sock
     fsck_clean img
-    python3 merge.py src/s exp-s out.hammer.*
+    python3 -m e4test merge src/s exp-s out.hammer.*
     dump_cmp img /s exp-s
 
     # 3. Hole writers racing readers.
@@ -253,6 +222,6 @@ for flavour in ext4 ext2-1k; do
     NWRITERS=2 run_clients $sock holewriter:2:src/r holereader:4:src/r
     stop_nbdkit $sock
     fsck_clean img
-    python3 merge.py src/r exp-r out.holewriter.*
+    python3 -m e4test merge src/r exp-r out.holewriter.*
     dump_cmp img /r exp-r
 done

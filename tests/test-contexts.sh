@@ -19,9 +19,8 @@
 source "$srcdir/functions.sh"
 # Below the serializing plugins, tests/nbdkit-overlap-filter.c fails
 # any call that overlaps another where the thread model forbids it.
-overlap=$abs_builddir/.libs/nbdkit-overlap-filter.so
+overlap=$(test_filter overlap)
 export here=$(cd "$srcdir" && pwd)
-[ -f "$overlap" ] || fail "$overlap is not built (make check builds it)"
 requires nbdsh --version
 requires python3 -c 'import nbd'
 requires debugfs -V
@@ -71,8 +70,7 @@ for p in "${pids[@]}"; do wait "$p" || fail "writer $p failed"; done
 # Everything was flushed: kill -9 now must lose nothing.
 pid=$(cat "$sock.pid")
 kill -9 "$pid"
-for ((i=0; i<100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-kill -0 "$pid" 2>/dev/null && fail "nbdkit $pid survived kill -9"
+wait_gone "$pid" 10 || fail "nbdkit $pid survived kill -9"
 contexts log1 | grep -q "^3 context(s) into the plugin (read-write)" ||
     fail "expected 3 read-write contexts: $(contexts log1)"
 n=$(ids_with plog Write)

@@ -38,8 +38,8 @@ alloc () { echo $(( $(stat -c %b "$1") * 512 / 1024 / 1024 )); }   # MiB
 rm -f log
 nbdkit_srv -U - --filter="$FILTER" --filter=log file img ext4file=/big \
     logfile=log --run '/usr/bin/python3 -c "
-import nbd
-h = nbd.NBD(); h.connect_uri(\"$uri\")
+import e4test as t
+h = t.connect(\"$uri\")
 pat = open(\"pattern\", \"rb\").read()
 for off in range(0, len(pat), 1 << 22):
     h.pwrite(pat[off:off + (1 << 22)], off)
@@ -65,7 +65,8 @@ dump_cmp img /other src/other
 
 # Every Trim covers free blocks only, after a Flush.
 /usr/bin/python3 - img <<'EOF' || fail "a Trim below was not safe"
-import re, sys, subprocess
+import re, sys
+import e4test as t
 img = sys.argv[1]
 bs = 4096
 lines = open("log").read().splitlines()
@@ -80,15 +81,7 @@ for l in lines:
 if not trims:
     sys.exit("no Trim reached the plugin")
 # The blocks in use now (after the session): no Trim may touch one.
-used = subprocess.run(["dumpe2fs", img], capture_output=True, text=True).stdout
-free = set()
-for m in re.finditer(r"Free blocks: ([0-9, -]+)", used):
-    for part in m.group(1).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        a, _, b = part.partition("-")
-        free.update(range(int(a), int(b or a) + 1))
+free = t.free_blocks_of(img)
 for off, cnt, nf in trims:
     if nf == 0:
         sys.exit("a Trim before any Flush")
@@ -103,8 +96,8 @@ cp img.clean img2
 rm -f log
 nbdkit_srv -U - --filter="$FILTER" --filter=log file img2 ext4file=/big \
     logfile=log ext4discard=false --run '/usr/bin/python3 -c "
-import nbd
-h = nbd.NBD(); h.connect_uri(\"$uri\")
+import e4test as t
+h = t.connect(\"$uri\")
 h.pwrite(b\"x\" * (8 << 20), 0); h.flush(); h.trim(8 << 20, 0); h.flush()
 "'
 grep -q " Trim " log && fail "ext4discard=false: a Trim reached the plugin"
@@ -122,16 +115,12 @@ grep -q -E " (Trim|Write|Zero) " log && fail "-r: a Trim, Write or Zero reached 
 cp img.clean img3
 # Garbage in 60 MiB of free blocks (the largest free range).
 range=$(dumpe2fs img3 2>/dev/null | /usr/bin/python3 -c "
-import sys, re
+import sys
+import e4test as t
 best = (0, 0)
-for m in re.finditer(r'Free blocks: ([0-9, -]+)', sys.stdin.read()):
-    for part in m.group(1).split(','):
-        part = part.strip()
-        if part:
-            a, _, b = part.partition('-')
-            a, b = int(a), int(b or a)
-            if b - a > best[1] - best[0]:
-                best = (a, b)
+for a, b in t.free_block_ranges(sys.stdin.read()):
+    if b - a > best[1] - best[0]:
+        best = (a, b)
 print(best[0], best[1] - best[0] + 1)")
 set -- $range
 [ "$2" -ge $((60 * 256)) ] || fail "test setup: no 60 MiB free range ($range)"

@@ -14,39 +14,22 @@ requires python3 -c 'import nbd'
 requires debugfs -V
 cd "$tmpdir"
 
-# wait_gone PID: wait for a process (not our child) to disappear.
-wait_gone ()
-{
-    local i
-    for ((i=0; i<300; i++)); do
-        kill -0 "$1" 2>/dev/null || return 0
-        sleep 0.1
-    done
-    fail "process $1 did not exit"
-}
-
 cat > client.py <<'EOF'
-import sys, os, time, random, errno
+import sys, os, errno
 import nbd
+import e4test as t
 
 mode, sock, exp_path = sys.argv[1:4]
 exp = bytearray(open(exp_path, "rb").read())
 size = len(exp)
-rnd = random.Random(int(os.environ.get("SEED", "1")))
-h = nbd.NBD()
-h.connect_uri("nbd+unix:///?socket=" + sock)
-assert h.get_size() == size
+rnd = t.client_rng(scale=1)
+h = t.connect(sock, size=size)
 
-# libnbd's nbd.Error: .errnum is the number, .errno the symbolic name.
 def is_enospc(e):
-    return e.errnum == errno.ENOSPC or e.errno in ("ENOSPC", errno.ENOSPC)
+    return t.is_errno(e, errno.ENOSPC)
 
 def wait_for(name):
-    t0 = time.time()
-    while not os.path.exists(name):
-        if time.time() - t0 > 60:
-            sys.exit("timeout waiting for " + name)
-        time.sleep(0.01)
+    t.wait_for(name, timeout=60, poll=0.01)
 
 if mode == "kill9":
     # Flushed writes into holes (and over data).
@@ -177,7 +160,7 @@ for flavour in ext4 ext2-1k; do
     [ -f written ] || fail "client did not write"
     pid=$(cat $sock.pid)
     kill -9 $pid
-    wait_gone $pid
+    wait_gone $pid || fail "nbdkit $pid did not exit after kill -9"
     touch killed
     wait $cpid || fail "client failed"
     if [ $flavour = ext4 ]; then

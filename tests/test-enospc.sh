@@ -54,28 +54,17 @@ make_full ()
 
 cat > enospc.py <<'EOF'
 import nbd, sys, os, errno
+import e4test as t
 sock, expf, outf, bs, part = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
-h = nbd.NBD(); h.connect_uri("nbd+unix:///?socket=" + sock)
-exp = bytearray(open(expf, "rb").read()); size = len(exp)
-assert h.get_size() == size
+exp = open(expf, "rb").read()
+h = t.connect(sock, size=len(exp))
+m = t.Shadow(h, exp)
 def check(what):
-    got = h.pread(size, 0)
-    if got != exp:
-        i = next(i for i in range(size) if got[i] != exp[i])
-        sys.exit("%s: byte %d differs" % (what, i))
+    m.check_all(what)
 def enospc(what, fn):
-    try:
-        fn()
-    except nbd.Error as e:
-        if e.errnum != errno.ENOSPC:
-            sys.exit("%s: expected ENOSPC, got %s" % (what, e))
-        check("after " + what)
-        return
-    sys.exit("%s: succeeded on a full filesystem" % what)
+    t.expect_errno(what, fn, errno.ENOSPC, after=lambda: check("after " + what))
 def write(o, n):
-    buf = os.urandom(n)
-    h.pwrite(buf, o)
-    exp[o:o+n] = buf
+    m.pwrite(os.urandom(n), o)
 if part == "ext2":
     enospc("32 MiB write into a hole", lambda: h.pwrite(os.urandom(32 << 20), 8 << 20))
     write(8 << 20, 1 << 20)         # a smaller allocating write works
@@ -88,29 +77,23 @@ else:
     enospc("write into a hole", lambda: h.pwrite(os.urandom(bs), 8 * bs))
     # Zeroes would split an extent too: zeros are written in place
     # instead (FAST_ZERO: refused, that is not fast).
-    try:
-        h.zero(2 * bs, 2 * seg + 2 * bs, nbd.CMD_FLAG_FAST_ZERO)
-        sys.exit("FAST_ZERO that cannot be fast succeeded")
-    except nbd.Error as e:
-        if e.errnum not in (errno.ENOTSUP, errno.EOPNOTSUPP):
-            sys.exit("FAST_ZERO: expected ENOTSUP, got %s" % e)
+    t.expect_errno("FAST_ZERO that cannot be fast",
+                   lambda: h.zero(2 * bs, 2 * seg + 2 * bs, nbd.CMD_FLAG_FAST_ZERO),
+                   (errno.ENOTSUP, errno.EOPNOTSUPP))
     check("after FAST_ZERO")
-    h.zero(2 * bs, 2 * seg + 2 * bs)
-    exp[2 * seg + 2 * bs:2 * seg + 4 * bs] = bytes(2 * bs)
+    m.zero(2 * bs, 2 * seg + 2 * bs)
     check("zero (MAY_TRIM)")
-    h.zero(2 * bs, 3 * seg + 1 * bs, nbd.CMD_FLAG_NO_HOLE)
-    exp[3 * seg + 1 * bs:3 * seg + 3 * bs] = bytes(2 * bs)
+    m.zero(2 * bs, 3 * seg + 1 * bs, nbd.CMD_FLAG_NO_HOLE)
     check("zero without MAY_TRIM")
     # A trim of whole extents needs no new block: it works and frees.
-    h.trim(seg, 0)
-    exp[0:seg] = bytes(seg)
+    m.trim(seg, 0)
     check("trim of a whole extent")
     write(8 * bs, bs)               # now there is room again
     write(seg + 5, 100)
     h.flush()
 check("end")
 h.shutdown()
-open(outf, "wb").write(exp)
+m.save(outf)
 EOF
 
 # 1. 1 KiB blocks, indirect mapping (ext4 without extents: flex_bg

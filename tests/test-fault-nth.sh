@@ -37,20 +37,20 @@
 source "$srcdir/functions.sh"
 requires python3 -c 'import nbd'
 requires debugfs -V
-failnth=$abs_builddir/.libs/nbdkit-failnth-filter.so
-[ -f "$failnth" ] || fail "$failnth is not built (make check builds it)"
+failnth=$(test_filter failnth)
 cd "$tmpdir"
 
 cat > req.py <<'EOF'
 import nbd, sys, os, errno
+import e4test as t
 sock, ctl, expf, kind, o, n, setup, k = sys.argv[1:9]
 o = int(o); n = int(n); bs = 1024
 flush = kind.endswith("+flush")
 kind = kind.replace("+flush", "")
-h = nbd.NBD(); h.connect_uri("nbd+unix:///?socket=" + sock)
+h = t.connect(sock)
 exp = bytearray(open(expf, 'rb').read()); size = len(exp)
 if h.pread(size, 0) != exp:
-    sys.exit("content differs before the request")
+    t.fail("content differs before the request")
 # Setup, unarmed: the first change of the process (VALID_FS cleared)
 # and what the request needs.
 h.pwrite(bytes(exp[0:bs]), 0)
@@ -97,8 +97,7 @@ try:
 except nbd.Error as e:
     sys.exit("reading the file after the failed request: %s" % e)
 if got[:o] != exp[:o] or got[o+n:] != exp[o+n:]:
-    i = next(i for i in range(size)
-             if not o <= i < o + n and got[i] != exp[i])
+    i = t.first_diff(got, exp) if got[:o] != exp[:o] else t.first_diff(got, exp, o + n)
     sys.exit("byte %d outside the request changed" % i)
 for i in range(n):
     if got[o+i] != old[i] and got[o+i] != new[i]:
@@ -109,13 +108,13 @@ h.shutdown()
 # The same from a new connection (when the file's last close drops its
 # inode and map, it is loaded again; on a filesystem marked broken they
 # are kept).
-h = nbd.NBD(); h.connect_uri("nbd+unix:///?socket=" + sock)
+h = t.connect(sock)
 try:
     got2 = h.pread(size, 0)
     if got2 != got:
-        i = next(i for i in range(size) if got2[i] != got[i])
-        sys.exit("a new connection reads other content (first at byte %d, "
-                 "request %d+%d)" % (i, o, n))
+        i = t.first_diff(got2, got)
+        t.fail("a new connection reads other content (first at byte %d, "
+               "request %d+%d)" % (i, o, n))
 except nbd.Error as e:
     sys.exit("reading the file from a new connection: %s" % e)
 h.shutdown()
@@ -128,6 +127,7 @@ EOF
 # inside: old, new, or zero (a repair may unmap what it cannot trust).
 cat > repaired.py <<'EOF'
 import sys
+import e4test as t
 dump, before, new, o, n = sys.argv[1:6]
 o = int(o); n = int(n)
 got = open(dump, "rb").read(); exp = open(before, "rb").read()
@@ -135,8 +135,7 @@ new = open(new, "rb").read()
 if len(got) != len(exp):
     sys.exit("size changed after repair")
 if got[:o] != exp[:o] or got[o+n:] != exp[o+n:]:
-    i = next(i for i in range(len(got))
-             if not o <= i < o + n and got[i] != exp[i])
+    i = t.first_diff(got, exp) if got[:o] != exp[:o] else t.first_diff(got, exp, o + n)
     sys.exit("byte %d outside the request lost after repair "
              "(was %d, now %d)" % (i, exp[i], got[i]))
 for i in range(o, o + n):

@@ -33,7 +33,7 @@ T=20                            # seconds allowed for any one client
 # Helpers.
 
 # check_err NAME ERRFILE: no crash, sanitizer report or untranslated
-# com_err code in the server's stderr.
+# com_err code in the server's stderr (functions.sh's srv_stop calls it).
 check_err ()
 {
     if grep -q -E 'Sanitizer|runtime error:|Segmentation fault|Aborted|assertion' "$2"; then
@@ -42,49 +42,6 @@ check_err ()
     if grep -q 'Unknown code' "$2"; then
         bad "$1: unclear message (untranslated error code): $(grep -m1 'Unknown code' "$2")"
     fi
-}
-
-# srv_start NAME ARGS...: a background server on $tmpdir/NAME.sock
-# (stderr in NAME.err); the server's job id is kept for srv_stop.
-declare -A srv_job
-srv_start ()
-{
-    local name="$1"; shift
-    local sock="$tmpdir/$name.sock" i
-    rm -f "$sock" "$sock.pid"
-    nbdkit_srv -U "$sock" -P "$sock.pid" -f "$@" 2> "$tmpdir/$name.err" &
-    srv_job[$name]=$!
-    cleanup_fn "[ -s $sock.pid ] && kill \$(cat $sock.pid) 2>/dev/null"
-    for ((i=0; i<150; i++)); do
-        [ -s "$sock.pid" ] && [ -S "$sock" ] && return 0
-        kill -0 "${srv_job[$name]}" 2>/dev/null || break
-        sleep 0.1
-    done
-    cat "$tmpdir/$name.err" >&2
-    fail "$name: nbdkit did not start: $*"
-}
-
-# srv_alive NAME: the server has not exited (crashed).
-srv_alive () { kill -0 "${srv_job[$1]}" 2>/dev/null; }
-
-# srv_stop NAME: SIGTERM, wait; it must exit 0 within 15 s, without a
-# crash report.
-srv_stop ()
-{
-    local name="$1" sock="$tmpdir/$1.sock" job="${srv_job[$1]}" i rc=0
-    [ -s "$sock.pid" ] && kill "$(cat "$sock.pid")" 2>/dev/null
-    for ((i=0; i<150; i++)); do
-        kill -0 "$job" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$job" 2>/dev/null; then
-        bad "$name: nbdkit did not exit within 15 s of SIGTERM"
-        kill -9 "$(cat "$sock.pid")" 2>/dev/null
-    fi
-    wait "$job" || rc=$?
-    rm -f "$sock.pid"
-    [ "$rc" = 0 ] || bad "$name: nbdkit exited with status $rc"
-    check_err "$name" "$tmpdir/$name.err"
 }
 
 # A libnbd client: probe SOCK EXPORT ACTION prints one line:

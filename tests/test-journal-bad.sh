@@ -149,7 +149,7 @@ bad_commit ()
 
     # -r: the replayed prefix, a message about the journal.
     snap $img
-    if srv_start r -r --filter="$FILTER" file $img ext4file=exportname; then
+    if srv_try_start r -r --filter="$FILTER" file $img ext4file=exportname; then
         reader r rdir - $files $gone > r.out
         srv_stop r
         for f in $files; do
@@ -171,7 +171,7 @@ bad_commit ()
     unchanged $img || bad "$name (-r): the image changed"
 
     # Read-write: a writable client is refused, naming e2fsck.
-    if srv_start w --filter="$FILTER" file $img ext4file=exportname; then
+    if srv_try_start w --filter="$FILTER" file $img ext4file=exportname; then
         r=$(reader w wdir /data /data)
         case "$r" in
             REFUSED*) ;;

@@ -100,7 +100,7 @@ check_case ()
 
     # (a) -r: the replayed files, nothing written.
     snap $img
-    if srv_start r -r --filter="$FILTER" file $img ext4file=exportname; then
+    if srv_try_start r -r --filter="$FILTER" file $img ext4file=exportname; then
         reader r rdir - $files $gone > r.out
         srv_stop r
         for f in $files; do
@@ -124,7 +124,7 @@ check_case ()
 
     # (b) read-write: replayed in place, served, one block written.
     [ "$mode" = nowrite ] && wfile=-
-    if srv_start w --filter="$FILTER" file $img ext4file=exportname; then
+    if srv_try_start w --filter="$FILTER" file $img ext4file=exportname; then
         reader w wdir $wfile $files $gone > w.out
         srv_stop w
         for f in $files; do

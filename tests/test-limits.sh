@@ -12,8 +12,7 @@
 source "$srcdir/functions.sh"
 requires python3 -c 'import nbd'
 requires debugfs -V
-failnth=$abs_builddir/.libs/nbdkit-failnth-filter.so
-[ -f "$failnth" ] || fail "$failnth is not built (make check builds it)"
+failnth=$(test_filter failnth)
 cd "$tmpdir"
 
 cat > limits.py <<'EOF'

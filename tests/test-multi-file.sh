@@ -21,54 +21,36 @@ requires debugfs -V
 cd "$tmpdir"
 
 cat > mf.py <<'EOF'
-import sys, os, time, random, pickle
-import nbd
+import sys, os, pickle
+import e4test as t
 
 role, ident, sock, name, orig_path, out = sys.argv[1:7]
 ident = int(ident)
-shadow = bytearray(open(orig_path, "rb").read())
-size = len(shadow)
-rnd = random.Random(int(os.environ.get("SEED", "1")) * 100 + ident)
+orig = open(orig_path, "rb").read()
+size = len(orig)
+rnd = t.client_rng(ident)
 bs = int(os.environ["BS"])
 
-h = nbd.NBD()
-h.set_export_name(name)
-h.connect_unix(sock)
+h = t.connect(sock, name)
 if h.get_size() != size:
-    sys.exit("%s %d (%s): size %d, expected %d" %
-             (role, ident, name, h.get_size(), size))
-
-def die(msg):
-    open("abort", "w").close()      # so that the others stop waiting
-    sys.exit(msg)
+    t.fail("%s %d (%s): size %d, expected %d" %
+           (role, ident, name, h.get_size(), size))
+# A wrong byte or a timeout creates "abort", so that the others stop
+# waiting.
+shadow = t.Shadow(h, orig, who="%s %d (%s)" % (role, ident, name),
+                  on_fail=t.abort)
 
 def wait_for(path, what):
-    t0 = time.time()
-    while not os.path.exists(path):
-        if os.path.exists("abort"):
-            sys.exit("%s %d: another client failed" % (role, ident))
-        if time.time() - t0 > 120:
-            die("%s %d: timeout waiting for %s" % (role, ident, what))
-        time.sleep(0.002)
+    t.wait_for(path, "%s %d: %s" % (role, ident, what), timeout=120,
+               on_timeout=t.abort)
 
 def check(off, n, what):
-    got = h.pread(n, off)
-    if got != shadow[off:off+n]:
-        i = next(i for i in range(n) if got[i] != shadow[off+i])
-        die("%s %d (%s): %s: byte %d is %d, expected %d" %
-                 (role, ident, name, what, off + i, got[i], shadow[off+i]))
+    shadow.check(off, n, what)
 
 def check_all(what):
-    for off in range(0, size, 1 << 22):
-        check(off, min(1 << 22, size - off), what)
+    shadow.check_all(what, piece=1 << 22)
 
-def touch(path):
-    open(path + ".tmp", "w").close()
-    os.rename(path + ".tmp", path)
-
-# Barrier.
-touch("ready.%s.%d" % (role, ident))
-wait_for("go", "the barrier")
+t.barrier("%s.%d" % (role, ident), timeout=120)
 
 if role == "file":
     holes = [int(x) for x in os.environ["HOLES_%d" % ident].split()]
@@ -87,15 +69,13 @@ if role == "file":
             n = rnd.randint(1, 20000)
             off = rnd.randint(0, size - 1)
         n = min(n, size - off)
-        buf = rnd.randbytes(n)
-        h.pwrite(buf, off)
-        shadow[off:off+n] = buf
+        shadow.randwrite(rnd, off, n)
         check(off, n, "read-back")
         if rnd.random() < 0.05:
             h.flush()
     h.flush()
     check_all("final read-back")
-    open(out, "wb").write(shadow)
+    shadow.save(out)
 
 elif role == "same":
     # NW writers in turn (the writer of round r is client r); in each
@@ -122,8 +102,7 @@ elif role == "same":
                     off = rnd.randint(0, size - n)
                 n = min(n, size - off)
                 buf = rnd.randbytes(n)
-                h.pwrite(buf, off)          # reply received here
-                shadow[off:off+n] = buf
+                shadow.pwrite(buf, off)     # reply received here
                 pickle.dump((off, buf), open("w.%s.tmp" % tag, "wb"))
                 os.rename("w.%s.tmp" % tag, "w." + tag)
                 for j in range(nclients):
@@ -137,14 +116,14 @@ elif role == "same":
                 b = min(size, off + len(buf) + 5000)
                 check(a, b - a, "reading write %s (%d+%d) at once" %
                       (tag, off, len(buf)))
-                touch("a.%s.%d" % (tag, ident))
+                t.touch("a.%s.%d" % (tag, ident))
         # Nobody writes in the next round before everyone has checked.
         check_all("after round %d" % r)
-        touch("done.%d.%d" % (r, ident))
+        t.touch("done.%d.%d" % (r, ident))
         for j in range(nclients):
             wait_for("done.%d.%d" % (r, j), "end of round %d from %d" % (r, j))
     if ident == 0:
-        open(out, "wb").write(shadow)
+        shadow.save(out)
 
 h.shutdown()
 EOF
@@ -241,14 +220,14 @@ for flavour in ext4 ext2-1k; do
 
     # The other files are untouched by all that.
     python3 - $sock <<'EOF' || fail "files changed after the nbdcopy"
-import nbd, sys
+import sys
+import e4test as t
 for name, path in (("/f0", "out.f0"), ("/dir/f1", "out.f1"),
                    ("dir/sub/f2", "out.f2"), ("/f3", "out.f3"),
                    ("/link", "out.df")):
-    h = nbd.NBD(); h.set_export_name(name); h.connect_unix(sys.argv[1])
     exp = open(path, "rb").read()
-    if h.get_size() != len(exp) or h.pread(len(exp), 0) != exp:
-        sys.exit(name + " differs")
+    h = t.connect(sys.argv[1], name, size=len(exp))
+    t.Shadow(h, exp, who=name).check_all("after the nbdcopy")
     h.shutdown()
 EOF
 

@@ -6,9 +6,8 @@
 # any call that overlaps another on one context, so the test fails if
 # ext4fs's lane lock does not serialize its calls.
 source "$srcdir/functions.sh"
-overlap=$abs_builddir/.libs/nbdkit-overlap-filter.so
+overlap=$(test_filter overlap)
 export here=$(cd "$srcdir" && pwd)
-[ -f "$overlap" ] || fail "$overlap is not built (make check builds it)"
 cd "$tmpdir"
 mkdir src
 head -c $((8*1024*1024)) /dev/urandom > src/f

@@ -23,40 +23,32 @@ cd "$tmpdir"
 RACE_SECS=${RACE_SECS:-12}
 
 cat > race.py <<'EOF'
-import sys, os, time, random, errno
+import sys, os, time, errno
 import nbd
+import e4test as t
 
 role, ident, sock = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 R0, R1 = int(os.environ["R0"]), int(os.environ["R1"])   # race range of /a
 bs = int(os.environ["BS"])
 race_secs = float(os.environ["RACE_SECS"])
-rnd = random.Random(int(os.environ["SEED"]) * 10 + ident)
+rnd = t.client_rng(ident, scale=10)
 
 old = open("src/a", "rb").read()
 size = len(old)
 def pattern(seed, n):
-    return random.Random(seed).randbytes(n).replace(b"\0", b"\x5a")
+    return t.pattern(seed, n, zero_as=b"\x5a")
 new = pattern(1111, size)
 bpat = pattern(2222, size)
 final = pattern(3333, size)
 
-h = nbd.NBD()
-h.set_export_name("/b" if role == "bfill" else "/a")
-h.connect_unix(sock)
-assert h.get_size() == size, (h.get_size(), size)
-
-open("ready.%s.%d" % (role, ident), "w").close()
-t0 = time.time()
-while not os.path.exists("go"):
-    if time.time() - t0 > 60:
-        sys.exit("barrier timeout")
-    time.sleep(0.002)
+h = t.connect(sock, "/b" if role == "bfill" else "/a", size=size)
+t.barrier("%s.%d" % (role, ident))
 start = time.time()
 def racing():
     return time.time() - start < race_secs
 
 def enospc(e):
-    return e.errnum == errno.ENOSPC
+    return t.is_errno(e, errno.ENOSPC)
 
 def rand_range(maxlen):
     n = rnd.randint(1, maxlen)
@@ -76,9 +68,9 @@ def check_a(o, got, what):
         for j in range(len(g)):
             x = g[j]; k = a + j
             if x != old[k] and x != new[k] and x != 0:
-                sys.exit("%s %d: /a byte %d is 0x%02x (old 0x%02x, new 0x%02x, "
-                         "/b pattern 0x%02x): %s" %
-                         (role, ident, k, x, old[k], new[k], bpat[k], what))
+                t.fail("%s %d: /a byte %d is 0x%02x (old 0x%02x, new 0x%02x, "
+                       "/b pattern 0x%02x): %s" %
+                       (role, ident, k, x, old[k], new[k], bpat[k], what))
 
 stats = {"ops": 0, "enospc": 0}
 if role == "puncher":
@@ -102,11 +94,8 @@ if role == "puncher":
     # Deterministic end: once the readers/writers have stopped, punch
     # the whole range, then (once /b is done) write the final pattern
     # over its first quarter.
-    t1 = time.time()
-    while not all(os.path.exists("rwdone.%d" % i) for i in (1, 2)):
-        if time.time() - t1 > 60:
-            sys.exit("puncher: the rw clients did not stop")
-        time.sleep(0.01)
+    t.wait_for(["rwdone.1", "rwdone.2"], "puncher: the rw clients to stop",
+               timeout=60, poll=0.01)
     h.trim(R1 - R0, R0)
     h.flush()
     got = h.pread(R1 - R0, R0)
@@ -116,21 +105,17 @@ if role == "puncher":
         k = bad[0] - R0
         what = ("old" if got[k:k+bs] == old[bad[0]:bad[0]+bs] else
                 "new" if got[k:k+bs] == new[bad[0]:bad[0]+bs] else "other")
-        sys.exit("puncher: race range not zero after the final trim: "
-                 "%d blocks, first at %d (%s)" % (len(bad), bad[0], what))
+        t.fail("puncher: race range not zero after the final trim: "
+               "%d blocks, first at %d (%s)" % (len(bad), bad[0], what))
     open("trimmed", "w").close()
-    t1 = time.time()
-    while not os.path.exists("bdone"):
-        if time.time() - t1 > 120:
-            sys.exit("puncher: /b did not finish")
-        time.sleep(0.05)
+    t.wait_for("bdone", "puncher: /b to finish", timeout=120, poll=0.05)
     q = (R1 - R0) // 4
     h.pwrite(final[R0:R0+q], R0)
     h.flush()
     got = h.pread(size, 0)
     exp = old[:R0] + final[R0:R0+q] + bytes(R1 - R0 - q) + old[R1:]
     if got != exp:
-        sys.exit("puncher: final /a content differs")
+        t.fail("puncher: final /a content differs")
     open("exp-a", "wb").write(exp)
 
 elif role == "rw":
@@ -170,20 +155,20 @@ elif role == "bfill":
                 raise
             stats["enospc"] += 1
             if time.time() > deadline:
-                sys.exit("bfill: could not complete /b")
+                t.fail("bfill: could not complete /b")
             pieces.insert(0, (o, n))
             time.sleep(0.002)
             continue
         got = h.pread(n, o)
         if got != bpat[o:o+n]:
-            sys.exit("bfill: /b %d+%d differs right after writing it" % (o, n))
+            t.fail("bfill: /b %d+%d differs right after writing it" % (o, n))
         stats["ops"] += 1
     h.flush()
     got = h.pread(size, 0)
     if got != bpat:
         i = next(i for i in range(size) if got[i] != bpat[i])
-        sys.exit("bfill: /b differs at byte %d (0x%02x, expected 0x%02x; "
-                 "/a old 0x%02x new 0x%02x)" % (i, got[i], bpat[i], old[i], new[i]))
+        t.fail("bfill: /b differs at byte %d (0x%02x, expected 0x%02x; "
+               "/a old 0x%02x new 0x%02x)" % (i, got[i], bpat[i], old[i], new[i]))
     open("exp-b", "wb").write(bpat)
     open("bdone", "w").close()
 

@@ -61,31 +61,19 @@ print(runs, mid)')
 
 cat > runs.py <<'EOF'
 import nbd, sys, os, errno
+import e4test as t
 sock, expf, outf = sys.argv[1:4]
 bs = 4096
-def connect(name):
-    h = nbd.NBD(); h.set_export_name(name); h.connect_unix(sock)
-    return h
-h = connect("/f")
-exp = bytearray(open(expf, "rb").read()); size = len(exp)
+h = t.connect(sock, "/f")
+m = t.Shadow(h, open(expf, "rb").read())
 def check(what):
-    got = h.pread(size, 0)
-    if got != exp:
-        i = next(i for i in range(size) if got[i] != exp[i])
-        sys.exit("%s: byte %d differs" % (what, i))
+    m.check_all(what)
 def write(o, n):
-    buf = os.urandom(n)
-    h.pwrite(buf, o)
-    exp[o:o+n] = buf
+    m.pwrite(os.urandom(n), o)
 def refused(what, fn):
-    try:
-        fn()
-    except nbd.Error as e:
-        if e.errnum != errno.ENOSPC:
-            sys.exit("%s: expected ENOSPC (EFBIG), got %s" % (what, e))
-        check("after " + what)
-        return
-    sys.exit("%s: succeeded past the run limit" % what)
+    t.expect_errno(what + " (past the run limit)", fn, errno.ENOSPC,
+                   after=lambda: check("after " + what),
+                   errname="ENOSPC (EFBIG)")
 
 # Each write in the middle of a hole adds one run, up to the limit.
 runs = int(sys.argv[4])
@@ -98,13 +86,11 @@ write(3, 100)                           # overwrites work
 write(8 * bs + 100, 2 * bs)
 # Zero without MAY_TRIM inside an extent would split it: zeros in place.
 mid = int(sys.argv[5])
-h.zero(bs, mid * bs, nbd.CMD_FLAG_NO_HOLE)
-exp[mid * bs:(mid + 1) * bs] = bytes(bs)
+m.zero(bs, mid * bs, nbd.CMD_FLAG_NO_HOLE)
 check("zero at the limit")
 refused("a trim splitting an extent", lambda: h.trim(bs, mid * bs))
 # Trimming whole extents takes runs away; then there is room again.
-h.trim(4 * 8 * bs, 20 * 8 * bs)
-exp[20 * 8 * bs:24 * 8 * bs] = bytes(4 * 8 * bs)
+m.trim(4 * 8 * bs, 20 * 8 * bs)
 check("after trimming four extents")
 write(((41 - runs) * 8 + 5) * bs, bs)
 h.flush()
@@ -112,16 +98,12 @@ check("end")
 h.shutdown()
 
 # A file more fragmented than the limit.
-g = connect("/g")
+g = t.connect(sock, "/g")
 for i in range(5):
-    try:
-        g.pread(bs, i * bs)
-        sys.exit("read of a file past the run limit succeeded")
-    except nbd.Error as e:
-        if e.errnum != errno.EIO:
-            sys.exit("expected EIO, got %s" % e)
+    t.expect_errno("read of a file past the run limit",
+                   lambda: g.pread(bs, i * bs), errno.EIO)
 g.shutdown()
-open(outf, "wb").write(exp)
+m.save(outf)
 EOF
 
 start_nbdkit "$tmpdir/sock" -D ext4fs.max_runs=40 --filter="$FILTER" \
