@@ -31,6 +31,7 @@ export EXT4FS_NO_VERIFY_MAP=1
 
 cat > req.py <<'EOF'
 import nbd, sys, os, errno, re
+import e4test as t
 sock, log, expf, kind, o, n, setup, phase = sys.argv[1:9]
 o = int(o); n = int(n); bs = 1024
 
@@ -44,7 +45,7 @@ def counts():
 def injected():
     return "test fault: metadata" in open(log).read()
 
-h = nbd.NBD(); h.connect_uri("nbd+unix:///?socket=" + sock)
+h = t.connect(sock)
 exp = bytearray(open(expf, 'rb').read()); size = len(exp)
 if h.pread(size, 0) != exp:
     sys.exit("content differs before the request")
@@ -95,9 +96,10 @@ if not inj and err is not None:
 if err is not None and err.errnum != errno.EIO:
     sys.exit("expected EIO, got %s" % err)
 def check(got, what):
-    if got[:o] != exp[:o] or got[o+n:] != exp[o+n:]:
-        i = next(i for i in range(size)
-                 if not o <= i < o + n and got[i] != exp[i])
+    i = t.first_diff(got[:o], exp[:o])
+    if i is None and (j := t.first_diff(got[o+n:], exp[o+n:])) is not None:
+        i = o + n + j
+    if i is not None:
         sys.exit("%s: byte %d outside the request changed" % (what, i))
     for i in range(n):
         if got[o+i] != old[i] and got[o+i] != new[i]:
@@ -109,13 +111,14 @@ except nbd.Error as e:
     sys.exit("reading the file after the failed request: %s" % e)
 check(got, "same connection")
 h.shutdown()
-h = nbd.NBD(); h.connect_uri("nbd+unix:///?socket=" + sock)
+h = t.connect(sock)
 try:
     got2 = h.pread(size, 0)
 except nbd.Error as e:
     sys.exit("reading the file from a new connection: %s" % e)
 if got2 != got:
-    sys.exit("a new connection reads other content")
+    sys.exit("a new connection reads other content (first at byte %d)"
+             % t.first_diff(got2, got))
 h.shutdown()
 open("last", "wb").write(got)
 open("before", "wb").write(exp)
