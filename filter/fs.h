@@ -1,7 +1,8 @@
 /* ext4fs: the one filesystem instance of the process.
  *
- * Lock order (DESIGN.md): registry lock > inode table lock > inode
- * rwlock > block stripe lock > fs->lock > lane lock (io-manager).
+ * Lock order (DESIGN.md §3): registry lock > inode table lock > inode
+ * rwlock > map lock > handle lock (journal/trans.c) > block stripe lock
+ * > fs->lock > lane lock (io-manager).
  */
 #ifndef EXT4FS_FS_H
 #define EXT4FS_FS_H

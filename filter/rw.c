@@ -12,14 +12,17 @@
  *   ("overwrites"), hold ip->lock shared: they run in parallel with
  *   each other, for one file and across files.  No fs lock is held
  *   during their data I/O.
- * - A partial-block write holds the stripe mutex of its physical
- *   block around the read-modify-write, so two such writes to one
- *   block never lose each other's bytes.
+ * - A partial-block write holds the stripe rwlock of its physical
+ *   block exclusive around the read-modify-write, so two such writes
+ *   to one block never lose each other's bytes; a whole-block write
+ *   holds the stripes of its regions shared.
  * - Trim and zero that change the block map (punch, written ->
  *   unwritten) hold ip->lock exclusive, as allocation does.
  * - A write that touches a hole or an unwritten extent takes ip->lock
  *   exclusive (after dropping the shared lock, then mapping again),
- *   and fsi->lock only around each libext2fs call (allocation, extent
+ *   then a handle of the metadata writer (fs_handle_start: the
+ *   journal's handle lock shared, for the whole request), and
+ *   fsi->lock only around each libext2fs call (allocation, extent
  *   insert, conversion), never across data I/O.
  *
  * Crash safety of allocation: new blocks are marked in use in memory,
