@@ -6,12 +6,12 @@
 #   bench/run.sh [WORKLOAD...]      (default: all workloads)
 #
 # Workloads: w1-1 w1-4 w2 w3 w4-over w4-fill w5 w6 w6-nbd w7-1 w7-2 w7-4 w7-8
-#            w8 w9 mem-1t mem-10k mem-256 mem-256t4
+#            w8 w9 w9-hole w10 mem-1t mem-10k mem-256 mem-256t4
 # Environment:
 #   SIZE=1G  REPEATS=3  WORKDIR=/tmp/ext4fs-bench  CONFIGS="raw ext2 ext4fs"
 #     (also: ext4fs-nj = ext4fs with -D ext4fs.journal=0; kernel = the image
 #     loop-mounted, `nbdkit file MNT/FILE`, write workloads only)
-#   W3_RUNTIME=10 (seconds)  W9_IOS=32768  QUICK=1 (smoke test only)
+#   W3_RUNTIME=10 (seconds)  W9_IOS=32768  W10_RUNTIME=10  QUICK=1 (smoke test only)
 #   W5_SIZE=8G W5_DATA=64M  W6_RUNTIME=10 W6_DELAY=1ms  W8_RUNTIME=60
 #   W8_REPEATS=1 W8_CONFIGS=ext4fs  MEM_FILES=10000 MEM_CONNS=256 MEM_REPEATS=1
 #   FILTER=/work/main/filter/.libs/nbdkit-ext4fs-filter.so  KEEP=1 (keep workdir)
@@ -25,7 +25,7 @@ FILTER=${FILTER:-$here/../filter/.libs/nbdkit-ext4fs-filter.so}
 WORKDIR=${WORKDIR:-/tmp/ext4fs-bench}
 if [ "${QUICK:-0}" = 1 ]; then
     SIZE=${SIZE:-256M}; REPEATS=${REPEATS:-1}
-    W3_RUNTIME=${W3_RUNTIME:-3}; W9_IOS=${W9_IOS:-4096}
+    W3_RUNTIME=${W3_RUNTIME:-3}; W9_IOS=${W9_IOS:-4096}; W10_RUNTIME=${W10_RUNTIME:-3}
     W5_SIZE=${W5_SIZE:-1G}; W5_DATA=${W5_DATA:-16M}; W6_RUNTIME=${W6_RUNTIME:-3}
     W8_RUNTIME=${W8_RUNTIME:-10}; MEM_FILES=${MEM_FILES:-1000}
 fi
@@ -33,6 +33,7 @@ SIZE=${SIZE:-1G}
 REPEATS=${REPEATS:-3}
 W3_RUNTIME=${W3_RUNTIME:-10}
 W9_IOS=${W9_IOS:-32768}
+W10_RUNTIME=${W10_RUNTIME:-10}
 W5_SIZE=${W5_SIZE:-8G}
 W5_DATA=${W5_DATA:-64M}
 W6_RUNTIME=${W6_RUNTIME:-10}
@@ -44,7 +45,7 @@ MEM_FILES=${MEM_FILES:-10000}
 MEM_CONNS=${MEM_CONNS:-256}
 MEM_REPEATS=${MEM_REPEATS:-1}
 CONFIGS=${CONFIGS:-raw ext2 ext4fs}
-ALL_WORKLOADS="w1-1 w1-4 w2 w3 w4-over w4-fill w5 w6 w6-nbd w7-1 w7-2 w7-4 w7-8 w8 w9 w9-hole mem-1t mem-10k mem-256 mem-256t4"
+ALL_WORKLOADS="w1-1 w1-4 w2 w3 w4-over w4-fill w5 w6 w6-nbd w7-1 w7-2 w7-4 w7-8 w8 w9 w9-hole w10 mem-1t mem-10k mem-256 mem-256t4"
 WORKLOADS=${*:-$ALL_WORKLOADS}
 
 for w in $WORKLOADS; do
@@ -291,6 +292,23 @@ reset_target() {
     fi
 }
 
+# verify_consistent CONFIG -> 0 if the image passes e2fsck -fn and /data
+# is untouched (after a write to /hole whose content is not known, w10)
+verify_consistent() {
+    local cfg=$1
+    [ "$cfg" = raw ] && return 0
+    [ -z "$MOUNTED" ] || { log "   $WD/img still mounted"; return 1; }
+    if ! e2fsck -fn "$WD/img" >>"$LOG" 2>&1; then
+        log "   e2fsck -fn reports errors after $cfg write to /hole"; return 1
+    fi
+    rm -f "$WD/dump"
+    debugfs -R "dump /data $WD/dump" "$WD/img" >>"$LOG" 2>&1
+    if [ "$(sha "$WD/dump")" != "$SHA_DATA" ]; then
+        log "   $cfg write to /hole changed /data"; rm -f "$WD/dump"; return 1
+    fi
+    rm -f "$WD/dump"
+}
+
 # verify_written CONFIG FILE EXPECTED_SHA -> returns 0 if good
 verify_written() {
     local cfg=$1 file=$2 want=$3 got
@@ -382,7 +400,7 @@ wl_configs() {
     case $1 in
     w8)    allowed=$W8_CONFIGS ;;
     mem-*) allowed="raw ext4fs ext4fs-nj" ;;   # the stock filter serializes connections / reads 1 TiB
-    w4-over|w4-fill|w9|w9-hole) allowed="raw ext2 ext4fs ext4fs-nj kernel" ;;
+    w4-over|w4-fill|w9|w9-hole|w10) allowed="raw ext2 ext4fs ext4fs-nj kernel" ;;
     *)     allowed="raw ext2 ext4fs ext4fs-nj" ;;
     esac
     for c in $CONFIGS; do case " $allowed " in *" $c "*) out+="$c ";; esac; done
@@ -557,6 +575,29 @@ print("%.0f" % (ios/wall) if wall>0 and err==0 else "NA")' "$WD/fio.json" "$t0" 
         val=$(echo "$out" | awk '{printf "%.3f", $2}')
         [ "$rc" = 0 ] && [ -n "$val" ] || { valid=0; val=${val:-NA}; }
         ;;
+    w10)
+        # fio random 4 KiB writes into the sparse file: nearly every one
+        # allocates; fsync at the end (counted).
+        reset_target "$cfg" hole
+        start_server "$cfg" rw hole || { record "$w" "$cfg" "$rep" NA IOPS 0 0; return; }
+        t0=$(now)
+        fio --name=w10 --ioengine=nbd --uri="$URI" --rw=randwrite --bs=4k \
+            --iodepth=32 --numjobs=2 --time_based --runtime="$W10_RUNTIME" \
+            --norandommap --randrepeat=0 --end_fsync=1 --output-format=json \
+            --output="$WD/fio.json" >>"$LOG" 2>&1 || rc=1
+        t1=$(now)
+        stop_server; rss=$SRV_HWM
+        unit=IOPS
+        val=$(python3 -c '
+import json,sys
+j=json.load(open(sys.argv[1]))
+ios=sum(x["write"]["total_ios"] for x in j["jobs"])
+wall=float(sys.argv[3])-float(sys.argv[2])
+err=sum(x["error"] for x in j["jobs"])
+print("%.0f" % (ios/wall) if wall>0 and err==0 else "NA")' "$WD/fio.json" "$t0" "$t1" 2>>"$LOG") || rc=1
+        [ "$val" = NA ] && rc=1
+        [ "$rc" = 0 ] && verify_consistent "$cfg" || valid=0
+        ;;
     w9|w9-hole)
         local file=data sha=$SHA_W9
         [ $w = w9-hole ] && { file=hole; sha=$SHA_W9H; }
@@ -617,6 +658,7 @@ desc = {"w1-1": "seq read nbdcopy 1 conn", "w1-4": "seq read nbdcopy 4 conn",
         "w4-over": "overwrite + flush", "w4-fill": "fill sparse + flush",
         "w9": "rand 4k write, flush/16",
         "w9-hole": "w9 into a sparse file",
+        "w10": "fio randwrite 4k sparse",
         "w5": "sparse file -> null:", "w6": "randread, delay filter",
         "w6-nbd": "randread, nbd+delay back", "w7-1": "1 file, 1 client",
         "w7-2": "2 files, 2 clients", "w7-4": "4 files, 4 clients",
