@@ -42,7 +42,7 @@ import nbd
 
 __all__ = [
     "fail", "abort", "touch", "wait_for", "barrier",
-    "connect", "client_rng", "pattern",
+    "connect", "errstr", "read_all", "write_all", "client_rng", "pattern",
     "first_diff", "Shadow", "merge_owned",
     "is_errno", "expect_errno",
     "free_block_ranges", "free_blocks_of",
@@ -100,11 +100,15 @@ def barrier(tag, timeout=60):
 # ---------------------------------------------------------------------
 # Connections and data.
 
-def connect(target, name=None, size=None):
+def connect(target, name=None, size=None, contexts=()):
     """A connected libnbd handle.  TARGET is a URI (it has "://") or the
     path of a Unix socket; NAME the export name (default: the default
-    export).  With SIZE, fails unless the export has that size."""
+    export).  With SIZE, fails unless the export has that size.
+    CONTEXTS: meta contexts to request (e.g. nbd.CONTEXT_BASE_ALLOCATION).
+    A refused connection raises nbd.Error (catch it to test refusals)."""
     h = nbd.NBD()
+    for c in contexts:
+        h.add_meta_context(c)
     if "://" in target:
         assert name is None, "the export name of a URI is in the URI"
         h.connect_uri(target)
@@ -116,6 +120,33 @@ def connect(target, name=None, size=None):
         fail("export %s: size %d, expected %d" %
              (name if name is not None else target, h.get_size(), size))
     return h
+
+
+def errstr(e):
+    """The message of nbd.Error E on one line (for "REFUSED msg" style
+    output lines the shell scripts grep)."""
+    return e.string.replace("\n", " ")
+
+
+def read_all(h, piece=1 << 20, into=None):
+    """The whole export of handle H, read in requests of PIECE bytes.
+    With INTO (an object with update(), e.g. hashlib.sha256()), each
+    piece is fed to it instead and INTO is returned."""
+    size = h.get_size()
+    data = bytearray() if into is None else into
+    for off in range(0, size, piece):
+        buf = h.pread(min(piece, size - off), off)
+        if into is None:
+            data += buf
+        else:
+            into.update(buf)
+    return data
+
+
+def write_all(h, data, off=0, piece=1 << 20):
+    """Write DATA at OFF through handle H in requests of PIECE bytes."""
+    for i in range(0, len(data), piece):
+        h.pwrite(data[i:i + piece], off + i)
 
 
 def client_rng(ident=0, scale=100):
@@ -183,6 +214,15 @@ class Shadow:
         """A trim the test knows to read back as zeros afterwards."""
         self.h.trim(n, off, flags)
         self.data[off:off + n] = bytes(n)
+
+    def trim_blocks(self, n, off, bs, flags=0):
+        """A trim of a file with block size BS: only the whole blocks
+        inside the range are punched and read back as zeros; the partial
+        blocks at its edges keep their data."""
+        self.h.trim(n, off, flags)
+        b0, b1 = (off + bs - 1) // bs, (off + n) // bs
+        if b0 < b1:
+            self.data[b0 * bs:b1 * bs] = bytes((b1 - b0) * bs)
 
     def randwrite(self, rnd, off, n, flags=0):
         """Write N random bytes from the generator RND at OFF."""
