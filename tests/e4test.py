@@ -42,9 +42,9 @@ import nbd
 
 __all__ = [
     "fail", "abort", "touch", "wait_for", "barrier",
-    "connect", "errstr", "read_all", "write_all", "client_rng", "pattern",
+    "connect", "errstr", "read_all", "write_all", "put", "extents", "client_rng", "pattern",
     "first_diff", "Shadow", "merge_owned",
-    "is_errno", "expect_errno",
+    "is_errno", "expect_errno", "expect_error",
     "free_block_ranges", "free_blocks_of",
 ]
 
@@ -143,10 +143,61 @@ def read_all(h, piece=1 << 20, into=None):
     return data
 
 
-def write_all(h, data, off=0, piece=1 << 20):
-    """Write DATA at OFF through handle H in requests of PIECE bytes."""
+def write_all(h, data, off=0, piece=1 << 20, depth=1):
+    """Write DATA at OFF through handle H in requests of PIECE bytes,
+    DEPTH of them in flight at once (asynchronous when DEPTH > 1).
+    Fails unless every request completed."""
+    if depth <= 1:
+        for i in range(0, len(data), piece):
+            h.pwrite(data[i:i + piece], off + i)
+        return
+    cmds = []
     for i in range(0, len(data), piece):
-        h.pwrite(data[i:i + piece], off + i)
+        cmds.append(h.aio_pwrite(data[i:i + piece], off + i))
+        while h.aio_in_flight() >= depth:
+            h.poll(-1)
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    for c in cmds:
+        if not h.aio_command_completed(c):
+            fail("write_all: request %d at %d did not complete" % (c, off))
+
+
+def put(target, off, path, piece=1 << 20, depth=1):
+    """A writer: write the content of the file PATH at OFF of the export
+    TARGET (see connect), flush, and read it back (fails if it differs).
+    Also "python3 -m e4test put TARGET OFF PATH [PIECE DEPTH]"."""
+    data = open(path, "rb").read()
+    h = connect(target)
+    write_all(h, data, off, piece, depth)
+    h.flush()
+    got = h.pread(len(data), off)
+    if got != data:
+        i = first_diff(got, data)
+        fail("put %s at %d: byte %d reads back as %d, wrote %d" %
+             (path, off, off + i, got[i], data[i]))
+    h.shutdown()
+
+
+def extents(h, count, off, flags=0, context=nbd.CONTEXT_BASE_ALLOCATION):
+    """One block status request of COUNT bytes at OFF (FLAGS, e.g.
+    nbd.CMD_FLAG_REQ_ONE): the [(length, flags)] extents of CONTEXT the
+    server returned, from OFF on.  Fails if a reply for CONTEXT does not
+    start at OFF.  H must have been connected with CONTEXT (connect's
+    CONTEXTS, or nbdsh --base-allocation)."""
+    got, starts = [], []
+
+    def cb(ctx, offset, entries, err):
+        if ctx == context:
+            starts.append(offset)
+            got.extend((entries[i], entries[i + 1])
+                       for i in range(0, len(entries), 2))
+        return 0
+    h.block_status(count, off, cb, flags)
+    if any(s != off for s in starts):
+        fail("block_status(%d, %d): extents of %s start at %s" %
+             (count, off, context, starts))
+    return got
 
 
 def client_rng(ident=0, scale=100):
@@ -305,6 +356,19 @@ def expect_errno(what, fn, codes, after=None, errname=None):
     fail("%s: succeeded, expected %s" % (what, errname))
 
 
+def expect_error(what, fn, after=None):
+    """Call FN, which must fail with an nbd.Error (any errno: e.g. a
+    request past the end, refused by libnbd or by the server); then
+    call AFTER.  Fails if FN succeeds."""
+    try:
+        fn()
+    except nbd.Error:
+        if after is not None:
+            after()
+        return
+    fail("%s: succeeded, expected an error" % what)
+
+
 # ---------------------------------------------------------------------
 # The image: free space as dumpe2fs reports it.
 
@@ -333,7 +397,12 @@ def free_blocks_of(img):
 
 if __name__ == "__main__":
     # python3 -m e4test merge ORIG OUT PART...: merge_owned.
+    # python3 -m e4test put TARGET OFF PATH [PIECE DEPTH]: put.
     if len(sys.argv) >= 4 and sys.argv[1] == "merge":
         merge_owned(sys.argv[2], sys.argv[3], sys.argv[4:])
+    elif len(sys.argv) in (5, 7) and sys.argv[1] == "put":
+        put(sys.argv[2], int(sys.argv[3]), sys.argv[4],
+            *[int(a) for a in sys.argv[5:]])
     else:
-        fail("usage: e4test.py merge ORIG OUT PART...")
+        fail("usage: e4test.py merge ORIG OUT PART... | "
+             "put TARGET OFF PATH [PIECE DEPTH]")
