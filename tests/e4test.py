@@ -22,6 +22,12 @@ Tell the story of what the users do; leave the mechanics here:
                    after=lambda: m.check_all("unchanged"))
     m.save("out.f")                         # for dump_cmp in the script
 
+Smaller pieces: read_all(h) (or read_all(h, into=hashlib.sha256())),
+write_all(h, data, off, depth=8), extents(h, n, off) (one block status
+request), Shadow.trim_blocks (a trim that punches whole blocks only),
+expect_error (any error), errstr(e) for "REFUSED msg" style output.
+A writer process from the shell: python3 -m e4test put SOCK OFF FILE.
+
 The shell side releases the clients with release_clients N PID...
 (functions.sh), stops the server with stop_nbdkit, checks the image
 with fsck_clean and dump_cmp.  A client fails by exiting with a
