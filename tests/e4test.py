@@ -22,6 +22,12 @@ Tell the story of what the users do; leave the mechanics here:
                    after=lambda: m.check_all("unchanged"))
     m.save("out.f")                         # for dump_cmp in the script
 
+Smaller pieces: read_all(h) (or read_all(h, into=hashlib.sha256())),
+write_all(h, data, off, depth=8), extents(h, n, off) (one block status
+request), Shadow.trim_blocks (a trim that punches whole blocks only),
+expect_error (any error), errstr(e) for "REFUSED msg" style output.
+A writer process from the shell: python3 -m e4test put SOCK OFF FILE.
+
 The shell side releases the clients with release_clients N PID...
 (functions.sh), stops the server with stop_nbdkit, checks the image
 with fsck_clean and dump_cmp.  A client fails by exiting with a
@@ -42,9 +48,9 @@ import nbd
 
 __all__ = [
     "fail", "abort", "touch", "wait_for", "barrier",
-    "connect", "client_rng", "pattern",
+    "connect", "errstr", "read_all", "write_all", "put", "extents", "client_rng", "pattern",
     "first_diff", "Shadow", "merge_owned",
-    "is_errno", "expect_errno",
+    "is_errno", "expect_errno", "expect_error",
     "free_block_ranges", "free_blocks_of",
 ]
 
@@ -100,11 +106,15 @@ def barrier(tag, timeout=60):
 # ---------------------------------------------------------------------
 # Connections and data.
 
-def connect(target, name=None, size=None):
+def connect(target, name=None, size=None, contexts=()):
     """A connected libnbd handle.  TARGET is a URI (it has "://") or the
     path of a Unix socket; NAME the export name (default: the default
-    export).  With SIZE, fails unless the export has that size."""
+    export).  With SIZE, fails unless the export has that size.
+    CONTEXTS: meta contexts to request (e.g. nbd.CONTEXT_BASE_ALLOCATION).
+    A refused connection raises nbd.Error (catch it to test refusals)."""
     h = nbd.NBD()
+    for c in contexts:
+        h.add_meta_context(c)
     if "://" in target:
         assert name is None, "the export name of a URI is in the URI"
         h.connect_uri(target)
@@ -116,6 +126,84 @@ def connect(target, name=None, size=None):
         fail("export %s: size %d, expected %d" %
              (name if name is not None else target, h.get_size(), size))
     return h
+
+
+def errstr(e):
+    """The message of nbd.Error E on one line (for "REFUSED msg" style
+    output lines the shell scripts grep)."""
+    return e.string.replace("\n", " ")
+
+
+def read_all(h, piece=1 << 20, into=None):
+    """The whole export of handle H, read in requests of PIECE bytes.
+    With INTO (an object with update(), e.g. hashlib.sha256()), each
+    piece is fed to it instead and INTO is returned."""
+    size = h.get_size()
+    data = bytearray() if into is None else into
+    for off in range(0, size, piece):
+        buf = h.pread(min(piece, size - off), off)
+        if into is None:
+            data += buf
+        else:
+            into.update(buf)
+    return data
+
+
+def write_all(h, data, off=0, piece=1 << 20, depth=1):
+    """Write DATA at OFF through handle H in requests of PIECE bytes,
+    DEPTH of them in flight at once (asynchronous when DEPTH > 1).
+    Fails unless every request completed."""
+    if depth <= 1:
+        for i in range(0, len(data), piece):
+            h.pwrite(data[i:i + piece], off + i)
+        return
+    cmds = []
+    for i in range(0, len(data), piece):
+        cmds.append(h.aio_pwrite(data[i:i + piece], off + i))
+        while h.aio_in_flight() >= depth:
+            h.poll(-1)
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    for c in cmds:
+        if not h.aio_command_completed(c):
+            fail("write_all: request %d at %d did not complete" % (c, off))
+
+
+def put(target, off, path, piece=1 << 20, depth=1):
+    """A writer: write the content of the file PATH at OFF of the export
+    TARGET (see connect), flush, and read it back (fails if it differs).
+    Also "python3 -m e4test put TARGET OFF PATH [PIECE DEPTH]"."""
+    data = open(path, "rb").read()
+    h = connect(target)
+    write_all(h, data, off, piece, depth)
+    h.flush()
+    got = h.pread(len(data), off)
+    if got != data:
+        i = first_diff(got, data)
+        fail("put %s at %d: byte %d reads back as %d, wrote %d" %
+             (path, off, off + i, got[i], data[i]))
+    h.shutdown()
+
+
+def extents(h, count, off, flags=0, context=nbd.CONTEXT_BASE_ALLOCATION):
+    """One block status request of COUNT bytes at OFF (FLAGS, e.g.
+    nbd.CMD_FLAG_REQ_ONE): the [(length, flags)] extents of CONTEXT the
+    server returned, from OFF on.  Fails if a reply for CONTEXT does not
+    start at OFF.  H must have been connected with CONTEXT (connect's
+    CONTEXTS, or nbdsh --base-allocation)."""
+    got, starts = [], []
+
+    def cb(ctx, offset, entries, err):
+        if ctx == context:
+            starts.append(offset)
+            got.extend((entries[i], entries[i + 1])
+                       for i in range(0, len(entries), 2))
+        return 0
+    h.block_status(count, off, cb, flags)
+    if any(s != off for s in starts):
+        fail("block_status(%d, %d): extents of %s start at %s" %
+             (count, off, context, starts))
+    return got
 
 
 def client_rng(ident=0, scale=100):
@@ -183,6 +271,15 @@ class Shadow:
         """A trim the test knows to read back as zeros afterwards."""
         self.h.trim(n, off, flags)
         self.data[off:off + n] = bytes(n)
+
+    def trim_blocks(self, n, off, bs, flags=0):
+        """A trim of a file with block size BS: only the whole blocks
+        inside the range are punched and read back as zeros; the partial
+        blocks at its edges keep their data."""
+        self.h.trim(n, off, flags)
+        b0, b1 = (off + bs - 1) // bs, (off + n) // bs
+        if b0 < b1:
+            self.data[b0 * bs:b1 * bs] = bytes((b1 - b0) * bs)
 
     def randwrite(self, rnd, off, n, flags=0):
         """Write N random bytes from the generator RND at OFF."""
@@ -265,6 +362,19 @@ def expect_errno(what, fn, codes, after=None, errname=None):
     fail("%s: succeeded, expected %s" % (what, errname))
 
 
+def expect_error(what, fn, after=None):
+    """Call FN, which must fail with an nbd.Error (any errno: e.g. a
+    request past the end, refused by libnbd or by the server); then
+    call AFTER.  Fails if FN succeeds."""
+    try:
+        fn()
+    except nbd.Error:
+        if after is not None:
+            after()
+        return
+    fail("%s: succeeded, expected an error" % what)
+
+
 # ---------------------------------------------------------------------
 # The image: free space as dumpe2fs reports it.
 
@@ -293,7 +403,12 @@ def free_blocks_of(img):
 
 if __name__ == "__main__":
     # python3 -m e4test merge ORIG OUT PART...: merge_owned.
+    # python3 -m e4test put TARGET OFF PATH [PIECE DEPTH]: put.
     if len(sys.argv) >= 4 and sys.argv[1] == "merge":
         merge_owned(sys.argv[2], sys.argv[3], sys.argv[4:])
+    elif len(sys.argv) in (5, 7) and sys.argv[1] == "put":
+        put(sys.argv[2], int(sys.argv[3]), sys.argv[4],
+            *[int(a) for a in sys.argv[5:]])
     else:
-        fail("usage: e4test.py merge ORIG OUT PART...")
+        fail("usage: e4test.py merge ORIG OUT PART... | "
+             "put TARGET OFF PATH [PIECE DEPTH]")

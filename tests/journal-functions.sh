@@ -59,38 +59,31 @@ jsb_field () { dumpe2fs -h "$1" 2>/dev/null | sed -n "s/^$2: *//p"; }
 # 0, flushed and read back ("WROTE name" or "WERR name errno msg").
 cat > reader.py <<'EOF'
 import os, sys, nbd
+import e4test as t
 sock, outdir, wfile, wblock = sys.argv[1:5]
 for name in sys.argv[5:]:
     gone = name.startswith("!")
     if gone:
         name = name[1:]
-    h = nbd.NBD()
-    h.set_export_name(name)
     try:
-        h.connect_unix(sock)
+        h = t.connect(sock, name)
     except nbd.Error as e:
-        if gone:
-            print("GONE-OK", name)
-        else:
-            print("REFUSED", name, e.string.replace("\n", " "))
+        print("GONE-OK", name) if gone else print("REFUSED", name, t.errstr(e))
         continue
     if gone:
         print("GONE-SERVED", name)
         h.shutdown()
         continue
     try:
-        size = h.get_size()
-        data = bytearray()
-        for off in range(0, size, 1 << 20):
-            data += h.pread(min(1 << 20, size - off), off)
+        data = t.read_all(h)
     except nbd.Error as e:
-        print("ERR", name, e.errno, e.string.replace("\n", " "))
+        print("ERR", name, e.errno, t.errstr(e))
         continue
     p = os.path.join(outdir, name.lstrip("/"))
     os.makedirs(os.path.dirname(p), exist_ok=True)
     with open(p, "wb") as f:
         f.write(data)
-    print("READ", name, size, "ro=%d" % h.is_read_only())
+    print("READ", name, len(data), "ro=%d" % h.is_read_only())
     if name == wfile:
         buf = open(wblock, "rb").read()
         try:
@@ -99,7 +92,7 @@ for name in sys.argv[5:]:
             assert h.pread(len(buf), 0) == buf, "read-back mismatch"
             print("WROTE", name)
         except nbd.Error as e:
-            print("WERR", name, e.errno, e.string.replace("\n", " "))
+            print("WERR", name, e.errno, t.errstr(e))
     h.shutdown()
 EOF
 # reader SRV OUTDIR WRITEFILE NAME...: run reader.py against server SRV.

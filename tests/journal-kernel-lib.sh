@@ -181,39 +181,32 @@ oracle ()
 # at OFFSET, flush, print "WROTE" (or "WERR errno msg", "REFUSED msg").
 cat > exports.py <<'EOF'
 import hashlib, sys, nbd
+import e4test as t
 sock, action = sys.argv[1:3]
-def conn(name):
-    h = nbd.NBD()
-    h.set_export_name(name)
-    h.connect_unix(sock)
-    return h
 if action == "read":
     for line in open(sys.argv[3]):
         path = line.rstrip("\n").split("  ", 1)[1]
         try:
-            h = conn(path)
+            h = t.connect(sock, path)
         except nbd.Error as e:
-            print("REFUSED  %s %s" % (path, e.string.replace("\n", " ")))
+            print("REFUSED  %s %s" % (path, t.errstr(e)))
             continue
         try:
-            size = h.get_size()
-            s = hashlib.sha256()
-            for off in range(0, size, 1 << 20):
-                s.update(h.pread(min(1 << 20, size - off), off))
+            s = t.read_all(h, into=hashlib.sha256())
             print("%s  %s ro=%d" % (s.hexdigest(), path, h.is_read_only()))
         except nbd.Error as e:
-            print("ERR  %s %s %s" % (path, e.errno, e.string.replace("\n", " ")))
+            print("ERR  %s %s %s" % (path, e.errno, t.errstr(e)))
         h.shutdown()
 elif action == "write":
     path, off, data = sys.argv[3], int(sys.argv[4]), open(sys.argv[5], "rb").read()
     try:
-        h = conn(path)
+        h = t.connect(sock, path)
     except nbd.Error as e:
-        print("REFUSED", e.string.replace("\n", " ")); sys.exit(0)
+        print("REFUSED", t.errstr(e)); sys.exit(0)
     try:
         h.pwrite(data, off); h.flush(); print("WROTE")
     except nbd.Error as e:
-        print("WERR", e.errno, e.string.replace("\n", " "))
+        print("WERR", e.errno, t.errstr(e))
     h.shutdown()
 EOF
 # read_exports NAME SOCK LIST OUT RO: read every file of LIST through

@@ -28,56 +28,36 @@ requires nbdkit --filter=error null --dump-plugin
 cd "$tmpdir"
 
 cat > err.py <<'EOF'
-import sys, os, random, errno
+import errno, os, sys
 import nbd
+import e4test as t
 
 sock, orig_path, out, rerr, werr = sys.argv[1:6]
 bs = int(sys.argv[6])
 data_end = int(sys.argv[7])
-shadow = bytearray(open(orig_path, "rb").read())
-size = len(shadow)
-rnd = random.Random(int(os.environ.get("SEED", "1")))
+orig = open(orig_path, "rb").read()
+size = len(orig)
+rnd = t.client_rng(scale=1)
+h = t.connect(sock, size=size)
+m = t.Shadow(h, orig)
 
-def connect():
-    h = nbd.NBD()
-    h.connect_uri("nbd+unix:///?socket=" + sock)
-    assert h.get_size() == size
-    return h
-h = connect()
-
-def on(f):  open(f, "w").close()
+on = t.touch                  # the error filter fails while its file exists
 def off(f):
     if os.path.exists(f):
         os.unlink(f)
 
 def expect_eio(what, fn):
-    try:
-        fn()
-    except nbd.Error as e:
-        if e.errnum != errno.EIO:
-            sys.exit("%s: failed with errno %s (%s), expected EIO" %
-                     (what, e.errnum, e))
-        return
-    sys.exit("%s: succeeded while the plugin fails" % what)
-
-def check_all(what):
-    got = h.pread(size, 0)
-    if got != shadow:
-        i = next(i for i in range(size) if got[i] != shadow[i])
-        sys.exit("%s: byte %d is %d, expected %d" % (what, i, got[i], shadow[i]))
+    t.expect_errno(what, fn, errno.EIO)
 
 def write_ok(o, n, flags=0):
-    buf = rnd.randbytes(n)
-    h.pwrite(buf, o, flags)
-    shadow[o:o+n] = buf
-    if h.pread(n, o) != buf:
-        sys.exit("read-back of %d+%d differs" % (o, n))
+    m.randwrite(rnd, o, n, flags)
+    m.check(o, n, "read-back of %d+%d" % (o, n))
 
-# Ranges of failed writes: (off, old, new).
+# Ranges of failed writes: (what, off, old, new).
 failed = []
 def write_fail(what, o, n, flags=0):
     buf = rnd.randbytes(n)
-    old = bytes(shadow[o:o+n])
+    old = bytes(m[o:o+n])
     expect_eio(what, lambda: h.pwrite(buf, o, flags))
     failed.append((what, o, old, buf))
 
@@ -91,21 +71,19 @@ def settle_failed():
         for i in range(len(old)):
             g = got[o+i]
             if g != old[i] and g != new[i]:
-                sys.exit("%s: byte %d is %d, neither old %d nor new %d" %
-                         (what, o + i, g, old[i], new[i]))
+                t.fail("%s: byte %d is %d, neither old %d nor new %d" %
+                       (what, o + i, g, old[i], new[i]))
             ok[o+i] = 1
     for i in range(size):
-        if not ok[i] and got[i] != shadow[i]:
-            sys.exit("byte %d outside the failed writes changed: %d, "
-                     "expected %d" % (i, got[i], shadow[i]))
+        if not ok[i] and got[i] != m[i]:
+            t.fail("byte %d outside the failed writes changed: %d, "
+                   "expected %d" % (i, got[i], m[i]))
     landed = sum(1 for what, o, old, new in failed
                  if got[o:o+len(new)] == new and new != old)
     print("failed writes: %d, of which landed completely: %d" %
           (len(failed), landed))
-    shadow[:] = got
-    # Stable: a second read gives the same bytes.
-    if h.pread(size, 0) != got:
-        sys.exit("content not stable after failed writes")
+    m[:] = got
+    m.check_all("stable after failed writes (a second read)")
     failed.clear()
 
 hole = 1024 * 1024            # the file is a hole from 1M to its end
@@ -116,7 +94,7 @@ write_fail("first write (over data)", 3 * bs, bs)
 write_fail("first write (hole)", hole, bs)
 off(werr)
 settle_failed()
-check_all("after the failed first writes")
+m.check_all("after the failed first writes")
 write_ok(3 * bs, bs)
 write_ok(hole, bs)
 h.flush()
@@ -130,7 +108,7 @@ for o, n in ((0, 1), (0, bs), (bs + 5, 3 * bs), (data_end - 10, 20),
 write_fail("unaligned overwrite during read errors", 5 * bs + 3, 100)
 off(rerr)
 settle_failed()
-check_all("after read errors")
+m.check_all("after read errors")
 
 # 2. Writes.
 on(werr)
@@ -145,10 +123,10 @@ write_fail("hole, FUA", hole + 100 * bs + 9, bs, nbd.CMD_FLAG_FUA)
 write_fail("data, FUA", 30 * bs, bs, nbd.CMD_FLAG_FUA)
 # Reads still work while writes fail.
 if h.pread(data_end, 0) is None:
-    sys.exit("read failed")
+    t.fail("read failed")
 off(werr)
 settle_failed()
-check_all("after write errors")
+m.check_all("after write errors")
 # The same ranges can be written now.
 for o, n in ((hole + 8 * bs, 2 * bs), (hole + 20 * bs + 5, 3 * bs),
              (hole + 40 * bs + 1000, 7), (hole + 64 * bs, 300 * 1024),
@@ -157,7 +135,7 @@ for o, n in ((hole + 8 * bs, 2 * bs), (hole + 20 * bs + 5, 3 * bs),
     write_ok(o, n)
 write_ok(hole + 100 * bs + 9, bs, nbd.CMD_FLAG_FUA)
 write_ok(30 * bs, bs, nbd.CMD_FLAG_FUA)
-check_all("after rewriting")
+m.check_all("after rewriting")
 
 # 3. Flush: make metadata dirty (an allocating write), then flush
 # with write errors on.
@@ -166,17 +144,16 @@ on(werr)
 expect_eio("flush with metadata to write back", lambda: h.flush())
 off(werr)
 h.flush()
-check_all("after the failed flush")
+m.check_all("after the failed flush")
 # Again, with a flush on another connection.
 write_ok(hole + 600 * bs, 2 * bs)
-h2 = connect()
+h2 = t.connect(sock, size=size)
 on(werr)
 expect_eio("flush (other connection)", lambda: h2.flush())
 expect_eio("flush (again)", lambda: h.flush())
 off(werr)
 h2.flush()
-if h2.pread(size, 0) != shadow:
-    sys.exit("second connection reads different content")
+t.Shadow(h2, m.data).check_all("the second connection")
 h2.shutdown()
 
 # 4. Mixed: reads and writes fail together, then a last round.
@@ -188,14 +165,14 @@ off(rerr); off(werr)
 settle_failed()
 write_ok(hole + 700 * bs + 100, 200)
 h.flush()
-check_all("final")
+m.check_all("final")
 h.shutdown()
 
 # A fresh connection sees the same.
-h = connect()
-check_all("final (new connection)")
-h.shutdown()
-open(out, "wb").write(shadow)
+m.h = t.connect(sock, size=size)
+m.check_all("final (new connection)")
+m.h.shutdown()
+m.save(out)
 EOF
 
 export SEED=$RANDOM

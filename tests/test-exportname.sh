@@ -40,18 +40,11 @@ fsck_clean img
 # getname SOCK NAME OUT: copy the export NAME (any bytes) into OUT
 # using libnbd directly, so the name reaches the server unchanged.
 cat > get.py <<'EOF'
-import nbd, sys
-sock, name, out = sys.argv[1], sys.argv[2], sys.argv[3]
-h = nbd.NBD()
-h.set_export_name(name)
-h.connect_unix(sock)
-size = h.get_size()
-with open(out, "wb") as f:
-    off = 0
-    while off < size:
-        n = min(size - off, 1 << 20)
-        f.write(h.pread(n, off))
-        off += n
+import sys
+import e4test as t
+sock, name, out = sys.argv[1:4]
+h = t.connect(sock, name)
+open(out, "wb").write(t.read_all(h))
 h.shutdown()
 EOF
 getname () { rm -f "$3"; python3 get.py "$@"; }

@@ -14,50 +14,40 @@ requires debugfs -V
 cd "$tmpdir"
 
 cat > drive.py <<'EOF'
-import nbd, os, random, sys
+import random, sys
+import nbd
+import e4test as t
 sock, out, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
 bs = 1024
 rnd = random.Random(seed)
-h = nbd.NBD(); h.connect_uri("nbd+unix:///?socket=" + sock)
+h = t.connect(sock)
 size = h.get_size()
 nblk = size // bs
-shadow = bytearray(size)
-def check(what):
-    got = h.pread(size, 0)
-    if got != shadow:
-        i = next(i for i in range(size) if got[i] != shadow[i])
-        sys.exit("%s: byte %d differs" % (what, i))
+m = t.Shadow(h, bytes(size))
 for step in range(6000):
     op = rnd.random()
     b = rnd.randrange(nblk)
     if op < 0.70:
         # every other block: many extents
         b -= b % 2
-        n = 1
-        buf = rnd.randbytes(n * bs)
-        h.pwrite(buf, b * bs)
-        shadow[b*bs:(b+n)*bs] = buf
+        m.randwrite(rnd, b * bs, bs)
     elif op < 0.85:
         n = rnd.randrange(1, 6)
         n = min(n, nblk - b)
-        h.zero(n * bs, b * bs, nbd.CMD_FLAG_NO_HOLE)
-        shadow[b*bs:(b+n)*bs] = bytes(n * bs)
+        m.zero(n * bs, b * bs, nbd.CMD_FLAG_NO_HOLE)
     elif op < 0.95:
         n = min(rnd.randrange(1, 4), nblk - b)
-        h.trim(n * bs, b * bs)
-        shadow[b*bs:(b+n)*bs] = bytes(n * bs)
+        m.trim(n * bs, b * bs)
     else:
         # write across blocks: holes, unwritten and written at once
         n = min(rnd.randrange(2, 9), nblk - b)
-        buf = rnd.randbytes(n * bs)
-        h.pwrite(buf, b * bs)
-        shadow[b*bs:(b+n)*bs] = buf
+        m.randwrite(rnd, b * bs, n * bs)
     if step % 1000 == 999:
-        check("step %d" % step)
-check("end")
+        m.check_all("step %d" % step)
+m.check_all("end")
 h.flush()
 h.shutdown()
-open(out, "wb").write(shadow)
+m.save(out)
 EOF
 
 for flavour in "ext4 -b 1024 -O ^has_journal" "ext4 -b 1024 -O metadata_csum"; do

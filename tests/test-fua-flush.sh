@@ -24,20 +24,18 @@ requires sha256sum --version
 cd "$tmpdir"
 
 cat > fua.py <<'EOF'
-import sys, os, re, random
+import os, re, sys
 import nbd
+import e4test as t
 
 mode, sock, log, orig_path, out = sys.argv[1:6]
 bs = int(sys.argv[6])
 phys = [int(x) for x in sys.argv[7:]]   # physical block of logical block i
-shadow = bytearray(open(orig_path, "rb").read())
-size = len(shadow)
-rnd = random.Random(int(os.environ.get("SEED", "1")))
-
-h = nbd.NBD()
-h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-h.connect_uri("nbd+unix:///?socket=" + sock)
-assert h.get_size() == size
+orig = open(orig_path, "rb").read()
+size = len(orig)
+rnd = t.client_rng(scale=1)
+h = t.connect(sock, size=size, contexts=[nbd.CONTEXT_BASE_ALLOCATION])
+m = t.Shadow(h, orig, who=mode)
 
 pos = 0
 def new_lines():
@@ -71,24 +69,19 @@ def parse(lines):
     return ev, bad
 
 def fail(msg, lines):
+    """Fail with MSG, after the log LINES it is about."""
     sys.stderr.write("\n".join(lines) + "\n")
-    sys.exit("%s: %s" % (mode, msg))
+    t.fail("%s: %s" % (mode, msg))
 
 def write(off, n, flags=0):
-    buf = rnd.randbytes(n)
-    h.pwrite(buf, off, flags)
-    shadow[off:off+n] = buf
-
-def check_all():
-    if h.pread(size, 0) != shadow:
-        sys.exit("%s: content differs" % mode)
+    m.randwrite(rnd, off, n, flags)
 
 if mode == "rw":
     # What the plugin (as seen by the log filter) offers for FUA on
     # the read-write context ext4fs opened.
     conn = [l for l in new_lines() if " Connect " in l and " write=1 " in l]
     if not conn:
-        sys.exit("rw: no read-write Connect line in the log")
+        t.fail("rw: no read-write Connect line in the log")
     plugin_fua = int(re.search(r" fua=(\d)", conn[-1]).group(1))
 
     # 1. FUA overwrites of written blocks: aligned (logical block 1),
@@ -169,27 +162,23 @@ if mode == "rw":
     if bad or not any(e[0] == "F" for e in ev):
         fail("NBD flush with nothing dirty: no plugin Flush", lines)
 
-    check_all()
+    m.check_all("content")
     h.shutdown()
-    open(out, "wb").write(shadow)
+    m.save(out)
 
 elif mode in ("ro", "rw-readonly-session"):
     new_lines()
     for i in range(3):
-        for off in range(0, size, 1 << 20):
-            n = min(1 << 20, size - off)
-            if h.pread(n, off) != shadow[off:off+n]:
-                sys.exit("%s: read differs at %d" % (mode, off))
+        m.check_all("read", piece=1 << 20)
         for _ in range(20):
             n = rnd.randint(1, 100000)
             off = rnd.randint(0, size - n)
-            if h.pread(n, off) != shadow[off:off+n]:
-                sys.exit("%s: read differs at %d+%d" % (mode, off, n))
+            m.check(off, n, "read %d+%d" % (off, n))
         exts = []
         h.block_status(size, 0,
                        lambda ctx, off, e, err: exts.append(list(e)) or 0)
         if not exts:
-            sys.exit("%s: no block status" % mode)
+            t.fail("%s: no block status" % mode)
         new_lines()
         h.flush()
         lines = new_lines()
@@ -201,7 +190,7 @@ elif mode in ("ro", "rw-readonly-session"):
                  "Flush, got %s" % [e[0] for e in ev], lines)
     if mode == "ro":
         if h.is_read_only() != 1:
-            sys.exit("ro: the export is not read-only")
+            t.fail("ro: the export is not read-only")
     h.shutdown()
     lines = new_lines()
     whole = open(log).read().split("\n")

@@ -54,37 +54,28 @@ check_err ()
 # ACTION session also flushes and reads block status in pieces.
 cat > probe.py <<'EOF'
 import hashlib, sys, nbd
+import e4test as t
 sock, name, action = sys.argv[1:4]
-h = nbd.NBD()
-h.set_export_name(name)
-h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
 try:
-    h.connect_unix(sock)
+    h = t.connect(sock, name, contexts=[nbd.CONTEXT_BASE_ALLOCATION])
 except nbd.Error as e:
-    print("REFUSED", e.string.replace("\n", " ")); sys.exit(0)
+    print("REFUSED", t.errstr(e)); sys.exit(0)
 size = h.get_size()
 ro = int(h.is_read_only())
-def out_err(e):
-    if e.errno == "EIO":
-        print("EIO", e.string.replace("\n", " "))
-    else:
-        print("ERR", e.errno, e.string.replace("\n", " "))
 if action == "info":
     print("RO=%d" % ro); sys.exit(0)
 if action == "write":
     try:
         h.pwrite(b"X" * 4096, 0); h.flush(); print("WROTE")
     except nbd.Error as e:
-        print("WERR", e.errno, e.string.replace("\n", " "))
+        print("WERR", e.errno, t.errstr(e))
     sys.exit(0)
 try:
     if size and h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION):
         step = min(size, 1 << 30) if action != "session" else 1 << 20
         for off in range(0, size, step):
             h.block_status(min(step, size - off), off, lambda *a: 0)
-    sha = hashlib.sha256()
-    for off in range(0, size, 1 << 20):
-        sha.update(h.pread(min(1 << 20, size - off), off))
+    sha = t.read_all(h, into=hashlib.sha256())
     if action == "session":
         h.flush()
         h.pread(min(size, 4096), 0)
@@ -92,7 +83,10 @@ try:
         h.flush()
     print("OK", sha.hexdigest(), "ro=%d" % ro)
 except nbd.Error as e:
-    out_err(e)
+    if e.errno == "EIO":
+        print("EIO", t.errstr(e))
+    else:
+        print("ERR", e.errno, t.errstr(e))
 h.shutdown()
 EOF
 probe ()

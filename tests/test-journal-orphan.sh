@@ -25,12 +25,11 @@ for i in 1 2 3; do echo "old $i" > src/d/f$i; done
 # probe SOCK EXPORT: "REFUSED msg" or "OPEN ro=0|1".
 cat > probe.py <<'EOF'
 import sys, nbd
-h = nbd.NBD()
-h.set_export_name(sys.argv[2])
+import e4test as t
 try:
-    h.connect_unix(sys.argv[1])
+    h = t.connect(sys.argv[1], sys.argv[2])
 except nbd.Error as e:
-    print("REFUSED", e.string.replace("\n", " ")); sys.exit(0)
+    print("REFUSED", t.errstr(e)); sys.exit(0)
 print("OPEN ro=%d" % h.is_read_only())
 h.shutdown()
 EOF

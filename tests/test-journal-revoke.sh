@@ -32,18 +32,15 @@ truncate -s $((bigblocks * bs)) src/big
 rm -f img; truncate -s 64M img
 mke2fs -q -F -t ext4 -b $bs -m 0 -J size=8 -d src img
 /usr/bin/python3 -c "
-import random
-r = random.Random(7)
-open('pattern', 'wb').write(r.randbytes($bigblocks * $bs))"
+import e4test as t
+open('pattern', 'wb').write(t.pattern(7, $bigblocks * $bs))"
 
 sock=$tmpdir/sock
 start_nbdkit "$sock" --filter="$FILTER" file img ext4file=exportname
 /usr/bin/python3 - "$sock" <<'EOF'
-import sys, nbd
-sock = sys.argv[1]
-def conn(name):
-    h = nbd.NBD(); h.set_export_name(name); h.connect_unix(sock); return h
-f = conn("/frag")
+import sys
+import e4test as t
+f = t.connect(sys.argv[1], "/frag")
 for b in range(0, 2048, 2):
     f.pwrite(b"F" * 4096, b * 4096)
 f.flush()
@@ -58,18 +55,15 @@ leaves=$(awk '$1 ~ /^0\// && NR > 1 {print $8}' ex.out | sort -u | grep -E '^[0-
 [ -n "$leaves" ] || { cat ex.out; fail "test setup: /frag has no extent tree leaf blocks"; }
 echo "leaf blocks of /frag: $(echo $leaves)"
 
-/usr/bin/python3 - "$sock" "$bigblocks" <<'EOF'
-import sys, nbd
-sock, nblocks = sys.argv[1], int(sys.argv[2])
-def conn(name):
-    h = nbd.NBD(); h.set_export_name(name); h.connect_unix(sock); return h
-f = conn("/frag")
+/usr/bin/python3 - "$sock" <<'EOF'
+import sys
+import e4test as t
+sock = sys.argv[1]
+f = t.connect(sock, "/frag")
 f.trim(2048 * 4096, 0)
 f.flush()
-b = conn("/big")
-pat = open("pattern", "rb").read()
-for off in range(0, len(pat), 1 << 20):
-    b.pwrite(pat[off:off + (1 << 20)], off)
+b = t.connect(sock, "/big")
+t.write_all(b, open("pattern", "rb").read())
 b.flush()
 EOF
 kill -9 "$(cat "$sock.pid")"

@@ -37,15 +37,14 @@ truncate -s 96M img
 mke2fs -q -F -t ext4 -b 4096 -J size=4 -d src img
 
 cat > client.py <<'EOF'
-import sys, os, time, random, json, hashlib
+import sys, random, json, hashlib
 import nbd
+import e4test as t
 
 ident, sock, export, seed, out = sys.argv[1:6]
 ident = int(ident)
 rnd = random.Random(int(seed) * 31 + ident)
-h = nbd.NBD()
-h.set_export_name(export)
-h.connect_unix(sock)
+h = t.connect(sock, export)
 size = h.get_size()
 bs = 4096
 # Two clients per file; each owns every other 64 KiB chunk.
@@ -53,9 +52,7 @@ chunks = [k for k in range(size // 65536) if k % 2 == ident % 2]
 model = {}            # block -> digest of what we wrote last
 durable = {}          # block -> digest as of the last completed flush
 since = {}            # block -> digests issued since (may or may not be there)
-open("ready.%d" % ident, "w").close()
-while not os.path.exists("go"):
-    time.sleep(0.005)
+t.barrier("%d" % ident)
 
 def dig(b): return hashlib.sha1(b).hexdigest()[:16]
 ZERO = dig(bytes(bs))

@@ -16,38 +16,29 @@ failnth=$(test_filter failnth)
 cd "$tmpdir"
 
 cat > limits.py <<'EOF'
-import nbd, sys, os, errno
+import errno, os, sys
+import e4test as t
 sock, ctl, expf, outf, o, n = sys.argv[1:7]
 o = int(o); n = int(n)
-h = nbd.NBD(); h.connect_uri("nbd+unix:///?socket=" + sock)
-exp = bytearray(open(expf, "rb").read())   # the start of the file
-def check(what):
-    got = h.pread(len(exp), 0)
-    if got != exp:
-        i = next(i for i in range(len(exp)) if got[i] != exp[i])
-        sys.exit("%s: byte %d differs" % (what, i))
-h.pwrite(bytes(exp[0:1024]), 0)           # the first change, unarmed
+h = t.connect(sock)
+m = t.Shadow(h, open(expf, "rb").read())   # the start of the file
+m.pwrite(bytes(m[0:1024]), 0)              # the first change, unarmed
 open(ctl, "w").write("g%d 0 w\n" % os.getpid())
-try:
-    h.pwrite(os.urandom(n), o)
-    sys.exit("the write past the file's limit succeeded")
-except nbd.Error as e:
-    if e.errnum != errno.ENOSPC:
-        sys.exit("expected ENOSPC (EFBIG), got %s" % e)
+t.expect_errno("the write past the file's limit",
+               lambda: h.pwrite(os.urandom(n), o), errno.ENOSPC,
+               errname="ENOSPC (EFBIG)")
 writes = int(open(ctl + ".count").read()) if os.path.exists(ctl + ".count") else 0
 os.unlink(ctl)
 if writes:
-    sys.exit("%d write(s) reached the plugin before the limit was found" % writes)
+    t.fail("%d write(s) reached the plugin before the limit was found" % writes)
 if h.pread(n, o) != bytes(n):
-    sys.exit("the refused write left data")
-check("after the refused write")
-buf = os.urandom(3000)                     # an overwrite still works
-h.pwrite(buf, 100)
-exp[100:3100] = buf
-check("after an overwrite")
+    t.fail("the refused write left data")
+m.check_all("after the refused write")
+m.pwrite(os.urandom(3000), 100)            # an overwrite still works
+m.check_all("after an overwrite")
 h.flush()
 h.shutdown()
-open(outf, "wb").write(exp)
+m.save(outf)
 EOF
 
 # run NAME IMG OFFSET LEN: serve IMG's /f, run limits.py.

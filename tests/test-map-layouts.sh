@@ -72,42 +72,33 @@ EOF
 cat > reqone.py <<'EOF'
 import sys, json, random
 import nbd
+import e4test as t
 exp = json.load(open(sys.argv[2]))
 size = exp[-1][0] + exp[-1][1] if exp else 0
 def type_at(x):
-    for o, n, t in exp:
+    for o, n, ty in exp:
         if o <= x < o + n:
-            return t, o + n
+            return ty, o + n
     raise AssertionError("offset %d not in the file" % x)
-h = nbd.NBD()
-h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-h.connect_uri(sys.argv[1])
-assert h.get_size() == size
+h = t.connect(sys.argv[1], size=size, contexts=[nbd.CONTEXT_BASE_ALLOCATION])
 rnd = random.Random(size)
-offs = [o for o, n, t in exp] + [o + n - 1 for o, n, t in exp]
+offs = [o for o, n, _ in exp] + [o + n - 1 for o, n, _ in exp]
 offs += [rnd.randrange(size) for i in range(150)]
 for o in offs:
     for flags in (nbd.CMD_FLAG_REQ_ONE, 0):
         c = rnd.choice([1, 511, 4096, 65536, 1 << 20, size - o])
         c = max(1, min(c, size - o))
-        got = []
-        def cb(ctx, offset, entries, err):
-            if ctx == nbd.CONTEXT_BASE_ALLOCATION:
-                assert offset == o
-                got.extend((entries[i], entries[i+1])
-                           for i in range(0, len(entries), 2))
-            return 0
-        h.block_status(c, o, cb, flags)
+        got = t.extents(h, c, o, flags)
         what = "block_status(%d, %d, flags %d)" % (c, o, flags)
         assert got, what + ": no extent"
         if flags:
             assert len(got) == 1, what + ": REQ_ONE gave %d extents %r" % (len(got), got)
             assert got[0][0] <= c, what + ": REQ_ONE extent longer than the request"
         p = o
-        for n, t in got:
+        for n, ty in got:
             assert n > 0 and p + n <= size, what + ": bad extent %d+%d" % (p, n)
             et, end = type_at(p)
-            assert t & 3 == et, what + ": type %d at %d, expected %d" % (t, p, et)
+            assert ty & 3 == et, what + ": type %d at %d, expected %d" % (ty, p, et)
             assert p + n <= end, what + ": extent %d+%d runs past the %d-extent ending at %d" % (p, n, et, end)
             p += n
 h.shutdown()

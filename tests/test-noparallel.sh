@@ -6,6 +6,7 @@
 # any call that overlaps another on one context, so the test fails if
 # ext4fs's lane lock does not serialize its calls.
 source "$srcdir/functions.sh"
+requires python3 -c "import nbd"
 overlap=$(test_filter overlap)
 export here=$(cd "$srcdir" && pwd)
 cd "$tmpdir"
@@ -40,8 +41,7 @@ pids=()
 for i in 0 1 2 3; do
     head -c $((512*1024)) /dev/urandom > part$i
     dd if=part$i of=expected bs=512K seek=$((i*2)) conv=notrunc status=none
-    nbdsh -u "nbd+unix:///?socket=$sock" \
-        -c "h.pwrite(open('part$i','rb').read(), $((i*2))*512*1024); h.flush()" &
+    python3 -m e4test put "$sock" $((i*2*512*1024)) part$i &
     pids+=($!)
 done
 for p in "${pids[@]}"; do wait "$p" || fail "writer $p failed"; done

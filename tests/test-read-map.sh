@@ -20,6 +20,7 @@ cd "$tmpdir"
 #   MAPJSON  output of nbdinfo --map --json
 cat > checkmap.py <<'EOF'
 import os, re, json, random
+import e4test as t
 src = open(os.environ["SRC"], "rb").read()
 n = len(src)
 bs = int(os.environ["BS"])
@@ -90,13 +91,7 @@ rnd = random.Random(os.environ["SRC"])
 for i in range(200 if n else 0):
     o = rnd.randrange(0, n)
     c = rnd.randint(1, min(n - o, 1 << 24))
-    got = []
-    def cb(metacontext, offset, entries, err):
-        if metacontext == nbd.CONTEXT_BASE_ALLOCATION:
-            assert offset == o
-            got.extend((entries[i], entries[i+1]) for i in range(0, len(entries), 2))
-        return 0
-    h.block_status(c, o, cb)
+    got = t.extents(h, c, o)
     assert got, "no extents returned at %d+%d" % (o, c)
     check_extents(o, got, "block_status(%d, %d)" % (c, o))
 EOF

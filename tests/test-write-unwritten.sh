@@ -40,30 +40,27 @@ unmerged ()
 }
 
 cat > unwritten.py <<'EOF'
-import os, random
-import nbd
+import os
+import e4test as t
 exp_path = os.environ["EXPECTED"]
-exp = bytearray(open(exp_path, "rb").read())
+m = t.Shadow(h, open(exp_path, "rb").read())
 size = h.get_size()
-assert size == len(exp), (size, len(exp))
+assert size == m.size, (size, m.size)
 bs = int(os.environ["BS"])
-rnd = random.Random(int(os.environ.get("SEED", "1")))
+rnd = t.client_rng(scale=1)
 written = []
 
 def w(off, n):
-    buf = rnd.randbytes(n)
-    h.pwrite(buf, off)
-    exp[off:off+n] = buf
+    m.randwrite(rnd, off, n)
     written.append((off, n))
-    got = h.pread(n, off)
-    assert got == buf, "read-back mismatch at %d+%d" % (off, n)
+    m.check(off, n, "read-back at %d+%d" % (off, n))
     # The neighbourhood (still unwritten around it) reads as expected.
     lo = max(0, off - 3*bs); hi = min(size, off + n + 3*bs)
-    assert h.pread(hi - lo, lo) == exp[lo:hi], "neighbourhood of %d+%d" % (off, n)
+    m.check(lo, hi - lo, "neighbourhood of %d+%d" % (off, n))
 
 # Before any write: the original content (zeros where unwritten).
-assert h.pread(65536, 0) == exp[0:65536]
-assert h.pread(65536, 1024*1024) == exp[1024*1024:1024*1024+65536]
+m.check(0, 65536, "before any write")
+m.check(1024*1024, 65536, "before any write")
 w(4093, 3)                      # straddles a block boundary with 4K
 w(1, 5000)
 w(100000, 1)                    # one byte in the middle of a block
@@ -77,15 +74,8 @@ w(size - 20000, 100)            # near the end
 h.flush()
 
 # Whole-file read back.
-step = 1024*1024
-for off in range(0, size, step):
-    n = min(step, size - off)
-    got = h.pread(n, off)
-    if got != exp[off:off+n]:
-        for i in range(n):
-            if got[i] != exp[off+i]:
-                raise AssertionError("mismatch at byte %d" % (off + i))
-open(exp_path, "wb").write(exp)
+m.check_all("whole-file read-back", piece=1024 * 1024)
+m.save(exp_path)
 with open(exp_path + ".ranges", "w") as f:
     for off, n in written:
         f.write("%d %d\n" % (off, n))
