@@ -763,6 +763,17 @@ remap_range (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1, bool punch,
   return r == 0 ? 1 : -1;
 }
 
+/* The whole blocks [*b0, *b1) inside [offset, offset+count) (empty:
+ * *b0 >= *b1).
+ */
+static void
+whole_blocks (struct ext4fs_fs *fsi, uint64_t offset, uint64_t count,
+              uint64_t *b0, uint64_t *b1)
+{
+  *b0 = (offset + fsi->blocksize - 1) >> fsi->blockbits;
+  *b1 = (offset + count) >> fsi->blockbits;
+}
+
 /* Zero the parts of [offset, offset+count) outside whole blocks
  * [b0, b1) that are written (partial edge blocks), in place.
  */
@@ -803,8 +814,7 @@ rw_zero (struct ext4fs_inode *ip, uint32_t count, uint64_t offset,
 {
   struct ext4fs_fs *fsi = ip->fsi;
   unsigned bits = fsi->blockbits;
-  uint64_t b0 = (offset + fsi->blocksize - 1) >> bits;
-  uint64_t b1 = (offset + count) >> bits;
+  uint64_t b0, b1;
   bool may_trim = (flags & NBDKIT_FLAG_MAY_TRIM) != 0;
   int r;
 
@@ -815,6 +825,7 @@ rw_zero (struct ext4fs_inode *ip, uint32_t count, uint64_t offset,
     nbdkit_error ("inode %u: inline-data files are read-only", ip->ino);
     return -1;
   }
+  whole_blocks (fsi, offset, count, &b0, &b1);
   /* Whole blocks: punched (MAY_TRIM), or made unwritten (extent
    * files), both instant; indirect files without MAY_TRIM get zeros
    * written, which is not fast.
@@ -851,10 +862,9 @@ rw_trim (struct ext4fs_inode *ip, uint32_t count, uint64_t offset,
          uint32_t flags, int *err)
 {
   struct ext4fs_fs *fsi = ip->fsi;
-  unsigned bits = fsi->blockbits;
-  uint64_t b0 = (offset + fsi->blocksize - 1) >> bits;
-  uint64_t b1 = (offset + count) >> bits;
+  uint64_t b0, b1;
 
+  whole_blocks (fsi, offset, count, &b0, &b1);
   /* Trim is advisory: partial blocks at the edges stay; inline data
    * is left alone.
    */
