@@ -1,0 +1,450 @@
+/* ext4fs: writing the log (see trans-int.h).
+ *
+ * Owns: the jbd2 log format as written (descriptor, revoke and commit
+ * blocks, the journal superblock), commits, checkpoints, and the
+ * ordered write-back without a log (jtx_write_home_locked).  Every
+ * function here runs with the handle lock exclusive and the fs mutex
+ * held: nothing changes the cache while it is written.
+ */
+
+#include <config.h>
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <nbdkit-filter.h>
+
+#include "trans-int.h"
+
+/*----------------------------------------------------------------------
+ * The log.
+ */
+
+static uint64_t
+jphys (struct ext4fs_jtx *jt, uint32_t jblk)
+{
+  return journal_map_block (jt->jr, jblk);
+}
+
+static uint32_t
+log_next (const struct ext4fs_jtx *jt, uint32_t blk)
+{
+  blk++;
+  return blk >= jt->jr->j.last ? jt->jr->j.first : blk;
+}
+
+/* Write n log blocks from buf starting at log block start (wrapping),
+ * coalescing runs that are contiguous on the device.
+ */
+static int
+write_log (struct ext4fs_jtx *jt, const uint8_t *buf, uint32_t start,
+           uint32_t n, int *err)
+{
+  uint32_t i = 0, b = start;
+
+  while (i < n) {
+    uint64_t p = jphys (jt, b);
+    uint32_t k = 1, nb = log_next (jt, b);
+
+    while (i + k < n && nb != jt->jr->j.first && jphys (jt, nb) == p + k) {
+      k++;
+      nb = log_next (jt, nb);
+    }
+    if (ext4fs_dev_pwrite (jt->dev, buf + (size_t) i * jt->bs,
+                           (uint64_t) k * jt->bs, p << jt->bits, 0,
+                           err) == -1) {
+      nbdkit_error ("journal: writing the log: %s", strerror (*err));
+      return -1;
+    }
+    i += k;
+    b = nb;
+  }
+  return 0;
+}
+
+int
+jtx_write_jsb (struct ext4fs_jtx *jt, int *err)
+{
+  if (ext4fs_dev_pwrite (jt->dev, jt->jr->j.raw, JSB_SIZE,
+                         jphys (jt, 0) << jt->bits, 0, err) == -1) {
+    nbdkit_error ("journal: writing the journal superblock: %s",
+                  strerror (*err));
+    return -1;
+  }
+  return 0;
+}
+
+static void
+header (uint8_t *p, uint32_t type, uint32_t tid)
+{
+  put_be32 (p, JBD2_MAGIC);
+  put_be32 (p + 4, type);
+  put_be32 (p + 8, tid);
+}
+
+uint64_t
+jtx_now_ns (void)
+{
+  struct timespec ts;
+
+  clock_gettime (CLOCK_REALTIME, &ts);
+  return (uint64_t) ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Checkpoint: every block as of its last commit goes home, then the
+ * log is empty.  Handle lock exclusive and fs mutex held.
+ */
+int
+jtx_checkpoint_locked (struct ext4fs_jtx *jt, int *err)
+{
+  size_t i;
+
+  if (jt->log_start == 0)
+    return 0;
+  for (i = 0; i < jt->nbuckets; ++i) {
+    struct jent *e;
+    for (e = jt->buckets[i]; e; e = e->hnext) {
+      if (!e->in_log)
+        continue;
+      if (ext4fs_dev_pwrite (jt->dev, e->frozen ? e->frozen : e->data,
+                             jt->bs, e->blk << jt->bits, 0, err) == -1) {
+        nbdkit_error ("journal: checkpoint: writing block %" PRIu64 ": %s",
+                      e->blk, strerror (*err));
+        return -1;
+      }
+    }
+  }
+  /* Home for good before the log forgets them; the empty log durable
+   * before its space is written again.
+   */
+  if (ext4fs_dev_flush (jt->dev, err) == -1) {
+    nbdkit_error ("journal: checkpoint: flush: %s", strerror (*err));
+    return -1;
+  }
+  jbd2_set_log (&jt->jr->j, jt->jr->j.raw, 0, jt->tid);
+  if (jtx_write_jsb (jt, err) == -1 || ext4fs_dev_flush (jt->dev, err) == -1)
+    return -1;
+  for (i = 0; i < jt->nbuckets; ++i) {
+    struct jent *e;
+    for (e = jt->buckets[i]; e; e = e->hnext) {
+      if (!e->in_log)
+        continue;
+      e->in_log = false;
+      free (e->frozen);
+      e->frozen = NULL;
+      if (!e->running)
+        jt->nclean++;
+    }
+  }
+  jt->log_start = 0;
+  jt->used = 0;
+  jt->head = jt->jr->j.first;
+  jt->ncheckpoints++;
+  jtx_cache_trim (jt);
+  return 0;
+}
+
+/* Tags that fit in one descriptor block. */
+static size_t
+tags_per_desc (const struct ext4fs_jtx *jt)
+{
+  const struct jbd2_journal *j = &jt->jr->j;
+  size_t limit = jt->bs - (j->csum ? 4 : 0) - 12;
+
+  return 1 + (limit - j->tag_bytes - 16) / j->tag_bytes;
+}
+
+static size_t
+revokes_per_block (const struct ext4fs_jtx *jt)
+{
+  const struct jbd2_journal *j = &jt->jr->j;
+  size_t rec = j->incompat & JBD2_INCOMPAT_64BIT ? 8 : 4;
+
+  return (jt->bs - (j->csum ? 4 : 0) - JREVOKE_HEADER) / rec;
+}
+
+/* Fill descriptor block d for copies running[first .. first+n). */
+static void
+fill_descriptor (struct ext4fs_jtx *jt, uint8_t *d, size_t first, size_t n,
+                 uint8_t *copies)
+{
+  const struct jbd2_journal *j = &jt->jr->j;
+  size_t k, off = 12;
+
+  memset (d, 0, jt->bs);
+  header (d, JBD2_DESCRIPTOR_BLOCK, jt->tid);
+  for (k = 0; k < n; ++k) {
+    const struct jent *e = jt->running.ptr[first + k];
+    uint8_t *c = copies + k * jt->bs;
+    uint8_t *t = d + off;
+    uint32_t flags = 0, csum = 0;
+
+    memcpy (c, e->data, jt->bs);
+    if (c[0] == 0xC0 && c[1] == 0x3B && c[2] == 0x39 && c[3] == 0x98) {
+      memset (c, 0, 4);         /* escaped: replay puts the magic back */
+      flags |= JBD2_FLAG_ESCAPE;
+    }
+    if (k > 0)
+      flags |= JBD2_FLAG_SAME_UUID;
+    if (k == n - 1)
+      flags |= JBD2_FLAG_LAST_TAG;
+    if (j->csum)
+      csum = jbd2_tag_csum (j, jt->tid, c);
+    put_be32 (t, (uint32_t) e->blk);
+    if (j->incompat & JBD2_INCOMPAT_CSUM_V3) {
+      put_be32 (t + 4, flags);
+      put_be32 (t + 8, (uint32_t) (e->blk >> 32));
+      put_be32 (t + 12, csum);
+    }
+    else {
+      put_be16 (t + 4, (uint16_t) csum);
+      put_be16 (t + 6, (uint16_t) flags);
+      if (j->incompat & JBD2_INCOMPAT_64BIT)
+        put_be32 (t + 8, (uint32_t) (e->blk >> 32));
+    }
+    off += j->tag_bytes;
+    if (k == 0) {
+      memcpy (d + off, j->raw + JSB_UUID, 16);
+      off += 16;
+    }
+  }
+  jbd2_set_tail_csum (j, d);
+}
+
+/* No journal (jtx_open_nolog): the running transaction goes straight
+ * home, in the order ordered mode needs without a log, each step
+ * durable before the next:
+ *  1. a flush: the data of every completed write, before any metadata
+ *     that may link it;
+ *  2. the fresh blocks (tree and indirect blocks allocated in this
+ *     transaction), before the blocks that point at them, so that no
+ *     pointer ever leads to a block holding old bytes;
+ *  3. every other block (inodes, old tree blocks, bitmaps,
+ *     descriptors, the superblock).
+ * A crash half way through leaves metadata half written: the
+ * filesystem is marked not clean on disk (fs_begin_write) and needs
+ * e2fsck then, but no mapping points at data or a tree block that was
+ * not durable first, and freed blocks are reused only after the
+ * freeing is durable.  A failed write leaves the blocks running: the
+ * next commit writes them all again.  A failed flush aborts (file
+ * data may be lost below).  Handle lock exclusive and fs mutex held.
+ */
+int
+jtx_write_home_locked (struct ext4fs_jtx *jt, int *err)
+{
+  size_t i;
+  int pass;
+
+  for (pass = 0; pass < 3; ++pass) {
+    bool wrote = pass == 0;
+
+    for (i = 0; pass > 0 && i < jt->running.len; ++i) {
+      const struct jent *e = jt->running.ptr[i];
+      if (e->fresh != (pass == 1))
+        continue;
+      if (ext4fs_dev_pwrite (jt->dev, e->data, jt->bs, e->blk << jt->bits, 0,
+                             err) == -1) {
+        nbdkit_error ("metadata writeback: writing block %" PRIu64 ": %s",
+                      e->blk, strerror (*err));
+        return -1;
+      }
+      wrote = true;
+    }
+    if (wrote && ext4fs_dev_flush (jt->dev, err) == -1) {
+      nbdkit_error ("metadata writeback: flush: %s", strerror (*err));
+      jtx_abort_locked (jt, "a flush failed below");
+      return -1;
+    }
+  }
+  for (i = 0; i < jt->running.len; ++i) {
+    jt->running.ptr[i]->running = false;
+    jt->running.ptr[i]->fresh = false;
+    jt->nclean++;
+  }
+  jt->nlogged += jt->running.len;
+  jt->running.len = 0;
+  __atomic_store_n (&jt->running_size, 0, __ATOMIC_RELAXED);
+  jt->ncommits++;
+  jtx_cache_trim (jt);
+  return 0;
+}
+
+/* Commit the running transaction.  Handle lock exclusive and fs mutex
+ * held.
+ */
+int
+jtx_commit_locked (struct ext4fs_jtx *jt, int *err)
+{
+  const struct jbd2_journal *j;
+  size_t per_desc, per_rev, ndesc, nrev, need, pos, i;
+  bool was_empty;
+  uint64_t t;
+  uint8_t *p;
+
+  if (jt->prepare (jt->opaque, err) == -1) {
+    jtx_abort_locked (jt, "metadata could not be prepared for a commit");
+    return -1;
+  }
+  if (jt->running.len == 0 && jt->revokes.len == 0) {
+    /* Nothing to log: a flush is all it takes. */
+    if (ext4fs_dev_flush (jt->dev, err) == -1) {
+      if (!jt->logged)
+        goto fail;              /* data may be lost below: never clean */
+      return -1;
+    }
+    goto done;
+  }
+  if (!jt->logged) {
+    if (jtx_write_home_locked (jt, err) == -1)
+      return -1;
+    goto done;
+  }
+  j = &jt->jr->j;
+  per_desc = tags_per_desc (jt);
+  per_rev = revokes_per_block (jt);
+  ndesc = (jt->running.len + per_desc - 1) / per_desc;
+  nrev = (jt->revokes.len + per_rev - 1) / per_rev;
+  need = ndesc + jt->running.len + nrev + 1;
+  if (need + 1 >= jt->capacity) {
+    nbdkit_error ("journal: a transaction of %zu blocks does not fit in the "
+                  "journal (%" PRIu32 " blocks)", need, jt->capacity);
+    *err = ENOSPC;
+    jtx_abort_locked (jt, "transaction too large");
+    return -1;
+  }
+  if (jt->used + need + 1 >= jt->capacity &&
+      jtx_checkpoint_locked (jt, err) == -1) {
+    jtx_abort_locked (jt, "checkpoint failed");
+    return -1;
+  }
+  if (jt->logcap < need * jt->bs) {
+    free (jt->logbuf);
+    jt->logbuf = malloc (need * jt->bs);
+    if (jt->logbuf == NULL) {
+      jt->logcap = 0;
+      *err = ENOMEM;
+      nbdkit_error ("journal: out of memory for the log");
+      jtx_abort_locked (jt, "out of memory");
+      return -1;
+    }
+    jt->logcap = need * jt->bs;
+  }
+
+  /* Descriptors, each followed by its copies. */
+  p = jt->logbuf;
+  for (pos = 0; pos < jt->running.len; pos += per_desc) {
+    size_t n = jt->running.len - pos < per_desc ? jt->running.len - pos
+                                                 : per_desc;
+    fill_descriptor (jt, p, pos, n, p + jt->bs);
+    p += (n + 1) * jt->bs;
+  }
+  /* Revoke blocks. */
+  for (pos = 0; pos < jt->revokes.len; pos += per_rev) {
+    size_t n = jt->revokes.len - pos < per_rev ? jt->revokes.len - pos
+                                               : per_rev;
+    size_t rec = j->incompat & JBD2_INCOMPAT_64BIT ? 8 : 4, off = JREVOKE_HEADER;
+
+    memset (p, 0, jt->bs);
+    header (p, JBD2_REVOKE_BLOCK, jt->tid);
+    for (i = 0; i < n; ++i) {
+      uint64_t b = jt->revokes.ptr[pos + i];
+      if (rec == 8) {
+        put_be32 (p + off, (uint32_t) (b >> 32));
+        put_be32 (p + off + 4, (uint32_t) b);
+      }
+      else
+        put_be32 (p + off, (uint32_t) b);
+      off += rec;
+    }
+    put_be32 (p + JREVOKE_COUNT, off);
+    jbd2_set_tail_csum (j, p);
+    p += jt->bs;
+  }
+  /* The commit block. */
+  t = jtx_now_ns ();
+  if (t < jt->last_commit_ns)
+    t = jt->last_commit_ns;
+  jt->last_commit_ns = t;
+  memset (p, 0, jt->bs);
+  header (p, JBD2_COMMIT_BLOCK, jt->tid);
+  put_be32 (p + JCOMMIT_SEC, (uint32_t) ((t / 1000000000) >> 32));
+  put_be32 (p + JCOMMIT_SEC + 4, (uint32_t) (t / 1000000000));
+  put_be32 (p + JCOMMIT_NSEC, (uint32_t) (t % 1000000000));
+  jbd2_set_commit_csum (j, p);
+
+  /* Until the commit block is written, a failed write leaves
+   * transaction tid uncommitted wherever its blocks got to: replay
+   * ignores it, and the next commit writes it again at the same place
+   * (the request that asked fails, the session goes on).  A failed
+   * flush, or a failed commit block write (it may be on disk), aborts
+   * the journal.
+   */
+  was_empty = jt->log_start == 0;
+  if (write_log (jt, jt->logbuf, jt->head, need - 1, err) == -1)
+    return -1;
+  if (was_empty) {
+    /* Replay starts here: durable no later than the commit block. */
+    jbd2_set_log (j, jt->jr->j.raw, jt->head, jt->tid);
+    if (jtx_write_jsb (jt, err) == -1)
+      return -1;
+  }
+  /* The data of every completed write, the log, the superblock: then
+   * the commit block.
+   */
+  if (ext4fs_dev_flush (jt->dev, err) == -1) {
+    /* Unlike a failed write, a failed flush may have lost file data
+     * written before it (a volatile cache below): the metadata that
+     * points at it must never be committed.  As the kernel does.
+     */
+    nbdkit_error ("journal: commit: flush: %s", strerror (*err));
+    goto fail;
+  }
+  {
+    uint32_t cb = jt->head;
+    for (i = 0; i + 1 < need; ++i)
+      cb = log_next (jt, cb);
+    if (ext4fs_dev_pwrite (jt->dev, p, jt->bs, jphys (jt, cb) << jt->bits,
+                           NBDKIT_FLAG_FUA, err) == -1) {
+      nbdkit_error ("journal: commit: writing the commit block: %s",
+                    strerror (*err));
+      goto fail;
+    }
+    jt->head = log_next (jt, cb);
+  }
+  if (was_empty)
+    jt->log_start = 1;          /* any non-zero: the log is live */
+  jt->used += need;
+  for (i = 0; i < jt->running.len; ++i) {
+    struct jent *e = jt->running.ptr[i];
+    e->running = false;
+    e->in_log = true;
+    free (e->frozen);           /* the log now holds data itself */
+    e->frozen = NULL;
+  }
+  jt->nlogged += jt->running.len;
+  jt->running.len = 0;
+  __atomic_store_n (&jt->running_size, 0, __ATOMIC_RELAXED);
+  jt->revokes.len = 0;
+  jt->tid++;
+  jt->ncommits++;
+
+ done:
+  /* Freed blocks may be reused now. */
+  for (i = 0; i < jt->held.len; ++i)
+    jt->unhold (jt->opaque, jt->held.ptr[i].start, jt->held.ptr[i].len);
+  jt->held.len = 0;
+  __atomic_store_n (&jt->needs_commit, false, __ATOMIC_RELAXED);
+  if (jt->used > jt->capacity / 2 && jtx_checkpoint_locked (jt, err) == -1) {
+    jtx_abort_locked (jt, "checkpoint failed");
+    return -1;
+  }
+  return 0;
+
+ fail:
+  jtx_abort_locked (jt, "commit failed");
+  return -1;
+}
+

@@ -1,0 +1,101 @@
+/* ext4fs: the journal writer's private state, shared by its files:
+ * trans.c (opening and closing, handles, syncs, the commit timer),
+ * cache.c (the transaction cache and the hooks libext2fs's metadata
+ * I/O goes through, the blocks held after freeing) and commit.c
+ * (writing the log, commits, checkpoints, the write-back without a
+ * log).  Locks: see trans.c; everything here is protected by the fs
+ * mutex unless marked.
+ */
+#ifndef EXT4FS_TRANS_INT_H
+#define EXT4FS_TRANS_INT_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "common/vector.h"
+#include "trans.h"
+
+#define COMMIT_INTERVAL 5               /* seconds, the kernel's default */
+#define CLEAN_LIMIT 8192                /* clean cached blocks kept */
+#define NOLOG_RUN_BYTES (32u << 20)     /* no journal: write back this much */
+
+struct jent {
+  uint64_t blk;
+  uint8_t *data;                /* the newest contents */
+  uint8_t *frozen;              /* the last committed contents, if data has
+                                   changed since and they are in the log */
+  bool running;                 /* changed in the running transaction */
+  bool in_log;                  /* committed into the live log: home is stale
+                                   until the next checkpoint */
+  bool fresh;                   /* no journal: first written whole by
+                                   libext2fs in the running transaction (a
+                                   new tree or indirect block) */
+  struct jent *hnext;
+};
+
+struct hold { uint64_t start, len; };
+
+DEFINE_VECTOR_TYPE (jent_vector, struct jent *);
+DEFINE_VECTOR_TYPE (blk_vector, uint64_t);
+DEFINE_VECTOR_TYPE (hold_vector, struct hold);
+
+struct ext4fs_jtx {
+  struct ext4fs_journal *jr;    /* the journal map and superblock */
+  struct ext4fs_dev *dev;
+  ext2_filsys fs;
+  pthread_mutex_t *fs_lock;
+  jtx_prepare_fn prepare;
+  jtx_unhold_fn unhold;
+  void *opaque;
+  unsigned bits;
+  uint32_t bs;
+  bool logged;                  /* false: no journal (jtx_open_nolog) */
+  pthread_rwlock_t handle_lock;
+
+  /* Protected by *fs_lock: */
+  struct jent **buckets;
+  size_t nbuckets, nent, nclean;
+  jent_vector running;           /* the running transaction's blocks */
+  blk_vector revokes;           /* its revoke records */
+  hold_vector held;             /* blocks freed in it, reserved */
+  uint32_t tid;                 /* the running transaction's */
+  uint32_t head;                /* next log block */
+  uint32_t log_start;           /* first block of the live log, 0 = empty */
+  uint32_t used;                /* blocks in the live log */
+  uint32_t capacity;            /* log area */
+  uint32_t run_limit;           /* commit a running transaction this big */
+  uint64_t last_commit_ns;
+  bool begun;
+  uint8_t *logbuf;
+  size_t logcap;
+  uint64_t ncommits, ncheckpoints, nlogged, nflush_only, hits, misses;
+
+  bool needs_commit;            /* atomic */
+  bool aborted;                 /* atomic */
+  size_t running_size;          /* atomic copy of running.len, for handles */
+
+  /* The commit timer. */
+  pthread_t timer;
+  bool timer_started;
+  pthread_mutex_t tlock;
+  pthread_cond_t tcond;
+  bool tstop;                   /* Protected by tlock */
+};
+
+/* trans.c: for messages. */
+extern const char *jtx_what (const struct ext4fs_jtx *jt);
+extern const char *jtx_stopped (const struct ext4fs_jtx *jt);
+
+/* cache.c */
+extern const struct ext4fs_meta_ops jtx_cache_hooks;
+extern void jtx_cache_trim (struct ext4fs_jtx *jt);
+
+/* commit.c.  Caller holds the handle lock exclusive and the fs mutex. */
+extern uint64_t jtx_now_ns (void);
+extern int jtx_commit_locked (struct ext4fs_jtx *jt, int *err);
+extern int jtx_checkpoint_locked (struct ext4fs_jtx *jt, int *err);
+extern int jtx_write_home_locked (struct ext4fs_jtx *jt, int *err);
+extern int jtx_write_jsb (struct ext4fs_jtx *jt, int *err);
+
+#endif /* EXT4FS_TRANS_INT_H */
