@@ -407,6 +407,19 @@ wl_configs() {
     echo $out
 }
 
+# fio_iops KIND T0 T1 -> IOPS of $WD/fio.json (KIND read or write: total
+# ios / wall time of the whole fio run, jobs may be serialized by the
+# stock ext2 filter, so fio's per-job runtime would overstate it), or NA
+fio_iops() {
+    python3 -c '
+import json,sys
+j=json.load(open(sys.argv[1]))
+ios=sum(x[sys.argv[4]]["total_ios"] for x in j["jobs"])
+wall=float(sys.argv[3])-float(sys.argv[2])
+err=sum(x["error"] for x in j["jobs"])
+print("%.0f" % (ios/wall) if wall>0 and err==0 else "NA")' "$WD/fio.json" "$2" "$3" "$1" 2>>"$LOG"
+}
+
 # fio_randread URI RUNTIME -> prints IOPS (total ios / wall time), or NA
 fio_randread() {
     local t0 t1 rc=0
@@ -417,13 +430,7 @@ fio_randread() {
         --output="$WD/fio.json" >>"$LOG" 2>&1 || rc=1
     t1=$(now)
     [ $rc = 0 ] || { echo NA; return; }
-    python3 -c '
-import json,sys
-j=json.load(open(sys.argv[1]))
-ios=sum(x["read"]["total_ios"] for x in j["jobs"])
-wall=float(sys.argv[3])-float(sys.argv[2])
-err=sum(x["error"] for x in j["jobs"])
-print("%.0f" % (ios/wall) if wall>0 and err==0 else "NA")' "$WD/fio.json" "$t0" "$t1" 2>>"$LOG" || echo NA
+    fio_iops read "$t0" "$t1" || echo NA
 }
 
 # hwm_now -> current peak RSS (KiB) of the server under test
@@ -453,16 +460,7 @@ run_one() {
                   --output="$WD/fio.json" >>"$LOG" 2>&1 || rc=1
               t1=$(now)
               unit=IOPS
-              # total ios / wall time of the whole fio run (jobs may be
-              # serialized by the stock ext2 filter, so fio's per-job
-              # runtime would overstate its IOPS)
-              val=$(python3 -c '
-import json,sys
-j=json.load(open(sys.argv[1]))
-ios=sum(x["read"]["total_ios"] for x in j["jobs"])
-wall=float(sys.argv[3])-float(sys.argv[2])
-err=sum(x["error"] for x in j["jobs"])
-print("%.0f" % (ios/wall) if wall>0 and err==0 else "NA")' "$WD/fio.json" "$t0" "$t1" 2>>"$LOG") || rc=1
+              val=$(fio_iops read "$t0" "$t1") || rc=1
               [ "$val" = NA ] && rc=1 ;;
         esac
         stop_server; rss=$SRV_HWM
@@ -588,13 +586,7 @@ print("%.0f" % (ios/wall) if wall>0 and err==0 else "NA")' "$WD/fio.json" "$t0" 
         t1=$(now)
         stop_server; rss=$SRV_HWM
         unit=IOPS
-        val=$(python3 -c '
-import json,sys
-j=json.load(open(sys.argv[1]))
-ios=sum(x["write"]["total_ios"] for x in j["jobs"])
-wall=float(sys.argv[3])-float(sys.argv[2])
-err=sum(x["error"] for x in j["jobs"])
-print("%.0f" % (ios/wall) if wall>0 and err==0 else "NA")' "$WD/fio.json" "$t0" "$t1" 2>>"$LOG") || rc=1
+        val=$(fio_iops write "$t0" "$t1") || rc=1
         [ "$val" = NA ] && rc=1
         [ "$rc" = 0 ] && verify_consistent "$cfg" || valid=0
         ;;

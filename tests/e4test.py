@@ -27,6 +27,7 @@ write_all(h, data, off, depth=8), extents(h, n, off) (one block status
 request), Shadow.trim_blocks (a trim that punches whole blocks only),
 expect_error (any error), errstr(e) for "REFUSED msg" style output.
 A writer process from the shell: python3 -m e4test put SOCK OFF FILE.
+After a repair: python3 -m e4test repaired DUMP BEFORE NEW O N.
 
 The shell side releases the clients with release_clients N PID...
 (functions.sh), stops the server with stop_nbdkit, checks the image
@@ -51,7 +52,7 @@ __all__ = [
     "connect", "errstr", "read_all", "write_all", "put", "extents", "client_rng", "pattern",
     "first_diff", "Shadow", "merge_owned",
     "is_errno", "expect_errno", "expect_error",
-    "free_block_ranges", "free_blocks_of",
+    "free_block_ranges", "free_blocks_of", "check_repaired",
 ]
 
 
@@ -401,14 +402,39 @@ def free_blocks_of(img):
     return free
 
 
+def check_repaired(dump, before, new, o, n):
+    """After a repair (e2fsck -fy, or a journal replay) of a request
+    [O, O+N) that failed half way: the file's contents DUMP (a path)
+    must hold every byte outside the request as in BEFORE (a path), and
+    inside it the old byte, the request's (NEW, a path, N bytes) or
+    zero (a repair may unmap what it cannot trust)."""
+    got = open(dump, "rb").read()
+    exp = open(before, "rb").read()
+    new = open(new, "rb").read()
+    if len(got) != len(exp):
+        fail("size changed after repair")
+    if got[:o] != exp[:o] or got[o+n:] != exp[o+n:]:
+        i = first_diff(got, exp) if got[:o] != exp[:o] \
+            else first_diff(got, exp, o + n)
+        fail("byte %d outside the request lost after repair "
+             "(was %d, now %d)" % (i, exp[i], got[i]))
+    for i in range(o, o + n):
+        if got[i] not in (exp[i], new[i-o], 0):
+            fail("byte %d inside the request: unexpected after repair" % i)
+
+
 if __name__ == "__main__":
     # python3 -m e4test merge ORIG OUT PART...: merge_owned.
     # python3 -m e4test put TARGET OFF PATH [PIECE DEPTH]: put.
+    # python3 -m e4test repaired DUMP BEFORE NEW O N: check_repaired.
     if len(sys.argv) >= 4 and sys.argv[1] == "merge":
         merge_owned(sys.argv[2], sys.argv[3], sys.argv[4:])
     elif len(sys.argv) in (5, 7) and sys.argv[1] == "put":
         put(sys.argv[2], int(sys.argv[3]), sys.argv[4],
             *[int(a) for a in sys.argv[5:]])
+    elif len(sys.argv) == 7 and sys.argv[1] == "repaired":
+        check_repaired(*sys.argv[2:5], int(sys.argv[5]), int(sys.argv[6]))
     else:
         fail("usage: e4test.py merge ORIG OUT PART... | "
-             "put TARGET OFF PATH [PIECE DEPTH]")
+             "put TARGET OFF PATH [PIECE DEPTH] | "
+             "repaired DUMP BEFORE NEW O N")
