@@ -72,6 +72,9 @@ struct ext4fs_jtx {
   uint64_t ncommits, ncheckpoints, nlogged, nflush_only, hits, misses;
 
   bool needs_commit;            /* atomic */
+  unsigned handles;             /* atomic: handles open (data may be
+                                 * written that the metadata they add
+                                 * will point at) */
   bool aborted;                 /* atomic */
   size_t running_size;          /* atomic copy of running.len, for handles */
 

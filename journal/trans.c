@@ -243,8 +243,10 @@ jtx_handle_start (struct ext4fs_jtx *jt, int *err)
     }
     pthread_rwlock_rdlock (&jt->handle_lock);
     if (__atomic_load_n (&jt->running_size, __ATOMIC_RELAXED) < jt->run_limit ||
-        tries >= 3)
+        tries >= 3) {
+      __atomic_add_fetch (&jt->handles, 1, __ATOMIC_SEQ_CST);
       return 0;
+    }
     /* The running transaction is full: commit it first. */
     pthread_rwlock_unlock (&jt->handle_lock);
     if (jtx_sync (jt, true, err) == -1)
@@ -255,8 +257,12 @@ jtx_handle_start (struct ext4fs_jtx *jt, int *err)
 void
 jtx_handle_stop (struct ext4fs_jtx *jt, bool needs_commit)
 {
+  /* Pending before the handle is gone: a failed plain flush (jtx_sync)
+   * sees one or the other.
+   */
   if (needs_commit)
-    __atomic_store_n (&jt->needs_commit, true, __ATOMIC_RELAXED);
+    __atomic_store_n (&jt->needs_commit, true, __ATOMIC_SEQ_CST);
+  __atomic_sub_fetch (&jt->handles, 1, __ATOMIC_SEQ_CST);
   pthread_rwlock_unlock (&jt->handle_lock);
 }
 
@@ -299,21 +305,31 @@ jtx_sync (struct ext4fs_jtx *jt, bool force, int *err)
     return -1;
   }
   if (!force && !jtx_pending (jt)) {
-    if (jt->logged)
-      return ext4fs_dev_flush (jt->dev, err);
-    /* No journal: a flush never completes in the middle of another
-     * thread's write-back (the state at a completed flush is one a
-     * write-back left whole), and a failed one stops the writer, as a
-     * failed flush inside a write-back does.
+    /* Nothing to commit or write back: one plugin flush, with the
+     * handle lock shared, so that no commit or write-back runs
+     * meanwhile (the state at a completed flush is one they left
+     * whole, and none can make durable, after this flush failed,
+     * metadata pointing at data the failure may have lost below).
+     * A failed flush may have lost file data written since the last
+     * good one.  If that can only be data in place (no handle was
+     * open and nothing is pending), the flush fails and the session
+     * goes on, as with the plugin alone.  If a handle is open or has
+     * made changes since, new metadata may point at data the failure
+     * lost: the writer stops before that can be committed.
+     * Handles are read before pending (jtx_handle_stop sets pending
+     * before it counts the handle gone).
      */
     pthread_rwlock_rdlock (&jt->handle_lock);
     r = ext4fs_dev_flush (jt->dev, err);
-    pthread_rwlock_unlock (&jt->handle_lock);
-    if (r == -1) {
+    if (r == -1 &&
+        (__atomic_load_n (&jt->handles, __ATOMIC_SEQ_CST) > 0 ||
+         __atomic_load_n (&jt->needs_commit, __ATOMIC_SEQ_CST))) {
       pthread_mutex_lock (jt->fs_lock);
-      jtx_abort_locked (jt, "a flush failed below");
+      jtx_abort_locked (jt, "a flush failed below while new metadata "
+                        "was not yet durable");
       pthread_mutex_unlock (jt->fs_lock);
     }
+    pthread_rwlock_unlock (&jt->handle_lock);
     return r;
   }
   pthread_rwlock_wrlock (&jt->handle_lock);

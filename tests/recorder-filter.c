@@ -19,6 +19,9 @@
  * recordfailflush=PATH: while PATH exists, flushes are NOT passed to
  * the plugin and fail with EIO (recorded as failed flushes): a flush
  * error of the disk, for "a failed flush must not be forgotten" tests.
+ * recordflushwait=PATH: a flush first creates PATH.busy and waits while
+ * PATH exists (then looks at recordfailflush): a slow flush with other requests in
+ * flight.
  *
  * Log format (all integers little-endian):
  *   file header, 16 bytes: "NBDKREC\0", u32 version (1), u32 record
@@ -59,6 +62,7 @@ enum { REC_WRITE = 1, REC_ZERO = 2, REC_TRIM = 3, REC_FLUSH = 4 };
 
 static char *recordfile;
 static char *failflushfile;
+static char *flushwaitfile;
 static int log_fd = -1;
 
 static pthread_mutex_t log_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -74,6 +78,7 @@ recorder_unload (void)
     close (log_fd);
   free (recordfile);
   free (failflushfile);
+  free (flushwaitfile);
 }
 
 static int
@@ -89,6 +94,11 @@ recorder_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
     free (failflushfile);
     failflushfile = nbdkit_absolute_path (value);
     return failflushfile ? 0 : -1;
+  }
+  if (strcmp (key, "recordflushwait") == 0) {
+    free (flushwaitfile);
+    flushwaitfile = nbdkit_absolute_path (value);
+    return flushwaitfile ? 0 : -1;
   }
   return next (nxdata, key, value);
 }
@@ -153,7 +163,8 @@ recorder_config_complete (nbdkit_next_config_complete *next,
 
 #define recorder_config_help \
   "recordfile=<FILE>       (required) Log of writes/zeroes/trims/flushes.\n" \
-  "recordfailflush=<FILE>  Flushes fail with EIO while FILE exists."
+  "recordfailflush=<FILE>  Flushes fail with EIO while FILE exists.\n" \
+  "recordflushwait=<FILE>  A flush first waits while FILE exists."
 
 static uint64_t
 tick (void)
@@ -261,6 +272,22 @@ recorder_flush (nbdkit_next *next, void *handle, uint32_t flags, int *err)
   uint64_t start = tick ();
   int r;
 
+  /* A slow flush, to let other requests run while it is in flight. */
+  if (flushwaitfile && access (flushwaitfile, F_OK) == 0) {
+    /* Say so (PATH.busy), then wait. */
+    size_t n = strlen (flushwaitfile) + 6;
+    char *busy = malloc (n);
+    if (busy) {
+      int fd;
+      snprintf (busy, n, "%s.busy", flushwaitfile);
+      fd = open (busy, O_WRONLY | O_CREAT, 0644);
+      if (fd >= 0)
+        close (fd);
+      free (busy);
+    }
+    while (access (flushwaitfile, F_OK) == 0)
+      usleep (10000);
+  }
   if (failflushfile && access (failflushfile, F_OK) == 0) {
     nbdkit_debug ("recorder: %s exists: flush fails with EIO",
                   failflushfile);
