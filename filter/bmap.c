@@ -67,32 +67,6 @@ struct builder {
   bool too_many;                /* over bmap_max_runs () */
 };
 
-/* Make room for need runs in *mapp, doubling.  Returns -1 (and leaves
- * *mapp as it was) beyond MAX_RUNS or out of memory.
- */
-static int
-map_reserve (struct ext4fs_map **mapp, size_t need)
-{
-  struct ext4fs_map *m = *mapp;
-  size_t ncap;
-
-  if (need <= m->cap)
-    return 0;
-  if (need > bmap_max_runs ())
-    return -1;
-  ncap = m->cap ? m->cap * 2 : 16;
-  if (ncap < need)
-    ncap = need;
-  if (ncap > bmap_max_runs ())
-    ncap = bmap_max_runs ();
-  m = realloc (m, sizeof *m + ncap * sizeof m->runs[0]);
-  if (m == NULL)
-    return -1;
-  m->cap = ncap;
-  *mapp = m;
-  return 0;
-}
-
 static int
 push_run (struct builder *b, uint64_t lblk, uint64_t pblk, uint64_t len,
           bool unwritten)
@@ -120,8 +94,8 @@ push_run (struct builder *b, uint64_t lblk, uint64_t pblk, uint64_t len,
     return -1;
   }
 
-  if (b->map->n > 0) {
-    last = &b->map->runs[b->map->n - 1];
+  last = runmap_last (b->map);
+  if (last) {
     /* Merge written runs only: bmap_convert_locked needs each
      * unwritten run to be exactly one extent on disk.
      */
@@ -138,13 +112,17 @@ push_run (struct builder *b, uint64_t lblk, uint64_t pblk, uint64_t len,
     b->too_many = true;
     return -1;
   }
-  if (map_reserve (&b->map, b->map->n + 1) == -1) {
-    nbdkit_error ("realloc: %m");
-    return -1;
+  {
+    const struct ext4fs_run r = {
+      .lblk = lblk, .pblk = pblk, .len = len, .unwritten = unwritten,
+    };
+    struct runmap_pos end = { b->map->nchunks, 0 }, at;
+
+    if (runmap_insert (b->map, end, &r, &at) == -1) {
+      nbdkit_error ("malloc: %m");
+      return -1;
+    }
   }
-  b->map->runs[b->map->n++] = (struct ext4fs_run) {
-    .lblk = lblk, .pblk = pblk, .len = len, .unwritten = unwritten,
-  };
   return 0;
 }
 
@@ -243,7 +221,7 @@ bmap_build_locked (struct ext4fs_inode *ip, int *err)
   };
   int r = 0;
 
-  b.map = calloc (1, sizeof *b.map);
+  b.map = runmap_new ();
   if (b.map == NULL) {
     *err = errno;
     nbdkit_error ("calloc: %m");
@@ -256,27 +234,11 @@ bmap_build_locked (struct ext4fs_inode *ip, int *err)
   else
     r = build_indirect (&b);
   if (r == -1) {
-    free (b.map);
+    runmap_free (b.map);
     *err = b.too_many ? EFBIG : EIO;
     return NULL;
   }
   return b.map;
-}
-
-/* Index of the first run with run.lblk > lblk (binary search). */
-static size_t
-first_run_after (const struct ext4fs_map *map, uint64_t lblk)
-{
-  size_t lo = 0, hi = map->n;
-
-  while (lo < hi) {
-    size_t mid = lo + (hi - lo) / 2;
-    if (map->runs[mid].lblk <= lblk)
-      lo = mid + 1;
-    else
-      hi = mid;
-  }
-  return lo;
 }
 
 static bool
@@ -293,54 +255,66 @@ bmap_map_set (struct ext4fs_map **mapp, uint64_t lblk, uint32_t len,
 {
   struct ext4fs_map *m = *mapp;
   uint64_t end = lblk + len;
-  struct ext4fs_run pieces[3];
-  size_t i, j, k, np = 0, nn;
-  bool left = false;
+  struct ext4fs_run pieces[3], *r;
+  struct runmap_pos p, q, at, nw;
+  size_t k = 0, np = 0, i;
+  bool right = false;
 
   if (len == 0)
     return 0;
-  /* Runs [i, j) overlap [lblk, end). */
-  i = first_run_after (m, lblk);
-  if (i > 0 && m->runs[i - 1].lblk + m->runs[i - 1].len > lblk)
-    i--;
-  for (j = i; j < m->n && m->runs[j].lblk < end; ++j)
-    ;
-  if (i < j && m->runs[i].lblk < lblk) {
-    pieces[np] = m->runs[i];
-    pieces[np++].len = lblk - m->runs[i].lblk;
-    left = true;
+  /* The k runs overlapping [lblk, end), from p; what is left of the
+   * first before lblk and of the last after end.
+   */
+  p = runmap_after (m, lblk);
+  if (runmap_prev (m, p, &q) &&
+      runmap_at (m, q)->lblk + runmap_at (m, q)->len > lblk)
+    p = q;
+  for (q = p; runmap_valid (m, q) && runmap_at (m, q)->lblk < end;
+       q = runmap_next (m, q)) {
+    r = runmap_at (m, q);
+    if (k == 0 && r->lblk < lblk) {
+      pieces[np] = *r;
+      pieces[np++].len = lblk - r->lblk;
+    }
+    if (r->lblk + r->len > end) {
+      uint64_t off = end - r->lblk;
+      pieces[2] = (struct ext4fs_run) {
+        .lblk = end, .pblk = r->pblk + off, .len = r->len - off,
+        .unwritten = r->unwritten,
+      };
+      right = true;
+    }
+    k++;
   }
+  if (right)
+    pieces[np + 1] = pieces[2];
   pieces[np++] = (struct ext4fs_run) { .lblk = lblk, .pblk = pblk, .len = len };
-  if (i < j && m->runs[j - 1].lblk + m->runs[j - 1].len > end) {
-    const struct ext4fs_run *r = &m->runs[j - 1];
-    uint64_t off = end - r->lblk;
-    pieces[np++] = (struct ext4fs_run) {
-      .lblk = end, .pblk = r->pblk + off, .len = r->len - off,
-      .unwritten = r->unwritten,
-    };
-  }
+  np += right;
 
-  nn = m->n - (j - i) + np;
-  if (map_reserve (mapp, nn) == -1)
+  if (m->n - k + np > bmap_max_runs ())
     return -1;
-  m = *mapp;
-  memmove (&m->runs[i + np], &m->runs[j], (m->n - j) * sizeof m->runs[0]);
-  memcpy (&m->runs[i], pieces, np * sizeof pieces[0]);
-  m->n = nn;
-
-  /* Merge the new run with its neighbours, as bmap_build would. */
-  k = i + left;
-  if (k + 1 < m->n && runs_mergeable (&m->runs[k], &m->runs[k + 1])) {
-    m->runs[k].len += m->runs[k + 1].len;
-    memmove (&m->runs[k + 1], &m->runs[k + 2],
-             (m->n - k - 2) * sizeof m->runs[0]);
-    m->n--;
+  for (i = 0; i < k; ++i)
+    p = runmap_remove (m, p);
+  for (i = 0; i < np; ++i) {
+    if (runmap_insert (m, p, &pieces[i], &at) == -1)
+      return -1;
+    p = (struct runmap_pos) { at.c, at.i + 1 };
   }
-  if (k > 0 && runs_mergeable (&m->runs[k - 1], &m->runs[k])) {
-    m->runs[k - 1].len += m->runs[k].len;
-    memmove (&m->runs[k], &m->runs[k + 1],
-             (m->n - k - 1) * sizeof m->runs[0]);
-    m->n--;
+
+  /* Merge the new run with its neighbours, as bmap_build would.  (It
+   * is found again: an insert after it may have split its chunk.)
+   */
+  if (!runmap_prev (m, runmap_after (m, lblk), &nw))
+    abort ();
+  r = runmap_at (m, nw);
+  q = runmap_next (m, nw);
+  if (runmap_valid (m, q) && runs_mergeable (r, runmap_at (m, q))) {
+    r->len += runmap_at (m, q)->len;
+    runmap_remove (m, q);
+  }
+  if (runmap_prev (m, nw, &q) && runs_mergeable (runmap_at (m, q), r)) {
+    runmap_at (m, q)->len += r->len;
+    runmap_remove (m, nw);
   }
   return 0;
 }
@@ -348,30 +322,20 @@ bmap_map_set (struct ext4fs_map **mapp, uint64_t lblk, uint32_t len,
 bool
 bmap_map_equal (const struct ext4fs_map *a, const struct ext4fs_map *b)
 {
-  size_t i;
-
-  if (a->n != b->n)
-    return false;
-  for (i = 0; i < a->n; ++i)
-    if (a->runs[i].lblk != b->runs[i].lblk ||
-        a->runs[i].pblk != b->runs[i].pblk ||
-        a->runs[i].len != b->runs[i].len ||
-        a->runs[i].unwritten != b->runs[i].unwritten)
-      return false;
-  return true;
+  return runmap_equal (a, b);
 }
 
 const struct ext4fs_run *
 bmap_lookup (const struct ext4fs_map *map, uint64_t lblk, uint64_t *hole_end)
 {
-  size_t lo = first_run_after (map, lblk);
+  struct runmap_pos p = runmap_after (map, lblk), q;
 
-  if (lo > 0) {
-    const struct ext4fs_run *r = &map->runs[lo - 1];
+  if (runmap_prev (map, p, &q)) {
+    const struct ext4fs_run *r = runmap_at (map, q);
     if (lblk < r->lblk + r->len)
       return r;
   }
-  *hole_end = lo < map->n ? map->runs[lo].lblk : UINT64_MAX;
+  *hole_end = runmap_valid (map, p) ? runmap_at (map, p)->lblk : UINT64_MAX;
   return NULL;
 }
 
@@ -381,7 +345,7 @@ bmap_goal_locked (struct ext4fs_inode *ip, const struct ext4fs_map *map,
 {
   struct ext4fs_fs *fsi = ip->fsi;
   ext2_filsys fs = fsi->fs;
-  size_t lo = first_run_after (map, lblk);
+  struct runmap_pos p = runmap_after (map, lblk), q;
   const struct ext4fs_run *r;
 
   /* Aim to put logical block L at physical block base + L, the place
@@ -392,13 +356,13 @@ bmap_goal_locked (struct ext4fs_inode *ip, const struct ext4fs_map *map,
    * each extend their own contiguous range instead of taking turns
    * with the next free block, which interleaved their extents.
    */
-  if (lo > 0) {
-    r = &map->runs[lo - 1];
+  if (runmap_prev (map, p, &q)) {
+    r = runmap_at (map, q);
     if (lblk - r->lblk < fsi->blocks_count - r->pblk)
       return r->pblk + (lblk - r->lblk);
   }
-  else if (lo < map->n) {
-    r = &map->runs[lo];
+  else if (runmap_valid (map, p)) {
+    r = runmap_at (map, p);
     if (r->pblk >= fsi->first_data_block &&
         r->lblk - lblk <= r->pblk - fsi->first_data_block)
       return r->pblk - (r->lblk - lblk);

@@ -161,7 +161,7 @@ sync_one_locked (struct ext4fs_inode *ip)
 static void
 inode_free (struct ext4fs_inode *ip)
 {
-  free (ip->map);
+  runmap_free (ip->map);
   free (ip->inline_buf);
   pthread_rwlock_destroy (&ip->lock);
   pthread_mutex_destroy (&ip->map_lock);
@@ -264,7 +264,7 @@ inode_map_changed (struct ext4fs_inode *ip)
 
   /* We hold ip->lock exclusive: nobody else is using the map. */
   old = __atomic_exchange_n (&ip->map, NULL, __ATOMIC_ACQ_REL);
-  free (old);
+  runmap_free (old);
 }
 
 void
@@ -304,7 +304,7 @@ inode_map_update (struct ext4fs_inode *ip, const struct ext4fs_run *changes,
                     disk->n);
       abort ();
     }
-    free (disk);
+    runmap_free (disk);
   }
   __atomic_store_n (&ip->map, m, __ATOMIC_RELEASE);
 }

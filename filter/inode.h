@@ -12,29 +12,15 @@
 
 #include "fs.h"
 
-/* One mapped run of the file: logical blocks [lblk, lblk+len) live at
- * physical blocks [pblk, pblk+len).  Unwritten runs read as zeros.
- * Holes are the gaps between runs.
- */
-struct ext4fs_run {
-  uint64_t lblk;
-  uint64_t pblk;
-  uint32_t len;
-  uint32_t unwritten;
-};
+#include "runmap.h"
 
-/* The cached block map: runs sorted by lblk, not overlapping, written
- * runs merged wherever contiguous, each unwritten run exactly one
- * extent.  Changed (and realloc'd) or freed only by a holder of the
+/* The cached block map (runmap.h): runs sorted by lblk, not
+ * overlapping, written runs merged wherever contiguous, each unwritten
+ * run exactly one extent.  Changed or freed only by a holder of the
  * inode's lock in exclusive mode (inode_map_update,
  * inode_map_changed): the inode rwlock alone guards it, so a holder of
  * the lock in either mode sees a map that matches the tree.
  */
-struct ext4fs_map {
-  size_t n;
-  size_t cap;                   /* runs allocated */
-  struct ext4fs_run runs[];
-};
 
 struct ext4fs_inode {
   ext2_ino_t ino;                   /* immutable */

@@ -14,7 +14,7 @@ case $target in
 image)
     # shellcheck disable=SC2046
     clang "${flags[@]}" $(pkg-config --cflags nbdkit ext2fs com_err) \
-        fuzz/fuzz-image.c filter/fs.c filter/inode.c filter/bmap.c filter/rw.c \
+        fuzz/fuzz-image.c filter/fs.c filter/inode.c filter/bmap.c filter/runmap.c filter/rw.c \
         filter/exports.c filter/mmp.c journal/log.c journal/replay.c journal/trans.c journal/cache.c journal/commit.c \
         io-manager/io.c \
         -o "$out" $(pkg-config --libs ext2fs com_err) -lpthread ;;

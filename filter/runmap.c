@@ -1,0 +1,249 @@
+/* ext4fs: the cached block map as chunks of runs (runmap.h).
+ *
+ * Owns: the map's memory and its order.  What a run means, and when a
+ * map may change, is bmap.c's and inode.c's.
+ */
+
+#include <config.h>
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "runmap.h"
+
+struct ext4fs_map *
+runmap_new (void)
+{
+  return calloc (1, sizeof (struct ext4fs_map));
+}
+
+void
+runmap_free (struct ext4fs_map *m)
+{
+  size_t c;
+
+  if (m == NULL)
+    return;
+  for (c = 0; c < m->nchunks; ++c)
+    free (m->chunk[c]);
+  free (m->chunk);
+  free (m->first);
+  free (m);
+}
+
+struct runmap_pos
+runmap_after (const struct ext4fs_map *m, uint64_t lblk)
+{
+  size_t lo = 0, hi = m->nchunks, c;
+  const struct ext4fs_map_chunk *k;
+
+  /* The last chunk whose first run starts at or before lblk. */
+  while (lo < hi) {
+    size_t mid = lo + (hi - lo) / 2;
+    if (m->first[mid] <= lblk)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  if (lo == 0)
+    return (struct runmap_pos) { 0, 0 };
+  c = lo - 1;
+  k = m->chunk[c];
+  lo = 1;                       /* runs[0].lblk <= lblk */
+  hi = k->n;
+  while (lo < hi) {
+    size_t mid = lo + (hi - lo) / 2;
+    if (k->runs[mid].lblk <= lblk)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  if (lo == k->n)
+    return (struct runmap_pos) { c + 1, 0 };
+  return (struct runmap_pos) { c, lo };
+}
+
+bool
+runmap_prev (const struct ext4fs_map *m, struct runmap_pos p,
+             struct runmap_pos *q)
+{
+  if (p.i > 0) {
+    *q = (struct runmap_pos) { p.c, p.i - 1 };
+    return true;
+  }
+  if (p.c == 0)
+    return false;
+  *q = (struct runmap_pos) { p.c - 1, m->chunk[p.c - 1]->n - 1 };
+  return true;
+}
+
+struct runmap_pos
+runmap_next (const struct ext4fs_map *m, struct runmap_pos p)
+{
+  if (p.i + 1 < m->chunk[p.c]->n)
+    return (struct runmap_pos) { p.c, p.i + 1 };
+  return (struct runmap_pos) { p.c + 1, 0 };
+}
+
+struct ext4fs_run *
+runmap_last (const struct ext4fs_map *m)
+{
+  const struct ext4fs_map_chunk *k;
+
+  if (m->nchunks == 0)
+    return NULL;
+  k = m->chunk[m->nchunks - 1];
+  return (struct ext4fs_run *) &k->runs[k->n - 1];
+}
+
+/* Room for one more chunk in the index. */
+static int
+index_reserve (struct ext4fs_map *m)
+{
+  struct ext4fs_map_chunk **nc;
+  uint64_t *nf;
+  size_t ncap;
+
+  if (m->nchunks < m->cap)
+    return 0;
+  ncap = m->cap ? m->cap * 2 : 1;
+  nc = realloc (m->chunk, ncap * sizeof *nc);
+  if (nc == NULL)
+    return -1;
+  m->chunk = nc;
+  nf = realloc (m->first, ncap * sizeof *nf);
+  if (nf == NULL)
+    return -1;
+  m->first = nf;
+  m->cap = ncap;
+  return 0;
+}
+
+static struct ext4fs_map_chunk *
+chunk_new (uint32_t cap)
+{
+  struct ext4fs_map_chunk *k;
+
+  k = malloc (sizeof *k + cap * sizeof k->runs[0]);
+  if (k) {
+    k->n = 0;
+    k->cap = cap;
+  }
+  return k;
+}
+
+/* Put chunk k at index c. */
+static void
+index_put (struct ext4fs_map *m, size_t c, struct ext4fs_map_chunk *k)
+{
+  memmove (&m->chunk[c + 1], &m->chunk[c],
+           (m->nchunks - c) * sizeof m->chunk[0]);
+  memmove (&m->first[c + 1], &m->first[c],
+           (m->nchunks - c) * sizeof m->first[0]);
+  m->chunk[c] = k;
+  m->first[c] = k->runs[0].lblk;
+  m->nchunks++;
+}
+
+int
+runmap_insert (struct ext4fs_map *m, struct runmap_pos p,
+               const struct ext4fs_run *r, struct runmap_pos *at)
+{
+  struct ext4fs_map_chunk *k;
+
+  if (m->nchunks == 0) {
+    if (index_reserve (m) == -1 || (k = chunk_new (4)) == NULL)
+      return -1;
+    k->runs[k->n++] = *r;
+    index_put (m, 0, k);
+    m->n++;
+    *at = (struct runmap_pos) { 0, 0 };
+    return 0;
+  }
+  /* At the end, or at the start of a chunk: the end of the chunk
+   * before it if that has room (its first block stays the same).
+   */
+  if (p.c == m->nchunks ||
+      (p.i == 0 && p.c > 0 && m->chunk[p.c - 1]->n < RUNMAP_CHUNK)) {
+    p.c--;
+    p.i = m->chunk[p.c]->n;
+  }
+  k = m->chunk[p.c];
+  if (k->n == k->cap && k->cap < RUNMAP_CHUNK) {
+    uint32_t ncap = k->cap * 2 > RUNMAP_CHUNK ? RUNMAP_CHUNK : k->cap * 2;
+    k = realloc (k, sizeof *k + ncap * sizeof k->runs[0]);
+    if (k == NULL)
+      return -1;
+    k->cap = ncap;
+    m->chunk[p.c] = k;
+  }
+  if (k->n == RUNMAP_CHUNK) {
+    /* Full: the upper half moves to a new chunk after it. */
+    uint32_t half = RUNMAP_CHUNK / 2;
+    struct ext4fs_map_chunk *nk;
+
+    if (index_reserve (m) == -1 || (nk = chunk_new (RUNMAP_CHUNK)) == NULL)
+      return -1;
+    memcpy (nk->runs, &k->runs[half], (k->n - half) * sizeof k->runs[0]);
+    nk->n = k->n - half;
+    k->n = half;
+    index_put (m, p.c + 1, nk);
+    if (p.i > half) {
+      p.c++;
+      p.i -= half;
+      k = nk;
+    }
+  }
+  memmove (&k->runs[p.i + 1], &k->runs[p.i],
+           (k->n - p.i) * sizeof k->runs[0]);
+  k->runs[p.i] = *r;
+  k->n++;
+  if (p.i == 0)
+    m->first[p.c] = r->lblk;
+  m->n++;
+  *at = p;
+  return 0;
+}
+
+struct runmap_pos
+runmap_remove (struct ext4fs_map *m, struct runmap_pos p)
+{
+  struct ext4fs_map_chunk *k = m->chunk[p.c];
+
+  memmove (&k->runs[p.i], &k->runs[p.i + 1],
+           (k->n - p.i - 1) * sizeof k->runs[0]);
+  k->n--;
+  m->n--;
+  if (k->n == 0) {
+    free (k);
+    memmove (&m->chunk[p.c], &m->chunk[p.c + 1],
+             (m->nchunks - p.c - 1) * sizeof m->chunk[0]);
+    memmove (&m->first[p.c], &m->first[p.c + 1],
+             (m->nchunks - p.c - 1) * sizeof m->first[0]);
+    m->nchunks--;
+    return (struct runmap_pos) { p.c, 0 };
+  }
+  if (p.i == 0)
+    m->first[p.c] = k->runs[0].lblk;
+  if (p.i == k->n)
+    return (struct runmap_pos) { p.c + 1, 0 };
+  return p;
+}
+
+bool
+runmap_equal (const struct ext4fs_map *a, const struct ext4fs_map *b)
+{
+  struct runmap_pos p = { 0, 0 }, q = { 0, 0 };
+
+  if (a->n != b->n)
+    return false;
+  while (runmap_valid (a, p) && runmap_valid (b, q)) {
+    const struct ext4fs_run *x = runmap_at (a, p), *y = runmap_at (b, q);
+    if (x->lblk != y->lblk || x->pblk != y->pblk || x->len != y->len ||
+        x->unwritten != y->unwritten)
+      return false;
+    p = runmap_next (a, p);
+    q = runmap_next (b, q);
+  }
+  return true;
+}

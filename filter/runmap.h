@@ -1,0 +1,93 @@
+/* ext4fs: the cached block map of a file, as a container of runs.
+ *
+ * Runs are sorted by logical block, never overlap, and are kept in
+ * chunks of at most RUNMAP_CHUNK runs, with an index of the chunks'
+ * first logical blocks.  A lookup is two binary searches; a change
+ * moves at most one chunk's runs (and, when a full chunk splits, the
+ * index), so the cost of an allocating write does not grow with the
+ * number of runs the file has (a flat array moved the whole tail of
+ * the map at every insert).  Chunks start small and grow, so a map of
+ * one run costs a few dozen bytes.
+ *
+ * No locks here: the caller holds the inode's lock (shared to read,
+ * exclusive to change), as inode.h says.  No libext2fs calls.
+ */
+#ifndef EXT4FS_RUNMAP_H
+#define EXT4FS_RUNMAP_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* One mapped run of the file: logical blocks [lblk, lblk+len) live at
+ * physical blocks [pblk, pblk+len).  Unwritten runs read as zeros.
+ * Holes are the gaps between runs.
+ */
+struct ext4fs_run {
+  uint64_t lblk;
+  uint64_t pblk;
+  uint32_t len;
+  uint32_t unwritten;
+};
+
+#define RUNMAP_CHUNK 256
+
+struct ext4fs_map_chunk {
+  uint32_t n, cap;
+  struct ext4fs_run runs[];
+};
+
+struct ext4fs_map {
+  size_t n;                     /* runs in all */
+  size_t nchunks, cap;          /* chunks used; room in chunk[], first[] */
+  struct ext4fs_map_chunk **chunk;  /* none empty */
+  uint64_t *first;              /* first[c] = chunk[c]->runs[0].lblk */
+};
+
+/* A position: run i of chunk c.  The end is (nchunks, 0). */
+struct runmap_pos {
+  size_t c, i;
+};
+
+extern struct ext4fs_map *runmap_new (void);
+extern void runmap_free (struct ext4fs_map *m);
+
+static inline bool
+runmap_valid (const struct ext4fs_map *m, struct runmap_pos p)
+{
+  return p.c < m->nchunks;
+}
+
+static inline struct ext4fs_run *
+runmap_at (const struct ext4fs_map *m, struct runmap_pos p)
+{
+  return &m->chunk[p.c]->runs[p.i];
+}
+
+/* The position of the first run whose lblk > lblk (maybe the end). */
+extern struct runmap_pos runmap_after (const struct ext4fs_map *m,
+                                       uint64_t lblk);
+/* The run before p: false if p is the first position. */
+extern bool runmap_prev (const struct ext4fs_map *m, struct runmap_pos p,
+                         struct runmap_pos *q);
+extern struct runmap_pos runmap_next (const struct ext4fs_map *m,
+                                      struct runmap_pos p);
+
+/* Insert r before p (p may be the end); *at: where r is now.  The
+ * caller keeps the order.  -1: out of memory (map unchanged).
+ */
+extern int runmap_insert (struct ext4fs_map *m, struct runmap_pos p,
+                          const struct ext4fs_run *r, struct runmap_pos *at);
+/* Remove the run at p; returns the position of the run that followed
+ * it (maybe the end).
+ */
+extern struct runmap_pos runmap_remove (struct ext4fs_map *m,
+                                        struct runmap_pos p);
+
+/* The last run, or NULL if the map is empty. */
+extern struct ext4fs_run *runmap_last (const struct ext4fs_map *m);
+
+extern bool runmap_equal (const struct ext4fs_map *a,
+                          const struct ext4fs_map *b);
+
+#endif /* EXT4FS_RUNMAP_H */

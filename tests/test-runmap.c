@@ -1,0 +1,144 @@
+/* Unit test of the cached map's container (filter/runmap.c), outside
+ * nbdkit: random inserts and removes at their sorted places, against
+ * a flat reference array, with every invariant checked as it goes:
+ * order, the count, no empty chunk, chunk sizes within bounds, the
+ * index of first blocks, lookups of present and absent blocks, and
+ * runmap_equal against a map built by appending.  Enough runs that
+ * chunks fill, split, empty and disappear.
+ *
+ *   test-runmap [SEED [OPS]]
+ */
+
+#include <config.h>
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "runmap.h"
+
+static uint64_t *ref;           /* sorted keys (lblk of each run) */
+static size_t nref;
+
+static void
+die (const char *what, size_t op)
+{
+  fprintf (stderr, "test-runmap: op %zu: %s\n", op, what);
+  exit (1);
+}
+
+static size_t
+ref_find (uint64_t k)           /* index of the first key >= k */
+{
+  size_t lo = 0, hi = nref;
+  while (lo < hi) {
+    size_t mid = lo + (hi - lo) / 2;
+    if (ref[mid] < k)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+static void
+check (const struct ext4fs_map *m, size_t op)
+{
+  struct runmap_pos p = { 0, 0 };
+  size_t c, i = 0;
+
+  if (m->n != nref)
+    die ("count differs", op);
+  for (c = 0; c < m->nchunks; ++c) {
+    const struct ext4fs_map_chunk *k = m->chunk[c];
+    if (k->n == 0 || k->n > k->cap || k->cap > RUNMAP_CHUNK)
+      die ("chunk size out of bounds", op);
+    if (m->first[c] != k->runs[0].lblk)
+      die ("index of first blocks is stale", op);
+  }
+  for (; runmap_valid (m, p); p = runmap_next (m, p), ++i) {
+    const struct ext4fs_run *r = runmap_at (m, p);
+    if (i >= nref || r->lblk != ref[i] || r->pblk != ref[i] * 7 ||
+        r->len != 1)
+      die ("run differs from the reference", op);
+  }
+  if (i != nref)
+    die ("walk ended early", op);
+}
+
+int
+main (int argc, char *argv[])
+{
+  unsigned seed = argc > 1 ? (unsigned) atoi (argv[1]) : 1;
+  size_t ops = argc > 2 ? (size_t) atol (argv[2]) : 200000, op;
+  struct ext4fs_map *m = runmap_new (), *b;
+  const uint64_t space = 20000;   /* keys 0..2*space-1, even ones only */
+
+  srand (seed);
+  ref = calloc (space, sizeof *ref);
+  if (m == NULL || ref == NULL)
+    die ("out of memory", 0);
+  for (op = 0; op < ops; ++op) {
+    /* Grow to ~space/2 runs, then shrink to nothing, then grow again:
+     * chunks fill, split, empty and go.
+     */
+    size_t phase = (op / (ops / 4 + 1)) % 2;
+    int insert = (size_t) rand () % 100 < (phase == 0 ? 70 : 30);
+    uint64_t key = ((uint64_t) rand () % space) * 2;
+    size_t j = ref_find (key);
+    struct runmap_pos p = runmap_after (m, key), q, at;
+    bool present = j < nref && ref[j] == key;
+    bool prev = runmap_prev (m, p, &q);
+
+    /* Lookup: the run before runmap_after (key) is key if present. */
+    if (present != (prev && runmap_at (m, q)->lblk == key))
+      die ("lookup disagrees with the reference", op);
+    if (runmap_valid (m, p) && runmap_at (m, p)->lblk <= key)
+      die ("runmap_after returned a run not after the key", op);
+    if (insert && !present) {
+      struct ext4fs_run r = { .lblk = key, .pblk = key * 7, .len = 1 };
+      if (runmap_insert (m, p, &r, &at) == -1)
+        die ("out of memory", op);
+      if (runmap_at (m, at)->lblk != key)
+        die ("insert: *at is not the new run", op);
+      memmove (&ref[j + 1], &ref[j], (nref - j) * sizeof *ref);
+      ref[j] = key;
+      nref++;
+    }
+    else if (!insert && present) {
+      struct runmap_pos nx = runmap_remove (m, q);
+      if (j + 1 < nref ? !runmap_valid (m, nx) ||
+                         runmap_at (m, nx)->lblk != ref[j + 1]
+                       : runmap_valid (m, nx))
+        die ("remove: not followed by the next run", op);
+      memmove (&ref[j], &ref[j + 1], (nref - j - 1) * sizeof *ref);
+      nref--;
+    }
+    if (op % 997 == 0 || nref < 600)
+      check (m, op);
+  }
+  check (m, ops);
+
+  /* The same runs appended in order: an equal map; one run off: not. */
+  b = runmap_new ();
+  for (size_t i = 0; i < nref; ++i) {
+    struct ext4fs_run r = { .lblk = ref[i], .pblk = ref[i] * 7, .len = 1 };
+    struct runmap_pos end = { b->nchunks, 0 }, at;
+    if (runmap_insert (b, end, &r, &at) == -1)
+      die ("out of memory", ops);
+  }
+  if (!runmap_equal (m, b))
+    die ("a map built by appending differs", ops);
+  if (nref > 0) {
+    runmap_last (b)->pblk++;
+    if (runmap_equal (m, b))
+      die ("runmap_equal missed a difference", ops);
+  }
+  printf ("test-runmap: seed %u, %zu operations, %zu runs left in %zu "
+          "chunks\n", seed, ops, m->n, m->nchunks);
+  runmap_free (b);
+  runmap_free (m);
+  free (ref);
+  return 0;
+}
