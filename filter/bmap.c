@@ -20,7 +20,8 @@
  * free on ip->raw, the one inode copy (unmapping the last block);
  * ext2fs_punch (on ip->raw); io_channel_read_blk64 /
  * io_channel_write_blk64, ext2fs_extent_header_verify,
- * ext2fs_extent_block_csum_verify / _set, ext2fs_new_block2,
+ * ext2fs_crc32c_le (extent block checksums, where the CPU has no
+ * CRC32C instruction), ext2fs_new_block2,
  * ext2fs_block_alloc_stats2 (our extent tree changes);
  * ext2fs_block_iterate3 (read-only); ext2fs_bmap2 (BMAP_ALLOC|BMAP_SET
  * on ip->raw; it allocates indirect blocks and writes the inode, but
@@ -35,6 +36,11 @@
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
+
+#if defined (__x86_64__) && defined (__GNUC__)
+#include <nmmintrin.h>
+#define HAVE_CRC32C_INSN 1
+#endif
 
 #include "bmap.h"
 #include "cleanup.h"
@@ -801,6 +807,92 @@ xt_root (struct ext4fs_inode *ip, struct xnode **ndp)
   return xt_decode (ip->raw.i_block, sizeof ip->raw.i_block, 0, ndp);
 }
 
+/* CRC32C as ext2fs_crc32c_le computes it (the Castagnoli polynomial,
+ * reflected, no inversions: the seed in, the register out), with the
+ * SSE4.2 instruction where the CPU has it: about eight times faster
+ * than libext2fs's tables, and an extent tree change checksums whole
+ * blocks (a read verifies each node of the path, a write sets the
+ * block's): that was an eighth of the CPU of allocating writes.  The
+ * instruction is used only after it gave libext2fs's answer once.
+ */
+#ifdef HAVE_CRC32C_INSN
+__attribute__ ((target ("sse4.2")))
+static uint32_t
+crc32c_insn (uint32_t c, const void *buf, size_t n)
+{
+  const unsigned char *p = buf;
+  uint64_t c64 = c;
+
+  for (; n >= 8; p += 8, n -= 8) {
+    uint64_t v;
+    memcpy (&v, p, 8);
+    c64 = _mm_crc32_u64 (c64, v);
+  }
+  c = (uint32_t) c64;
+  for (; n > 0; ++p, --n)
+    c = _mm_crc32_u8 (c, *p);
+  return c;
+}
+#endif
+
+static uint32_t
+crc32c (uint32_t c, const void *buf, size_t n)
+{
+#ifdef HAVE_CRC32C_INSN
+  static int use_insn;          /* 0: not known yet, 1: yes, -1: no */
+  int u = __atomic_load_n (&use_insn, __ATOMIC_RELAXED);
+
+  if (u == 0) {
+    unsigned char t[1031];
+    size_t i;
+
+    for (i = 0; i < sizeof t; ++i)
+      t[i] = (unsigned char) (i * 131 + 7);
+    __builtin_cpu_init ();
+    u = __builtin_cpu_supports ("sse4.2") &&
+      crc32c_insn (0x12345678, t, sizeof t) ==
+      ext2fs_crc32c_le (0x12345678, t, sizeof t) ? 1 : -1;
+    __atomic_store_n (&use_insn, u, __ATOMIC_RELAXED);
+  }
+  if (u == 1)
+    return crc32c_insn (c, buf, n);
+#endif
+  return ext2fs_crc32c_le (c, buf, n);
+}
+
+/* The checksum of an extent block (a valid header: eh_max fits the
+ * block), as ext2fs_extent_block_csum computes it: the filesystem's
+ * seed, then the inode number and its generation (little-endian),
+ * then the block up to its tail.  ip->raw is the inode's one copy
+ * (fsi->lock held); i_generation never changes.
+ */
+static size_t
+xt_tail_offset (const void *buf)
+{
+  const struct ext3_extent_header *eh = buf;
+
+  return sizeof *eh +
+    sizeof (struct ext3_extent) * ext2fs_le16_to_cpu (eh->eh_max);
+}
+
+static uint32_t
+xt_csum (struct ext4fs_inode *ip, const void *buf)
+{
+  uint32_t ino = ext2fs_cpu_to_le32 (ip->ino);
+  uint32_t gen = ext2fs_cpu_to_le32 (ip->raw.i_generation);
+  uint32_t c;
+
+  c = crc32c (ip->fsi->fs->csum_seed, &ino, sizeof ino);
+  c = crc32c (c, &gen, sizeof gen);
+  return crc32c (c, buf, xt_tail_offset (buf));
+}
+
+static struct ext3_extent_tail *
+xt_tail (void *buf)
+{
+  return (struct ext3_extent_tail *) ((char *) buf + xt_tail_offset (buf));
+}
+
 static errcode_t
 xt_read (struct ext4fs_inode *ip, uint64_t blk, unsigned depth,
          struct xnode **ndp)
@@ -817,8 +909,11 @@ xt_read (struct ext4fs_inode *ip, uint64_t blk, unsigned depth,
   e = io_channel_read_blk64 (fsi->fs->io, blk, 1, buf);
   if (e)
     return e;
-  if (!ext2fs_extent_block_csum_verify (fsi->fs, ip->ino,
-                                        (struct ext3_extent_header *) buf))
+  /* The header first: the checksum covers what eh_max says. */
+  if (ext2fs_extent_header_verify (buf, fsi->blocksize))
+    return EXT2_ET_EXTENT_HEADER_BAD;
+  if (ext2fs_has_feature_metadata_csum (fsi->fs->super) &&
+      ext2fs_le32_to_cpu (xt_tail (buf)->et_checksum) != xt_csum (ip, buf))
     return EXT2_ET_EXTENT_CSUM_INVALID;
   e = xt_decode (buf, fsi->blocksize, blk, ndp);
   if (e == 0 && (*ndp)->depth != depth) {
@@ -834,15 +929,12 @@ xt_write (struct ext4fs_inode *ip, const struct xnode *nd)
 {
   struct ext4fs_fs *fsi = ip->fsi;
   CLEANUP_FREE char *buf = calloc (1, fsi->blocksize);
-  errcode_t e;
 
   if (buf == NULL)
     return EXT2_ET_NO_MEMORY;
   xt_encode (nd, buf);
-  e = ext2fs_extent_block_csum_set (fsi->fs, ip->ino,
-                                    (struct ext3_extent_header *) buf);
-  if (e)
-    return e;
+  if (ext2fs_has_feature_metadata_csum (fsi->fs->super))
+    xt_tail (buf)->et_checksum = ext2fs_cpu_to_le32 (xt_csum (ip, buf));
   return io_channel_write_blk64 (fsi->fs->io, nd->blk, 1, buf);
 }
 
