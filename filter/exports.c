@@ -454,10 +454,14 @@ list_dir (struct ext4fs_fs *fsi, ext2_ino_t dir, char *path, size_t plen,
     memcpy (path + plen + 1, c->name, nlen + 1);
     if (LINUX_S_ISREG (inode.i_mode) &&
         c->ino >= EXT2_FIRST_INODE (fsi->fs->super)) {
-      char desc[128];
+      char desc[128 + sizeof fsi->note];
 
-      snprintf (desc, sizeof desc, "%" PRIu64 " bytes, inode %u",
-                (uint64_t) EXT2_I_SIZE (&inode), c->ino);
+      /* The note (a read-write open refused, and why) goes with every
+       * export: a client listing them is shown the remedy.
+       */
+      snprintf (desc, sizeof desc, "%" PRIu64 " bytes, inode %u%s%s",
+                (uint64_t) EXT2_I_SIZE (&inode), c->ino,
+                fsi->note[0] ? "; " : "", fsi->note);
       if (nbdkit_add_export (exports, path, desc) == -1) {
         dirent_vector_reset (&l.v);
         return -1;

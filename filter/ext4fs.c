@@ -230,9 +230,22 @@ ext4fs_list_exports (nbdkit_next_list_exports *next, nbdkit_backend *nxdata,
   struct ext4fs_fs *fsi;
   int r;
 
-  if (!exportname_mode)
-    return nbdkit_add_export (exports, "", ext4file);
+  if (!exportname_mode) {
+    char note[sizeof fsi->note];
+
+    fs_startup_note (note, sizeof note);
+    return nbdkit_add_export (exports, "",
+                              note[0] ? nbdkit_printf_intern ("%s; %s",
+                                                              ext4file, note)
+                              : ext4file);
+  }
+  /* A writable client lists what it cannot open, too: if the
+   * filesystem cannot be opened read-write, the read-only instance
+   * lists the exports, each with the reason in its description.
+   */
   fsi = fs_get (readonly);
+  if (fsi == NULL && !readonly)
+    fsi = fs_get (1);
   if (fsi == NULL)
     return -1;
   r = export_list (fsi, exports);
@@ -364,8 +377,9 @@ ext4fs_export_description (nbdkit_next *next, void *handle)
   struct handle *h = handle;
 
   return nbdkit_printf_intern ("%s: %" PRIu64 " bytes, inode %u, in an "
-                               "ext2/3/4 filesystem", h->path,
-                               h->ip->size, h->ip->ino);
+                               "ext2/3/4 filesystem%s%s", h->path,
+                               h->ip->size, h->ip->ino,
+                               h->fsi->note[0] ? "; " : "", h->fsi->note);
 }
 
 static int

@@ -1076,6 +1076,14 @@ fs_startup (nbdkit_backend *backend, int thread_model, unsigned lanes)
   return 0;
 }
 
+void
+fs_startup_note (char *buf, size_t len)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&reg_lock);
+
+  snprintf (buf, len, "%s", the_fs ? the_fs->note : "");
+}
+
 struct ext4fs_fs *
 fs_get (int readonly)
 {

@@ -103,6 +103,12 @@ extern int fs_startup (nbdkit_backend *backend, int thread_model,
  * read-only.  Returns NULL after nbdkit_error.
  */
 extern struct ext4fs_fs *fs_get (int readonly);
+/* The note of the instance open now (for the user: the state served
+ * read-only, why writers are refused), "" if none, copied into buf.
+ * Export descriptions carry it, so a client that lists the exports
+ * or opens one read-only is shown it.
+ */
+extern void fs_startup_note (char *buf, size_t len);
 extern void fs_put (struct ext4fs_fs *fsi);
 
 /* .cleanup: write everything back, mark clean, close. */

@@ -56,6 +56,17 @@ cat > probe.py <<'EOF'
 import hashlib, sys, nbd
 import e4test as t
 sock, name, action = sys.argv[1:4]
+if action == "list":
+    # NBD_OPT_LIST: what a client is told before it opens anything.
+    h = nbd.NBD()
+    h.set_opt_mode(True)
+    h.connect_unix(sock)
+    got = []
+    h.opt_list(lambda n, d: got.append((n, d)) and 0)
+    for n, d in got:
+        print("EXPORT %s | %s" % (n, d))
+    h.opt_abort()
+    sys.exit(0)
 try:
     h = t.connect(sock, name, contexts=[nbd.CONTEXT_BASE_ALLOCATION])
 except nbd.Error as e:
@@ -175,6 +186,14 @@ gate ()
     # A second attempt is refused the same way.
     r=$(probe "$tmpdir/gw.sock" /f write)
     case "$r" in REFUSED*) ;; *) bad "$name: second writable client not refused: $r" ;; esac
+    # A writable client that lists the exports is shown them, each
+    # with the reason (the protocol carries no text with a refusal).
+    r=$(probe "$tmpdir/gw.sock" "" list)
+    case "$r" in *"EXPORT /big | "*"clients that write will be refused"*) ;;
+        *) bad "$name: the export list lacks /big with the refusal's reason: $r" ;; esac
+    for p in "$@"; do
+        case "$r" in *"$p"*) ;; *) bad "$name: the export list lacks '$p': $r" ;; esac
+    done
     srv_stop gw
     grep_err "$name" gw "$@" "serve it read-only with nbdkit -r"
     # ... and says so at start-up, before any client, with the reason.
