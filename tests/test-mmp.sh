@@ -5,7 +5,7 @@
 # first holds it; a clean exit releases it; a claim left by kill -9 is
 # detected as stale and taken over; a block held by e2fsck (FSCK
 # sequence) is refused at once; what was read before the claim is read
-# again after it.
+# again after it.  (A step of the wall clock: test-mmp-clock.sh.)
 source "$srcdir/functions.sh"
 requires debugfs -R "help" /dev/null
 cd "$tmpdir"
