@@ -234,10 +234,11 @@ ext4fs_list_exports (nbdkit_next_list_exports *next, nbdkit_backend *nxdata,
     char note[sizeof fsi->note];
 
     fs_startup_note (note, sizeof note);
-    return nbdkit_add_export (exports, "",
-                              note[0] ? nbdkit_printf_intern ("%s; %s",
-                                                              ext4file, note)
-                              : ext4file);
+    if (note[0] && strlen (ext4file) + strlen (note) < 3000)
+      return nbdkit_add_export (exports, "",
+                                nbdkit_printf_intern ("%s; %s", ext4file,
+                                                      note));
+    return nbdkit_add_export (exports, "", ext4file);
   }
   /* A writable client lists what it cannot open, too: if the
    * filesystem cannot be opened read-write, the read-only instance
@@ -376,10 +377,17 @@ ext4fs_export_description (nbdkit_next *next, void *handle)
 {
   struct handle *h = handle;
 
+  /* (NBD strings are at most 4096 bytes: a long path goes without
+   * the note.)
+   */
+  bool with_note = h->fsi->note[0] &&
+    strlen (h->path) + strlen (h->fsi->note) < 3000;
+
   return nbdkit_printf_intern ("%s: %" PRIu64 " bytes, inode %u, in an "
                                "ext2/3/4 filesystem%s%s", h->path,
                                h->ip->size, h->ip->ino,
-                               h->fsi->note[0] ? "; " : "", h->fsi->note);
+                               with_note ? "; " : "",
+                               with_note ? h->fsi->note : "");
 }
 
 static int

@@ -1301,16 +1301,16 @@ fs_blocks_freed_locked (struct ext4fs_fs *fsi, uint64_t blk, uint64_t n)
  * did): the instance is read-write, so it has its writer.
  */
 int
-fs_handle_start (struct ext4fs_fs *fsi, int *err)
+fs_handle_start (struct ext4fs_fs *fsi, bool data, int *err)
 {
   assert (fsi->jt != NULL);
-  return jtx_handle_start (fsi->jt, err);
+  return jtx_handle_start (fsi->jt, data, err);
 }
 
 void
-fs_handle_stop (struct ext4fs_fs *fsi, bool needs_commit)
+fs_handle_stop (struct ext4fs_fs *fsi, bool data, bool needs_commit)
 {
-  jtx_handle_stop (fsi->jt, needs_commit);
+  jtx_handle_stop (fsi->jt, data, needs_commit);
 }
 
 bool

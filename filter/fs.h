@@ -154,10 +154,12 @@ extern void fs_blocks_freed_locked (struct ext4fs_fs *fsi, uint64_t blk,
  * changes (the writer's handle lock shared, journal or not): taken
  * after the inode rwlock, before fsi->lock, and only on a read-write
  * instance (after fs_begin_write).  needs_commit: the change must be
- * durable at the next flush (not just times).
+ * durable at the next flush (not just times).  data: the request may
+ * write file data that its metadata will point at (jtx_handle_start).
  */
-extern int fs_handle_start (struct ext4fs_fs *fsi, int *err);
-extern void fs_handle_stop (struct ext4fs_fs *fsi, bool needs_commit);
+extern int fs_handle_start (struct ext4fs_fs *fsi, bool data, int *err);
+extern void fs_handle_stop (struct ext4fs_fs *fsi, bool data,
+                            bool needs_commit);
 
 /* After ENOSPC: if freed blocks are waiting for a commit, commit
  * them and return true (try again).  Call with no lock held.

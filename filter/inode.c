@@ -134,7 +134,7 @@ sync_one_locked (struct ext4fs_inode *ip)
   if (t == 0 && !__atomic_load_n (&ip->raw_dirty, __ATOMIC_ACQUIRE))
     return 0;
   /* A metadata change of its own (journaled: no commit needed). */
-  if (fs_handle_start (ip->fsi, &err) == -1) {
+  if (fs_handle_start (ip->fsi, false, &err) == -1) {
     __atomic_store_n (&ip->dirty_time, t, __ATOMIC_RELEASE);
     return -1;
   }
@@ -154,7 +154,7 @@ sync_one_locked (struct ext4fs_inode *ip)
    */
   r = inode_write_locked (ip, &err);
   pthread_mutex_unlock (&ip->fsi->lock);
-  fs_handle_stop (ip->fsi, false);
+  fs_handle_stop (ip->fsi, false, false);
   return r;
 }
 

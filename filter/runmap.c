@@ -169,6 +169,19 @@ runmap_insert (struct ext4fs_map *m, struct runmap_pos p,
     p.i = m->chunk[p.c]->n;
   }
   k = m->chunk[p.c];
+  if (k->n == RUNMAP_CHUNK && p.c + 1 == m->nchunks && p.i == k->n) {
+    /* Appending to a full last chunk (the builder, a file growing at
+     * its end): a new chunk, not a split, so that a map built from the
+     * tree is in full chunks.
+     */
+    if (index_reserve (m) == -1 || (k = chunk_new (16)) == NULL)
+      return -1;
+    k->runs[k->n++] = *r;
+    index_put (m, m->nchunks, k);
+    m->n++;
+    *at = (struct runmap_pos) { m->nchunks - 1, 0 };
+    return 0;
+  }
   if (k->n == k->cap && k->cap < RUNMAP_CHUNK) {
     uint32_t ncap = k->cap * 2 > RUNMAP_CHUNK ? RUNMAP_CHUNK : k->cap * 2;
     k = realloc (k, sizeof *k + ncap * sizeof k->runs[0]);

@@ -603,10 +603,11 @@ rw_pwrite (struct ext4fs_inode *ip, const void *buf, uint32_t count,
       return -1;
     struct changes ch = { 0 };
 
-    if (fs_begin_write (fsi, err) == -1 || fs_handle_start (fsi, err) == -1)
+    if (fs_begin_write (fsi, err) == -1 ||
+        fs_handle_start (fsi, true, err) == -1)
       return -1;
     r = write_allocating (ip, map, buf, count, offset, &ch, err);
-    fs_handle_stop (fsi, true);
+    fs_handle_stop (fsi, true, true);
     /* Also after a failure: the changes noted are what the tree has
      * (fill_hole, fill_unwritten).  Dropping the map instead would
      * build it again from a tree that a half-made change (the
@@ -732,7 +733,8 @@ remap_range (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1, bool punch,
       return -1;
     }
   }
-  if (fs_begin_write (fsi, err) == -1 || fs_handle_start (fsi, err) == -1)
+  if (fs_begin_write (fsi, err) == -1 ||
+      fs_handle_start (fsi, true, err) == -1)
     return -1;
   pthread_mutex_lock (&fsi->lock);
   if (punch)
@@ -750,7 +752,7 @@ remap_range (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1, bool punch,
   }
   broken = fsi->broken;
   pthread_mutex_unlock (&fsi->lock);
-  fs_handle_stop (fsi, true);
+  fs_handle_stop (fsi, true, true);
   /* Rebuilt from the tree at the next use, unless a change was left
    * half made: that tree may be unreadable, and the old map still
    * serves every block the request did not touch (blocks it freed

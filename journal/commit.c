@@ -238,6 +238,16 @@ jtx_write_home_locked (struct ext4fs_jtx *jt, int *err)
   size_t i;
   int pass;
 
+  /* Checked again here, under the locks: a commit that was waiting
+   * for them may find the writer stopped meanwhile (a failed plain
+   * flush, jtx_sync).
+   */
+  if (jtx_aborted (jt)) {
+    nbdkit_error ("%s: write-back refused: %s", jtx_what (jt),
+                  jtx_stopped (jt));
+    *err = EIO;
+    return -1;
+  }
   for (pass = 0; pass < 3; ++pass) {
     bool wrote = pass == 0;
 
@@ -284,6 +294,16 @@ jtx_commit_locked (struct ext4fs_jtx *jt, int *err)
   uint64_t t;
   uint8_t *p;
 
+  /* Checked again here, under the locks: a commit that was waiting
+   * for them may find the writer stopped meanwhile (a failed plain
+   * flush in jtx_sync, another commit's failure).  Nothing of a
+   * stopped writer's running transaction may become durable.
+   */
+  if (jtx_aborted (jt)) {
+    nbdkit_error ("%s: commit refused: %s", jtx_what (jt), jtx_stopped (jt));
+    *err = EIO;
+    return -1;
+  }
   if (jt->prepare (jt->opaque, err) == -1) {
     jtx_abort_locked (jt, "metadata could not be prepared for a commit");
     return -1;

@@ -230,7 +230,7 @@ jtx_begin_locked (struct ext4fs_jtx *jt,
 }
 
 int
-jtx_handle_start (struct ext4fs_jtx *jt, int *err)
+jtx_handle_start (struct ext4fs_jtx *jt, bool data, int *err)
 {
   int tries;
 
@@ -244,7 +244,8 @@ jtx_handle_start (struct ext4fs_jtx *jt, int *err)
     pthread_rwlock_rdlock (&jt->handle_lock);
     if (__atomic_load_n (&jt->running_size, __ATOMIC_RELAXED) < jt->run_limit ||
         tries >= 3) {
-      __atomic_add_fetch (&jt->handles, 1, __ATOMIC_SEQ_CST);
+      if (data)
+        __atomic_add_fetch (&jt->handles, 1, __ATOMIC_SEQ_CST);
       return 0;
     }
     /* The running transaction is full: commit it first. */
@@ -255,14 +256,15 @@ jtx_handle_start (struct ext4fs_jtx *jt, int *err)
 }
 
 void
-jtx_handle_stop (struct ext4fs_jtx *jt, bool needs_commit)
+jtx_handle_stop (struct ext4fs_jtx *jt, bool data, bool needs_commit)
 {
   /* Pending before the handle is gone: a failed plain flush (jtx_sync)
    * sees one or the other.
    */
   if (needs_commit)
     __atomic_store_n (&jt->needs_commit, true, __ATOMIC_SEQ_CST);
-  __atomic_sub_fetch (&jt->handles, 1, __ATOMIC_SEQ_CST);
+  if (data)
+    __atomic_sub_fetch (&jt->handles, 1, __ATOMIC_SEQ_CST);
   pthread_rwlock_unlock (&jt->handle_lock);
 }
 
@@ -307,9 +309,13 @@ jtx_sync (struct ext4fs_jtx *jt, bool force, int *err)
   if (!force && !jtx_pending (jt)) {
     /* Nothing to commit or write back: one plugin flush, with the
      * handle lock shared, so that no commit or write-back runs
-     * meanwhile (the state at a completed flush is one they left
-     * whole, and none can make durable, after this flush failed,
-     * metadata pointing at data the failure may have lost below).
+     * meanwhile (but a session's first write-back without a journal,
+     * jtx_begin_locked: the superblock alone, flushed by itself): the
+     * state at a completed flush is one they left whole, and a commit
+     * queued behind a failed one finds the writer stopped
+     * (jtx_commit_locked, jtx_write_home_locked check again), so none
+     * makes durable metadata pointing at data the failure may have
+     * lost below.
      * A failed flush may have lost file data written since the last
      * good one.  If that can only be data in place (no handle was
      * open and nothing is pending), the flush fails and the session

@@ -75,10 +75,14 @@ extern int jtx_begin_locked (struct ext4fs_jtx *jt,
  * order: DESIGN.md §3).  jtx_handle_start may commit first if the
  * running transaction is full.  needs_commit: the request changed
  * what a flush must make durable (a mapping, freed blocks); times
- * alone do not.
+ * alone do not.  data: the request may write file data that its
+ * metadata will point at (not a handle for inode times): a failed
+ * plain flush while such a handle is open stops the writer (jtx_sync).
+ * Pass the same to both.
  */
-extern int jtx_handle_start (struct ext4fs_jtx *jt, int *err);
-extern void jtx_handle_stop (struct ext4fs_jtx *jt, bool needs_commit);
+extern int jtx_handle_start (struct ext4fs_jtx *jt, bool data, int *err);
+extern void jtx_handle_stop (struct ext4fs_jtx *jt, bool data,
+                             bool needs_commit);
 
 /* Put a metadata block into the running transaction (caller holds the
  * fs mutex).  buf is blocksize bytes.

@@ -19,6 +19,7 @@
  * recordfailflush=PATH: while PATH exists, flushes are NOT passed to
  * the plugin and fail with EIO (recorded as failed flushes): a flush
  * error of the disk, for "a failed flush must not be forgotten" tests.
+ * If PATH holds "once", only the next flush fails (PATH is removed).
  * recordflushwait=PATH: a flush first creates PATH.busy and waits while
  * PATH exists (then looks at recordfailflush): a slow flush with other requests in
  * flight.
@@ -289,8 +290,18 @@ recorder_flush (nbdkit_next *next, void *handle, uint32_t flags, int *err)
       usleep (10000);
   }
   if (failflushfile && access (failflushfile, F_OK) == 0) {
+    char word[4] = "";
+    FILE *fp = fopen (failflushfile, "r");
+
     nbdkit_debug ("recorder: %s exists: flush fails with EIO",
                   failflushfile);
+    /* A file saying "once": this flush fails, and the file goes. */
+    if (fp) {
+      if (fread (word, 1, sizeof word, fp) == sizeof word &&
+          memcmp (word, "once", 4) == 0)
+        unlink (failflushfile);
+      fclose (fp);
+    }
     *err = EIO;
     r = -1;
   }

@@ -12,8 +12,13 @@
 #     and after the stop a replay (ext4) or e2fsck (ext2) of a copy
 #     gives a consistent filesystem with every byte as promised (the
 #     in-flight write's range old or new, nothing else changed).
+#  C. (ext4) a commit queued behind such a failed flush (a write into an
+#     unwritten extent completed during it, then another connection's
+#     flush waiting for the commit) finds the writer stopped: it fails,
+#     and nothing it would have committed becomes durable.
 # The recorder filter below ext4fs fails flushes while a trigger file
-# exists, and holds a flush while another exists (recordflushwait=).
+# exists (or once, if it says so), and holds a flush while another
+# exists (recordflushwait=).
 source "$srcdir/functions.sh"
 requires nbdsh --version
 requires python3 -c 'import nbd'
@@ -98,6 +103,59 @@ json.dump({"off": boff, "old": old.hex(), "new": new.hex()},
           open(out + ".json", "w"))
 EOF
 
+cat > ffc.py <<'EOF'
+import errno, json, os, sys, threading, time
+import nbd
+import e4test as t
+
+sock, failf, waitf, orig_path, out = sys.argv[1:6]
+bs, uoff = int(sys.argv[6]), int(sys.argv[7])
+orig = open(orig_path, "rb").read()
+size = len(orig)
+rnd = t.client_rng(scale=1)
+h = t.connect(sock, size=size)
+h2 = t.connect(sock, size=size)
+h3 = t.connect(sock, size=size)
+m = t.Shadow(h, orig)
+m.randwrite(rnd, 3 * bs, bs)                # the session's first write
+h.flush()                                   # nothing pending after this
+
+t.touch(waitf)
+open(failf, "w").write("once")
+res = {}
+def flush(name, hh):
+    try:
+        hh.flush()
+        res[name] = "succeeded"
+    except nbd.Error as e:
+        res[name] = e
+f1 = threading.Thread(target=flush, args=("plain", h))
+f1.start()
+t.wait_for(waitf + ".busy", "the flush to reach the plugin")
+new = rnd.randbytes(2 * bs)
+old = bytes(m[uoff:uoff + len(new)])
+h2.pwrite(new, uoff)                        # converts, during the flush
+m[uoff:uoff + len(new)] = new
+f2 = threading.Thread(target=flush, args=("queued", h3))
+f2.start()                                  # a commit, waiting for it
+time.sleep(0.5)
+os.unlink(waitf)
+f1.join()
+f2.join()
+for name in ("plain", "queued"):
+    if res[name] == "succeeded":
+        t.fail("C: the %s flush succeeded after a flush below failed with "
+               "a conversion pending" % name)
+    if not t.is_errno(res[name], errno.EIO):
+        t.fail("C: %s flush: expected EIO, got %s" % (name, t.errstr(res[name])))
+m.check_all("C: reads after the writer stopped")
+for hh in (h, h2, h3):
+    hh.shutdown()
+m.save(out)
+json.dump({"off": uoff, "old": old.hex(), "new": new.hex()},
+          open(out + ".json", "w"))
+EOF
+
 cat > cmp.py <<'EOF'
 import json, sys
 import e4test as t
@@ -161,5 +219,32 @@ for flavour in ext4 ext2-1k; do
     fsck_clean rep.img
     debugfs -R "dump /f rep.out" rep.img >/dev/null 2>&1
     python3 cmp.py rep.out out || fail "$flavour: content after the repair"
+
+    [ $flavour = ext4 ] || continue
+    echo "=== $flavour: a commit queued behind the failed flush"
+    sock=$tmpdir/sock-$flavour-c
+    rm -f img out out.json fail wait wait.busy rep.img
+    truncate -s 64M img
+    mke2fs -q -F "${mkfs[@]}" -d src img
+    # Blocks 512-767 of /f (2-3 MiB, inside the hole): unwritten.
+    debugfs -w -R "fallocate /f 512 767" img >/dev/null 2>&1
+    debugfs -R "ex /f" img 2>/dev/null | grep -q Uninit ||
+        fail "test setup: /f has no unwritten extent"
+    start_nbdkit "$sock" --filter="$FILTER" --filter="$recorder" file img \
+        ext4file=/f recordfile="$tmpdir/rec.log" \
+        recordfailflush="$tmpdir/fail" recordflushwait="$tmpdir/wait" \
+        2> srv.err
+    python3 ffc.py "$sock" "$tmpdir/fail" "$tmpdir/wait" src/f out $bs \
+        $((512 * bs + 3 * bs)) ||
+        { tail -20 srv.err; fail "$flavour: queued-commit checks"; }
+    stop_nbdkit "$sock"
+    cp --sparse=always img rep.img
+    dumpe2fs -h rep.img 2>/dev/null | grep -q needs_recovery ||
+        fail "ext4 (C): the journal was not left needing recovery"
+    r=0; e2fsck -fy rep.img > fsck1.out 2>&1 || r=$?
+    [ $r -le 1 ] || { cat fsck1.out; fail "ext4 (C): e2fsck -fy of the copy (rc $r)"; }
+    fsck_clean rep.img
+    debugfs -R "dump /f rep.out" rep.img >/dev/null 2>&1
+    python3 cmp.py rep.out out || fail "$flavour (C): content after the repair"
 done
 echo "a failed flush: the session goes on when only data in place was at stake; otherwise the writer stops first"

@@ -73,19 +73,23 @@ main (int argc, char *argv[])
   unsigned seed = argc > 1 ? (unsigned) atoi (argv[1]) : 1;
   size_t ops = argc > 2 ? (size_t) atol (argv[2]) : 200000, op;
   struct ext4fs_map *m = runmap_new (), *b;
+  size_t empties = 0;
   const uint64_t space = 20000;   /* keys 0..2*space-1, even ones only */
 
   srand (seed);
-  ref = calloc (space, sizeof *ref);
+  ref = calloc (2 * space, sizeof *ref);   /* even keys, and odd ones */
   if (m == NULL || ref == NULL)
     die ("out of memory", 0);
   for (op = 0; op < ops; ++op) {
-    /* Grow to ~space/2 runs, then shrink to nothing, then grow again:
-     * chunks fill, split, empty and go.
+    /* Grow (70% inserts), drain to nothing (removes of present
+     * keys), grow, drain, grow: chunks fill, split, empty and go.
      */
-    size_t phase = (op / (ops / 4 + 1)) % 2;
-    int insert = (size_t) rand () % 100 < (phase == 0 ? 70 : 30);
+    size_t phase = (op / (ops / 5 + 1)) % 2;
+    int insert = phase == 0 ? (size_t) rand () % 100 < 70 : nref == 0;
     uint64_t key = ((uint64_t) rand () % space) * 2;
+
+    if (phase == 1 && nref > 0)
+      key = ref[(size_t) rand () % nref];
     size_t j = ref_find (key);
     struct runmap_pos p = runmap_after (m, key), q, at;
     bool present = j < nref && ref[j] == key;
@@ -105,6 +109,25 @@ main (int argc, char *argv[])
       memmove (&ref[j + 1], &ref[j], (nref - j) * sizeof *ref);
       ref[j] = key;
       nref++;
+      /* Sometimes more right after it, each at the position after the
+       * last (at.i + 1, maybe a chunk's end), as bmap_map_set does.
+       */
+      if (rand () % 4 == 0) {
+        for (int c = 0; c < 4; ++c) {
+          uint64_t k2 = ref[j] + 1;       /* odd: never present */
+          struct ext4fs_run r2 = { .lblk = k2, .pblk = k2 * 7, .len = 1 };
+          if (j + 1 < nref && ref[j + 1] <= k2)
+            break;
+          if (runmap_insert (m, (struct runmap_pos) { at.c, at.i + 1 }, &r2,
+                             &at) == -1)
+            die ("out of memory", op);
+          if (runmap_at (m, at)->lblk != k2)
+            die ("chained insert: *at is not the new run", op);
+          memmove (&ref[j + 2], &ref[j + 1], (nref - j - 1) * sizeof *ref);
+          ref[++j] = k2;
+          nref++;
+        }
+      }
     }
     else if (!insert && present) {
       struct runmap_pos nx = runmap_remove (m, q);
@@ -114,11 +137,18 @@ main (int argc, char *argv[])
         die ("remove: not followed by the next run", op);
       memmove (&ref[j], &ref[j + 1], (nref - j - 1) * sizeof *ref);
       nref--;
+      if (nref == 0) {
+        empties++;
+        if (m->nchunks != 0)
+          die ("an empty map keeps chunks", op);
+      }
     }
     if (op % 997 == 0 || nref < 600)
       check (m, op);
   }
   check (m, ops);
+  if (ops >= 50000 && empties == 0)
+    die ("the map never drained to empty", ops);
 
   /* The same runs appended in order: an equal map; one run off: not. */
   b = runmap_new ();
@@ -130,13 +160,16 @@ main (int argc, char *argv[])
   }
   if (!runmap_equal (m, b))
     die ("a map built by appending differs", ops);
+  /* ... in full chunks (a new chunk, not a split, at the end). */
+  if (b->nchunks != (nref + RUNMAP_CHUNK - 1) / RUNMAP_CHUNK)
+    die ("a map built by appending is not in full chunks", ops);
   if (nref > 0) {
     runmap_last (b)->pblk++;
     if (runmap_equal (m, b))
       die ("runmap_equal missed a difference", ops);
   }
-  printf ("test-runmap: seed %u, %zu operations, %zu runs left in %zu "
-          "chunks\n", seed, ops, m->n, m->nchunks);
+  printf ("test-runmap: seed %u, %zu operations, emptied %zu times, %zu "
+          "runs left in %zu chunks\n", seed, ops, empties, m->n, m->nchunks);
   runmap_free (b);
   runmap_free (m);
   free (ref);
