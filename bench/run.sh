@@ -591,7 +591,7 @@ run_one() {
         [ "$rc" = 0 ] && verify_consistent "$cfg" || valid=0
         ;;
     w9|w9-hole)
-        local file=data sha=$SHA_W9
+        local file=data sha=${SHA_W9:-}
         [ $w = w9-hole ] && { file=hole; sha=$SHA_W9H; }
         reset_target "$cfg" $file
         start_server "$cfg" rw $file || { record "$w" "$cfg" "$rep" NA IOPS 0 0; return; }
