@@ -275,6 +275,24 @@ release_clients ()
     [ $st -eq 0 ] || fail "a client failed"
 }
 
+# recorder_filter: print the absolute path of the recorder filter
+# (tests/recorder-filter.c): the built one, $EXT4FS_RECORDER, or one
+# compiled into $tmpdir here.
+recorder_filter ()
+{
+    local r=${EXT4FS_RECORDER:-${abs_builddir:-$PWD}/.libs/recorder-filter.so}
+    if [ ! -f "$r" ]; then
+        requires pkg-config --exists nbdkit
+        r=$tmpdir/recorder-filter.so
+        # shellcheck disable=SC2046
+        cc -shared -fPIC -O1 -pthread $(pkg-config --cflags nbdkit) \
+            "$srcdir/recorder-filter.c" -o "$r" ||
+            fail "cannot build the recorder filter"
+    fi
+    case $r in /*) ;; *) r=$PWD/$r ;; esac
+    echo "$r"
+}
+
 # fsck_clean IMG: e2fsck -fn must report no problem.
 fsck_clean ()
 {

@@ -25,16 +25,7 @@ requires python3 -c 'import nbd'
 requires debugfs -V
 requires e2fsck -V
 
-recorder=${EXT4FS_RECORDER:-${abs_builddir:-$PWD}/.libs/recorder-filter.so}
-if [ ! -f "$recorder" ]; then
-    requires pkg-config --exists nbdkit
-    recorder=$tmpdir/recorder-filter.so
-    # shellcheck disable=SC2046
-    cc -shared -fPIC -O1 -pthread $(pkg-config --cflags nbdkit) \
-        "$srcdir/recorder-filter.c" -o "$recorder" ||
-        fail "cannot build the recorder filter"
-fi
-case $recorder in /*) ;; *) recorder=$PWD/$recorder ;; esac
+recorder=$(recorder_filter) || exit $?
 cd "$tmpdir"
 
 cat > ff.py <<'EOF'
