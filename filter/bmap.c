@@ -46,13 +46,19 @@
 #include "cleanup.h"
 
 
-/* The cached map of one file holds at most this many runs (24 bytes
- * each, so 96 MiB): the documented bound on map memory per open file.
- * A file more fragmented than this (or a corrupt one) cannot be
- * mapped; writes that would take a map past it are refused.
- * -D ext4fs.max_runs=N lowers it (tests).
+/* A map that cannot load its runs again (indirect files: the whole
+ * map is built at once) holds at most MAX_RUNS runs (24 bytes each, so
+ * 96 MiB): a file more fragmented than that (or a corrupt one) cannot
+ * be mapped, and writes that would take a map past it are refused.
+ * The maps of extent files are partial (runmap.h): loaded one leaf of
+ * the tree at a time where requests need them, and cut back to what
+ * the request at hand needs when they hold more than MAP_BUDGET runs,
+ * so a file with ten million extents opens at once and its map stays
+ * within about 24 MiB (and one request's runs).
+ * -D ext4fs.max_runs=N lowers both (tests).
  */
 #define MAX_RUNS (4 * 1024 * 1024)
+#define MAP_BUDGET (1024 * 1024)
 
 size_t
 bmap_max_runs (void)
@@ -60,6 +66,14 @@ bmap_max_runs (void)
   int d = ext4fs_debug_max_runs;
 
   return d > 0 && d < MAX_RUNS ? (size_t) d : MAX_RUNS;
+}
+
+size_t
+bmap_map_budget (void)
+{
+  int d = ext4fs_debug_max_runs;
+
+  return d > 0 && d < MAP_BUDGET ? (size_t) d : MAP_BUDGET;
 }
 
 #define XT_MAX_DEPTH 5          /* the kernel's EXT4_MAX_EXTENT_DEPTH */
@@ -71,34 +85,48 @@ struct builder {
   uint64_t nblocks;             /* blocks covering i_size */
   errcode_t error;
   bool too_many;                /* over bmap_max_runs () */
+  bool nolimit;                 /* -D ext4fs.verify_map's whole map */
 };
+
+/* Is logical [lblk, lblk+len) -> physical [pblk, ...) a mapping the
+ * filesystem can have, after the runs before it (ending at next_lblk)?
+ */
+static int
+run_check (struct ext4fs_inode *ip, uint64_t lblk, uint64_t pblk,
+           uint64_t len, uint64_t next_lblk)
+{
+  struct ext4fs_fs *fsi = ip->fsi;
+  uint64_t pend;
+
+  if (pblk < fsi->first_data_block ||
+      __builtin_add_overflow (pblk, len, &pend) || pend > fsi->blocks_count ||
+      lblk < next_lblk) {
+    nbdkit_error ("inode %u: corrupt block map: logical block %" PRIu64
+                  " -> physical %" PRIu64 " (+%" PRIu64 ") is outside the "
+                  "filesystem (%" PRIu64 " blocks) or overlaps",
+                  ip->ino, lblk, pblk, len, fsi->blocks_count);
+    return -1;
+  }
+  if (fs_is_metadata (fsi, pblk, len)) {
+    nbdkit_error ("inode %u: corrupt block map: logical block %" PRIu64
+                  " -> physical %" PRIu64 " (+%" PRIu64 ") points at "
+                  "filesystem metadata", ip->ino, lblk, pblk, len);
+    return -1;
+  }
+  return 0;
+}
 
 static int
 push_run (struct builder *b, uint64_t lblk, uint64_t pblk, uint64_t len,
           bool unwritten)
 {
-  struct ext4fs_fs *fsi = b->ip->fsi;
   struct ext4fs_run *last;
-  uint64_t pend;
 
   if (len == 0)
     return 0;
-  if (pblk < fsi->first_data_block ||
-      __builtin_add_overflow (pblk, len, &pend) || pend > fsi->blocks_count ||
-      lblk < b->next_lblk) {
-    nbdkit_error ("inode %u: corrupt block map: logical block %" PRIu64
-                  " -> physical %" PRIu64 " (+%" PRIu64 ") is outside the "
-                  "filesystem (%" PRIu64 " blocks) or overlaps",
-                  b->ip->ino, lblk, pblk, len, fsi->blocks_count);
+  if (run_check (b->ip, lblk, pblk, len, b->next_lblk) == -1)
     return -1;
-  }
   b->next_lblk = lblk + len;
-  if (fs_is_metadata (fsi, pblk, len)) {
-    nbdkit_error ("inode %u: corrupt block map: logical block %" PRIu64
-                  " -> physical %" PRIu64 " (+%" PRIu64 ") points at "
-                  "filesystem metadata", b->ip->ino, lblk, pblk, len);
-    return -1;
-  }
 
   last = runmap_last (b->map);
   if (last) {
@@ -112,7 +140,7 @@ push_run (struct builder *b, uint64_t lblk, uint64_t pblk, uint64_t len,
       return 0;
     }
   }
-  if (b->map->n >= bmap_max_runs ()) {
+  if (!b->nolimit && b->map->n >= bmap_max_runs ()) {
     nbdkit_error ("inode %u: more than %zu fragments: too fragmented "
                   "to map (or corrupt)", b->ip->ino, bmap_max_runs ());
     b->too_many = true;
@@ -218,12 +246,15 @@ build_indirect (struct builder *b)
   return 0;
 }
 
-struct ext4fs_map *
-bmap_build_locked (struct ext4fs_inode *ip, int *err)
+static unsigned extent_depth (const struct ext4fs_inode *ip);
+
+static struct ext4fs_map *
+build_locked (struct ext4fs_inode *ip, bool full, int *err)
 {
   struct builder b = {
     .ip = ip,
     .nblocks = (ip->size + ip->fsi->blocksize - 1) >> ip->fsi->blockbits,
+    .nolimit = full,
   };
   int r = 0;
 
@@ -235,6 +266,19 @@ bmap_build_locked (struct ext4fs_inode *ip, int *err)
   }
   if (ip->inline_data)
     r = 0;                      /* no blocks */
+  else if (ip->extents && !full) {
+    /* Partial: leaves are loaded when needed (bmap_load_locked); a
+     * tree that is only its root is loaded now (no I/O).
+     */
+    bool was_reset = false;
+
+    b.map->partial = true;
+    if (extent_depth (ip) == 0 &&
+        bmap_load_locked (ip, b.map, 0, &was_reset, err) == -1) {
+      runmap_free (b.map);
+      return NULL;
+    }
+  }
   else if (ip->extents)
     r = build_extents (&b);
   else
@@ -245,6 +289,18 @@ bmap_build_locked (struct ext4fs_inode *ip, int *err)
     return NULL;
   }
   return b.map;
+}
+
+struct ext4fs_map *
+bmap_build_locked (struct ext4fs_inode *ip, int *err)
+{
+  return build_locked (ip, false, err);
+}
+
+struct ext4fs_map *
+bmap_build_full_locked (struct ext4fs_inode *ip, int *err)
+{
+  return build_locked (ip, true, err);
 }
 
 static bool
@@ -297,7 +353,7 @@ bmap_map_set (struct ext4fs_map **mapp, uint64_t lblk, uint32_t len,
   pieces[np++] = (struct ext4fs_run) { .lblk = lblk, .pblk = pblk, .len = len };
   np += right;
 
-  if (m->n - k + np > bmap_max_runs ())
+  if (!m->partial && m->n - k + np > bmap_max_runs ())
     return -1;
   for (i = 0; i < k; ++i)
     p = runmap_remove (m, p);
@@ -974,6 +1030,220 @@ xt_walk (struct ext4fs_inode *ip, uint64_t lblk, struct xpath *p)
     p->node[p->levels++] = nd;
   }
   return 0;
+}
+
+/* Load into the partial map m the runs of the leaf of ip's tree that
+ * holds (or would hold) lblk, where m does not cover them yet, and
+ * cover the leaf's whole range: from the key of the entry followed at
+ * the deepest index level where it is not the first (0 if none) to the
+ * next entry's key at the deepest level that has one (all blocks if
+ * none).  A valid tree has every extent of the leaf inside that range.
+ * Parts of it m already covers are left alone (what m has there is
+ * newer than any leaf loaded then, and agrees with the tree).  Caller
+ * holds ip->lock exclusive and fsi->lock.
+ */
+static int
+load_leaf (struct ext4fs_inode *ip, struct ext4fs_map *m,
+           const struct xnode *leaf, uint64_t lo, uint64_t hi, bool *reset)
+{
+  uint64_t g = lo, gap, gend, next = lo;
+  unsigned i;
+
+  for (i = 0; i < leaf->n; ++i) {
+    const struct xent *x = &leaf->e[i];
+
+    if (x->len == 0 || x->lblk < next || x->lblk + x->len > hi ||
+        run_check (ip, x->lblk, x->pblk, x->len, next) == -1) {
+      nbdkit_error ("inode %u: corrupt extent tree: leaf block %" PRIu64
+                    ": extent at logical block %" PRIu64 " (+%u) is "
+                    "empty, out of order or outside the leaf's range",
+                    ip->ino, leaf->blk, x->lblk, (unsigned) x->len);
+      return -1;
+    }
+    next = x->lblk + x->len;
+  }
+  while (g < hi) {
+    struct runmap_pos at = { 0, 0 };
+    bool have_at = false;
+
+    if (runmap_covered (m, g, hi, &gap, &gend) ) {
+      break;
+    }
+    g = gap;
+    if (gend > hi)
+      gend = hi;
+    /* The gap [g, gend): the leaf's extents there, clipped to it. */
+    for (i = 0; i < leaf->n; ++i) {
+      const struct xent *x = &leaf->e[i];
+      uint64_t a = x->lblk > g ? x->lblk : g;
+      uint64_t b = x->lblk + x->len < gend ? x->lblk + x->len : gend;
+      struct ext4fs_run r;
+
+      if (a >= b)
+        continue;
+      if (x->uninit && (a != x->lblk || b != x->lblk + x->len)) {
+        /* Each unwritten run must be one whole extent
+         * (bmap_convert_locked): start again with nothing covered.
+         */
+        *reset = true;
+        return 0;
+      }
+      r = (struct ext4fs_run) {
+        .lblk = a, .pblk = x->pblk + (a - x->lblk), .len = b - a,
+        .unwritten = x->uninit,
+      };
+      if (have_at && runs_mergeable (runmap_at (m, at), &r)) {
+        runmap_at (m, at)->len += r.len;
+        continue;
+      }
+      if (!have_at)
+        at = runmap_after (m, a);
+      else
+        at = (struct runmap_pos) { at.c, at.i + 1 };
+      if (runmap_insert (m, at, &r, &at) == -1)
+        goto nomem;
+      have_at = true;
+    }
+    if (runmap_cover (m, g, gend) == -1)
+      goto nomem;
+    g = gend;
+  }
+  return 0;
+
+ nomem:
+  nbdkit_error ("malloc: %m");
+  return -1;
+}
+
+int
+bmap_load_locked (struct ext4fs_inode *ip, struct ext4fs_map *m,
+                  uint64_t lblk, bool *was_reset, int *err)
+{
+  struct xpath p;
+  uint64_t lo = 0, hi = UINT64_MAX;
+  bool reset = false;
+  unsigned l;
+  errcode_t e;
+  int r;
+
+  e = xt_walk (ip, lblk, &p);
+  if (e) {
+    nbdkit_error ("inode %u: extent tree: %s", ip->ino, error_message (e));
+    *err = EIO;
+    return -1;
+  }
+  for (l = 0; l + 1 < p.levels; ++l) {
+    const struct xnode *nd = p.node[l];
+    unsigned i;
+
+    /* Keys out of order would give leaves overlapping ranges. */
+    for (i = 1; i < nd->n; ++i)
+      if (nd->e[i].lblk <= nd->e[i - 1].lblk)
+        lo = UINT64_MAX;
+    if (nd->pos > 0 && nd->e[nd->pos].lblk > lo)
+      lo = nd->e[nd->pos].lblk;
+    if (nd->pos + 1 < nd->n && nd->e[nd->pos + 1].lblk < hi)
+      hi = nd->e[nd->pos + 1].lblk;
+  }
+  if (!(lo <= lblk && lblk < hi)) {
+    nbdkit_error ("inode %u: corrupt extent tree: index entries out of "
+                  "order near logical block %" PRIu64, ip->ino, lblk);
+    xt_path_free (&p);
+    *err = EIO;
+    return -1;
+  }
+  r = load_leaf (ip, m, p.node[p.levels - 1], lo, hi, &reset);
+  if (r == 0 && reset && *was_reset) {
+    /* Twice in one request: only leaves with overlapping ranges do
+     * that.
+     */
+    nbdkit_error ("inode %u: corrupt extent tree: leaves overlap near "
+                  "logical block %" PRIu64, ip->ino, lblk);
+    r = -1;
+  }
+  else if (r == 0 && reset) {
+    *was_reset = true;
+    if (runmap_keep (m, 0, 0) == -1) {
+      nbdkit_error ("malloc: %m");
+      r = -1;
+    }
+    else {
+      reset = false;
+      r = load_leaf (ip, m, p.node[p.levels - 1], lo, hi, &reset);
+      if (r == 0 && reset)
+        abort ();               /* nothing covered: nothing clips */
+    }
+  }
+  xt_path_free (&p);
+  if (r == -1)
+    *err = EIO;
+  return r;
+}
+
+/* The next run of m at or after position *p, clipped to [a, b) and
+ * merged with the written runs that continue it, as one map or another
+ * may have them split.  False at the end.
+ */
+static bool
+norm_next (const struct ext4fs_map *m, struct runmap_pos *p, uint64_t a,
+           uint64_t b, struct ext4fs_run *out)
+{
+  bool have = false;
+
+  for (; runmap_valid (m, *p); *p = runmap_next (m, *p)) {
+    struct ext4fs_run r = *runmap_at (m, *p);
+    uint64_t x = r.lblk > a ? r.lblk : a;
+    uint64_t y = r.lblk + r.len < b ? r.lblk + r.len : b;
+
+    if (r.lblk >= b)
+      break;
+    if (x >= y)
+      continue;
+    r.pblk += x - r.lblk;
+    r.lblk = x;
+    r.len = y - x;
+    if (!have) {
+      *out = r;
+      have = true;
+    }
+    else if (!out->unwritten && !r.unwritten &&
+             out->lblk + out->len == r.lblk &&
+             out->pblk + out->len == r.pblk)
+      out->len += r.len;        /* (only compared: no overflow matters) */
+    else
+      break;
+  }
+  return have;
+}
+
+bool
+bmap_map_check (const struct ext4fs_map *m, const struct ext4fs_map *disk)
+{
+  struct runmap_span all = { 0, UINT64_MAX };
+  const struct runmap_span *sp = m->partial ? m->cov : &all;
+  size_t ns = m->partial ? m->ncov : 1, i;
+
+  for (i = 0; i < ns; ++i) {
+    uint64_t a = sp[i].a, b = sp[i].b;
+    struct runmap_pos p = runmap_after (m, a), q = runmap_after (disk, a);
+    struct ext4fs_run x, y;
+    bool hx, hy;
+
+    runmap_prev (m, p, &p);
+    runmap_prev (disk, q, &q);
+    for (;;) {
+      hx = norm_next (m, &p, a, b, &x);
+      hy = norm_next (disk, &q, a, b, &y);
+      if (hx != hy)
+        return false;
+      if (!hx)
+        break;
+      if (x.lblk != y.lblk || x.pblk != y.pblk || x.len != y.len ||
+          x.unwritten != y.unwritten)
+        return false;
+    }
+  }
+  return true;
 }
 
 /* Blocks for new nodes that committing n entries at level l needs. */

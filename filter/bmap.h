@@ -7,15 +7,44 @@
 
 #include "inode.h"
 
-/* Build the map of ip from ip->raw.  Caller holds fsi->lock.  Every
- * physical block is checked against the filesystem.  Returns NULL with
+/* The map of ip, from ip->raw.  Caller holds fsi->lock.  Extent
+ * files get a partial map (runmap.h) that covers nothing yet, or all
+ * of a tree that is only its root; other files the whole map, every
+ * physical block checked against the filesystem.  Returns NULL with
  * *err set: EIO on corrupt metadata, EFBIG if the map would have more
- * than bmap_max_runs () runs.
+ * than bmap_max_runs () runs.  bmap_build_full_locked builds the whole
+ * map of any file (with libext2fs's extent reader: -D
+ * ext4fs.verify_map compares the two).
  */
 extern struct ext4fs_map *bmap_build_locked (struct ext4fs_inode *ip, int *err);
+extern struct ext4fs_map *bmap_build_full_locked (struct ext4fs_inode *ip,
+                                                  int *err);
 
-/* The most runs a cached map may hold (4 Mi, or -D ext4fs.max_runs). */
+/* Load into m, a partial map of ip, the leaf of the extent tree that
+ * holds (or would hold) lblk: afterwards m covers lblk and the rest of
+ * that leaf's range.  Each extent is checked as bmap_build_locked
+ * checks runs.  Returns -1 with *err = EIO on a corrupt tree or a read
+ * error (m then covers no more than before, or a little more, still
+ * right).  An unwritten extent is never clipped: if one would be, m
+ * is emptied first and *was_reset set; a second time for the same
+ * *was_reset (one request) is a corrupt tree.  Caller holds ip->lock
+ * exclusive and fsi->lock.
+ */
+extern int bmap_load_locked (struct ext4fs_inode *ip, struct ext4fs_map *m,
+                             uint64_t lblk, bool *was_reset, int *err);
+
+/* The most runs a cached map of an indirect file may hold (4 Mi, or -D
+ * ext4fs.max_runs); the runs past which a partial map is cut back to
+ * what one request needs (1 Mi, or -D ext4fs.max_runs).
+ */
 extern size_t bmap_max_runs (void);
+extern size_t bmap_map_budget (void);
+
+/* Does m map every block it covers as disk (a whole map) does?  Runs
+ * are compared merged where contiguous.
+ */
+extern bool bmap_map_check (const struct ext4fs_map *m,
+                            const struct ext4fs_map *disk);
 
 /* Find the run containing lblk.  Returns it, or NULL for a hole and
  * then *hole_end is the first mapped block after lblk (UINT64_MAX if
@@ -120,7 +149,7 @@ bmap_seg_pos (const struct bmap_walk *w, const struct bmap_seg *s)
  * blocks these are), splitting and merging runs as bmap_build_locked
  * would have built them from the new tree.  May realloc *mapp.  Returns
  * -1 (map unchanged or partly changed: discard it) if out of memory or
- * over the run limit.  Caller holds ip->lock exclusive.
+ * over the run limit (whole maps only).  Caller holds ip->lock exclusive.
  */
 extern int bmap_map_set (struct ext4fs_map **mapp, uint64_t lblk,
                          uint32_t len, uint64_t pblk);

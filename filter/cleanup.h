@@ -35,6 +35,10 @@ cleanup_free (void *ptr)
 }
 
 #define CLEANUP_FREE __attribute__ ((cleanup (cleanup_free)))
+/* A rwlock taken by a function, held until the end of the scope (NULL:
+ * none).
+ */
+#define CLEANUP_RWUNLOCK __attribute__ ((cleanup (cleanup_rwlock_unlock)))
 
 #define EXT4FS_CAT2(a, b) a##b
 #define EXT4FS_CAT(a, b) EXT4FS_CAT2 (a, b)

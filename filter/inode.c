@@ -223,6 +223,35 @@ too_fragmented (struct ext4fs_inode *ip, int *err)
   return NULL;
 }
 
+/* -D ext4fs.verify_map=1: compare m with the whole map built from
+ * disk by libext2fs's extent reader; abort on a difference (tests).
+ * Not on a broken filesystem: a failed request may have left the tree
+ * half changed on disk, and the map is what is known good.
+ */
+static void
+verify_map (struct ext4fs_inode *ip, const struct ext4fs_map *m,
+            const char *what)
+{
+  struct ext4fs_map *disk;
+  int err;
+
+  if (__atomic_load_n (&ip->fsi->broken, __ATOMIC_RELAXED))
+    return;
+  pthread_mutex_lock (&ip->fsi->lock);
+  disk = bmap_build_full_locked (ip, &err);
+  pthread_mutex_unlock (&ip->fsi->lock);
+  /* (A map that cannot be read now, a read error below, proves
+   * nothing.)
+   */
+  if (disk && !bmap_map_check (m, disk)) {
+    nbdkit_error ("inode %u: the map %s (%zu runs, %zu spans) differs "
+                  "from the map on disk (%zu runs)", ip->ino, what, m->n,
+                  m->partial ? m->ncov : 1, disk->n);
+    abort ();
+  }
+  runmap_free (disk);
+}
+
 const struct ext4fs_map *
 inode_map (struct ext4fs_inode *ip, int *err)
 {
@@ -257,6 +286,71 @@ inode_map (struct ext4fs_inode *ip, int *err)
   return map;
 }
 
+const struct ext4fs_map *
+inode_map_range (struct ext4fs_inode *ip, uint64_t b0, uint64_t *b1,
+                 unsigned maxload, bool excl, int *err)
+{
+  const struct ext4fs_map *map = inode_map (ip, err);
+  struct ext4fs_map *m;
+  uint64_t gap, gap_end;
+  unsigned loads = 0;
+  bool was_reset = false;
+
+  if (map == NULL)
+    return NULL;
+  if (!map->partial)
+    return map;
+  if (!excl || map->n <= bmap_map_budget ()) {
+    if (runmap_covered (map, b0, *b1, &gap, &gap_end))
+      return map;
+    if (maxload && gap > b0) {
+      *b1 = gap;                /* what is there now is enough */
+      return map;
+    }
+    if (!excl) {
+      *err = 0;                 /* the caller takes ip->lock exclusive */
+      return NULL;
+    }
+  }
+  /* ip->lock exclusive: nobody else is using the map. */
+  m = ip->map;
+  if (m->n > bmap_map_budget () && b0 < *b1) {
+    /* Cut back to what this request needs: the runs of [b0, *b1), and
+     * the runs that cross its ends, whole.
+     */
+    uint64_t lo = b0, hi = *b1, hole_end;
+    const struct ext4fs_run *r;
+    size_t before = m->n;
+
+    r = bmap_lookup (m, b0, &hole_end);
+    if (r)
+      lo = r->lblk;
+    r = bmap_lookup (m, *b1 - 1, &hole_end);
+    if (r)
+      hi = r->lblk + r->len;
+    if (runmap_keep (m, lo, hi) == 0)
+      nbdkit_debug ("ext4fs: inode %u: map cut from %zu to %zu runs",
+                    ip->ino, before, m->n);
+  }
+  while (!runmap_covered (m, b0, *b1, &gap, &gap_end)) {
+    int r;
+
+    if (maxload && loads >= maxload && gap > b0) {
+      *b1 = gap;
+      break;
+    }
+    pthread_mutex_lock (&ip->fsi->lock);
+    r = bmap_load_locked (ip, m, gap, &was_reset, err);
+    pthread_mutex_unlock (&ip->fsi->lock);
+    if (r == -1)
+      return NULL;
+    loads++;
+  }
+  if (loads && ext4fs_debug_verify_map)
+    verify_map (ip, m, "loaded");
+  return m;
+}
+
 void
 inode_map_changed (struct ext4fs_inode *ip)
 {
@@ -287,25 +381,8 @@ inode_map_update (struct ext4fs_inode *ip, const struct ext4fs_run *changes,
   /* (Not on a broken filesystem: a failed request may have left the
    * tree half changed on disk, and the map is what is known good.)
    */
-  if (ext4fs_debug_verify_map &&
-      !__atomic_load_n (&ip->fsi->broken, __ATOMIC_RELAXED)) {
-    struct ext4fs_map *disk;
-    int err;
-
-    pthread_mutex_lock (&ip->fsi->lock);
-    disk = bmap_build_locked (ip, &err);
-    pthread_mutex_unlock (&ip->fsi->lock);
-    /* (A map that cannot be read now, a read error below, proves
-     * nothing.)
-     */
-    if (disk && !bmap_map_equal (m, disk)) {
-      nbdkit_error ("inode %u: the map updated in memory (%zu runs) differs "
-                    "from the map on disk (%zu runs)", ip->ino, m->n,
-                    disk->n);
-      abort ();
-    }
-    runmap_free (disk);
-  }
+  if (ext4fs_debug_verify_map)
+    verify_map (ip, m, "updated in memory");
   __atomic_store_n (&ip->map, m, __ATOMIC_RELEASE);
 }
 

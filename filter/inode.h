@@ -15,11 +15,15 @@
 #include "runmap.h"
 
 /* The cached block map (runmap.h): runs sorted by lblk, not
- * overlapping, written runs merged wherever contiguous, each unwritten
- * run exactly one extent.  Changed or freed only by a holder of the
- * inode's lock in exclusive mode (inode_map_update,
+ * overlapping, written runs merged where contiguous (a partial map may
+ * leave two apart where leaves were loaded at different times), each
+ * unwritten run exactly one extent.  Partial for extent files: right
+ * only inside the spans it covers (inode_map_range loads the rest).
+ * Changed, loaded, cut back or freed only by a holder of the inode's
+ * lock in exclusive mode (inode_map_range, inode_map_update,
  * inode_map_changed): the inode rwlock alone guards it, so a holder of
- * the lock in either mode sees a map that matches the tree.
+ * the lock in either mode sees a map that matches the tree where it
+ * covers it.
  */
 
 struct ext4fs_inode {
@@ -88,6 +92,21 @@ extern void inode_forget_all (struct ext4fs_fs *fsi);
  * Returns NULL with *err set on error (corrupt mapping metadata).
  */
 extern const struct ext4fs_map *inode_map (struct ext4fs_inode *ip, int *err);
+
+/* The current block map, covering at least blocks [b0, *b1) (partial
+ * maps: runmap.h).  With ip->lock exclusive (excl), what is missing is
+ * loaded from the extent tree, after cutting the map back to this
+ * range if it holds more than bmap_map_budget () runs.  With it shared,
+ * returns NULL with *err = 0 if something is missing: the caller takes
+ * the lock exclusive and calls again.  maxload (0: no limit): callers
+ * that can do with less (block status) get *b1 lowered to the end of
+ * what is covered from b0, rather than more than maxload leaves
+ * loaded.  Returns NULL with *err set on error.
+ */
+extern const struct ext4fs_map *inode_map_range (struct ext4fs_inode *ip,
+                                                 uint64_t b0, uint64_t *b1,
+                                                 unsigned maxload, bool excl,
+                                                 int *err);
 
 /* The block map changed: bump the generation and drop the cached map.
  * Caller holds ip->lock exclusive.

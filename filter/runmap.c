@@ -6,6 +6,7 @@
 
 #include <config.h>
 
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -28,6 +29,7 @@ runmap_free (struct ext4fs_map *m)
     free (m->chunk[c]);
   free (m->chunk);
   free (m->first);
+  free (m->cov);
   free (m);
 }
 
@@ -259,4 +261,124 @@ runmap_equal (const struct ext4fs_map *a, const struct ext4fs_map *b)
     q = runmap_next (b, q);
   }
   return true;
+}
+
+/* The index of the last span starting at or before x, or -1. */
+static ptrdiff_t
+span_at (const struct ext4fs_map *m, uint64_t x)
+{
+  size_t lo = 0, hi = m->ncov;
+
+  while (lo < hi) {
+    size_t mid = lo + (hi - lo) / 2;
+    if (m->cov[mid].a <= x)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return (ptrdiff_t) lo - 1;
+}
+
+bool
+runmap_covered (const struct ext4fs_map *m, uint64_t a, uint64_t b,
+                uint64_t *gap, uint64_t *gap_end)
+{
+  ptrdiff_t s;
+
+  if (!m->partial || a >= b)
+    return true;
+  s = span_at (m, a);
+  if (s >= 0 && m->cov[s].b > a) {
+    /* Spans do not touch: what follows this one is a gap. */
+    if (m->cov[s].b >= b)
+      return true;
+    *gap = m->cov[s].b;
+    s++;
+  }
+  else {
+    *gap = a;
+    s++;
+  }
+  *gap_end = (size_t) s < m->ncov ? m->cov[s].a : UINT64_MAX;
+  return false;
+}
+
+int
+runmap_cover (struct ext4fs_map *m, uint64_t a, uint64_t b)
+{
+  size_t i, j;
+
+  if (a >= b)
+    return 0;
+  /* Spans i .. j-1 overlap or touch [a, b): they become one. */
+  for (i = 0; i < m->ncov && m->cov[i].b < a; ++i)
+    ;
+  for (j = i; j < m->ncov && m->cov[j].a <= b; ++j)
+    ;
+  if (i == j) {
+    if (m->ncov == m->covcap) {
+      size_t ncap = m->covcap ? m->covcap * 2 : 4;
+      struct runmap_span *nc = realloc (m->cov, ncap * sizeof *nc);
+      if (nc == NULL)
+        return -1;
+      m->cov = nc;
+      m->covcap = ncap;
+    }
+    memmove (&m->cov[i + 1], &m->cov[i], (m->ncov - i) * sizeof m->cov[0]);
+    m->cov[i] = (struct runmap_span) { a, b };
+    m->ncov++;
+    return 0;
+  }
+  if (m->cov[i].a < a)
+    a = m->cov[i].a;
+  if (m->cov[j - 1].b > b)
+    b = m->cov[j - 1].b;
+  m->cov[i] = (struct runmap_span) { a, b };
+  memmove (&m->cov[i + 1], &m->cov[j], (m->ncov - j) * sizeof m->cov[0]);
+  m->ncov -= j - i - 1;
+  return 0;
+}
+
+int
+runmap_keep (struct ext4fs_map *m, uint64_t a, uint64_t b)
+{
+  struct ext4fs_map *k = runmap_new ();
+  struct runmap_pos p, at;
+  size_t i, c;
+
+  if (k == NULL)
+    return -1;
+  k->partial = m->partial;
+  /* The runs inside [a, b), in order, into a new map. */
+  for (p = runmap_after (m, a), runmap_prev (m, p, &p);
+       runmap_valid (m, p) && runmap_at (m, p)->lblk < b;
+       p = runmap_next (m, p)) {
+    const struct ext4fs_run *r = runmap_at (m, p);
+    struct runmap_pos end = { k->nchunks, 0 };
+
+    if (r->lblk < a)
+      continue;
+    if (runmap_insert (k, end, r, &at) == -1)
+      goto nomem;
+  }
+  for (i = 0; i < m->ncov; ++i) {
+    uint64_t x = m->cov[i].a > a ? m->cov[i].a : a;
+    uint64_t y = m->cov[i].b < b ? m->cov[i].b : b;
+
+    if (x < y && runmap_cover (k, x, y) == -1)
+      goto nomem;
+  }
+  /* k's contents into m. */
+  for (c = 0; c < m->nchunks; ++c)
+    free (m->chunk[c]);
+  free (m->chunk);
+  free (m->first);
+  free (m->cov);
+  *m = *k;
+  free (k);
+  return 0;
+
+ nomem:
+  runmap_free (k);
+  return -1;
 }

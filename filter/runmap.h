@@ -37,8 +37,21 @@ struct ext4fs_map_chunk {
   struct ext4fs_run runs[];
 };
 
+/* Logical blocks [a, b). */
+struct runmap_span {
+  uint64_t a, b;
+};
+
 struct ext4fs_map {
   size_t n;                     /* runs in all */
+  /* Partial (extent files): the runs are known only inside the spans
+   * of cov[] (sorted, disjoint, not touching); elsewhere the map knows
+   * nothing, and the extent tree says.  Else the runs are the whole
+   * map.
+   */
+  bool partial;
+  size_t ncov, covcap;
+  struct runmap_span *cov;
   size_t nchunks, cap;          /* chunks used; room in chunk[], first[] */
   struct ext4fs_map_chunk **chunk;  /* none empty */
   uint64_t *first;              /* first[c] = chunk[c]->runs[0].lblk */
@@ -89,5 +102,19 @@ extern struct ext4fs_run *runmap_last (const struct ext4fs_map *m);
 
 extern bool runmap_equal (const struct ext4fs_map *a,
                           const struct ext4fs_map *b);
+
+/* Coverage (partial maps; a map that is not partial covers
+ * everything).  Is [a, b) covered?  If not, *gap is its first block
+ * that is not, and *gap_end the end of that gap (the next span's
+ * start, or UINT64_MAX).
+ */
+extern bool runmap_covered (const struct ext4fs_map *m, uint64_t a,
+                            uint64_t b, uint64_t *gap, uint64_t *gap_end);
+/* Add [a, b) to the coverage.  -1: out of memory (unchanged). */
+extern int runmap_cover (struct ext4fs_map *m, uint64_t a, uint64_t b);
+/* Keep only the runs and the coverage inside [a, b); no run may cross
+ * a or b.  -1: out of memory (unchanged).
+ */
+extern int runmap_keep (struct ext4fs_map *m, uint64_t a, uint64_t b);
 
 #endif /* EXT4FS_RUNMAP_H */

@@ -50,6 +50,11 @@
 
 #define ZEROOUT_BYTES (32 * 1024)
 
+/* Leaves of the extent tree a block status or cache request may load
+ * (then it answers for less than it was asked).
+ */
+#define MAXLOAD_STATUS 16
+
 /* Stripe locks, by 2 MiB region of the device.  A partial-block
  * read-modify-write holds its block's stripe exclusive; an in-place
  * write of whole blocks holds the stripes of its regions shared (taken
@@ -110,6 +115,46 @@ min64 (uint64_t a, uint64_t b)
   return a < b ? a : b;
 }
 
+/* The logical blocks [*b0, *b1) that bytes [offset, offset+count)
+ * touch (empty if count is 0).
+ */
+static void
+blocks_of (const struct ext4fs_fs *fsi, uint64_t offset, uint64_t count,
+           uint64_t *b0, uint64_t *b1)
+{
+  *b0 = offset >> fsi->blockbits;
+  *b1 = count ? ((offset + count - 1) >> fsi->blockbits) + 1 : *b0;
+}
+
+/* Take ip->lock for I/O through the map of blocks [b0, *b1) (maxload:
+ * inode_map_range): shared, or exclusive for this request if the map
+ * had to load part of the extent tree first (once per leaf; taking it
+ * shared again could find the map cut back meanwhile).  Returns the
+ * map with *held locked, or NULL with no lock held.
+ */
+static const struct ext4fs_map *
+map_rdlock (struct ext4fs_inode *ip, uint64_t b0, uint64_t *b1,
+            unsigned maxload, pthread_rwlock_t **held, int *err)
+{
+  const struct ext4fs_map *map;
+
+  pthread_rwlock_rdlock (&ip->lock);
+  map = inode_map_range (ip, b0, b1, maxload, false, err);
+  if (map == NULL) {
+    pthread_rwlock_unlock (&ip->lock);
+    if (*err != 0)
+      return NULL;
+    pthread_rwlock_wrlock (&ip->lock);
+    map = inode_map_range (ip, b0, b1, maxload, true, err);
+    if (map == NULL) {
+      pthread_rwlock_unlock (&ip->lock);
+      return NULL;
+    }
+  }
+  *held = &ip->lock;
+  return map;
+}
+
 /* Read through a map.  Caller holds ip->lock (either mode). */
 static int
 read_mapped (struct ext4fs_inode *ip, const struct ext4fs_map *map,
@@ -136,7 +181,9 @@ int
 rw_pread (struct ext4fs_inode *ip, void *buf, uint32_t count,
           uint64_t offset, int *err)
 {
+  CLEANUP_RWUNLOCK pthread_rwlock_t *held = NULL;
   const struct ext4fs_map *map;
+  uint64_t b0, b1;
 
   if (ip->inline_data) {
     /* Inline data is read once at open and never changes. */
@@ -148,8 +195,8 @@ rw_pread (struct ext4fs_inode *ip, void *buf, uint32_t count,
     return 0;
   }
 
-  ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&ip->lock);
-  map = inode_map (ip, err);
+  blocks_of (ip->fsi, offset, count, &b0, &b1);
+  map = map_rdlock (ip, b0, &b1, 0, &held, err);
   if (map == NULL)
     return -1;
   return read_mapped (ip, map, buf, count, offset, err);
@@ -328,7 +375,7 @@ static int
 runs_room (struct ext4fs_inode *ip, const struct ext4fs_map *map,
            struct changes *ch, size_t need, int *err)
 {
-  if (map->n + ch->added + need > bmap_max_runs ()) {
+  if (!map->partial && map->n + ch->added + need > bmap_max_runs ()) {
     nbdkit_error ("inode %u: the file is too fragmented: this write would "
                   "take its block map past %zu runs (extents); writing next "
                   "to data, or into unwritten extents, needs fewer",
@@ -558,8 +605,10 @@ rw_pwrite (struct ext4fs_inode *ip, const void *buf, uint32_t count,
 
   if (!ip->inline_data) {
     /* Fast path: every block is already written: overwrite in place. */
-    ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&ip->lock);
-    map = inode_map (ip, err);
+    CLEANUP_RWUNLOCK pthread_rwlock_t *held = NULL;
+    uint64_t e = b1;
+
+    map = map_rdlock (ip, b0, &e, 0, &held, err);
     if (map == NULL)
       return -1;
     if (!any_seg (map, bits, b0, b1, SEG_NOT_WRITTEN)) {
@@ -595,10 +644,12 @@ rw_pwrite (struct ext4fs_inode *ip, const void *buf, uint32_t count,
     if (attempt > 0 && !fs_enospc_retry (fsi))
       break;
     ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&ip->lock);
-    /* The map may have changed while we held no lock: inode_map
+    /* The map may have changed while we held no lock: inode_map_range
      * returns the current generation's map.
      */
-    map = inode_map (ip, err);
+    uint64_t e = b1;
+
+    map = inode_map_range (ip, b0, &e, 0, true, err);
     if (map == NULL)
       return -1;
     struct changes ch = { 0 };
@@ -642,6 +693,8 @@ rw_zero_written (struct ext4fs_inode *ip, uint64_t count, uint64_t offset,
   unsigned bits = fsi->blockbits;
   const struct ext4fs_map *map;
   CLEANUP_FREE char *zeros = NULL;
+  CLEANUP_RWUNLOCK pthread_rwlock_t *held = NULL;
+  uint64_t b0, b1;
   struct bmap_walk w;
   struct bmap_seg s;
 
@@ -655,8 +708,8 @@ rw_zero_written (struct ext4fs_inode *ip, uint64_t count, uint64_t offset,
   /* Holes and unwritten extents already read as zeros: only written
    * blocks need zeros written into them, in place (no allocation).
    */
-  ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&ip->lock);
-  map = inode_map (ip, err);
+  blocks_of (fsi, offset, count, &b0, &b1);
+  map = map_rdlock (ip, b0, &b1, 0, &held, err);
   if (map == NULL)
     return -1;
   /* FAST_ZERO: zeroing written blocks means writing zeros, which is
@@ -712,14 +765,17 @@ remap_range (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1, bool punch,
   size_t runs_left;
   bool broken;
   int r = 0;
+  uint64_t e = b1;
   ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&ip->lock);
 
-  map = inode_map (ip, err);
+  map = inode_map_range (ip, b0, &e, 0, true, err);
   if (map == NULL)
     return -1;
   if (!any_seg (map, fsi->blockbits, b0, b1, SEG_MAPPED))
     return 0;                   /* nothing to change */
-  runs_left = map->n < bmap_max_runs () ? bmap_max_runs () - map->n : 0;
+  /* (A partial map has no limit: it is cut back when it grows.) */
+  runs_left = map->partial ? SIZE_MAX
+    : map->n < bmap_max_runs () ? bmap_max_runs () - map->n : 0;
   if (punch && runs_left == 0) {
     /* Only a punch strictly inside one run splits it in two. */
     uint64_t hole_end;
@@ -883,18 +939,24 @@ rw_extents (struct ext4fs_inode *ip, uint32_t count, uint64_t offset,
             uint32_t flags, struct nbdkit_extents *extents, int *err)
 {
   struct ext4fs_fs *fsi = ip->fsi;
+  CLEANUP_RWUNLOCK pthread_rwlock_t *held = NULL;
   const struct ext4fs_map *map;
+  uint64_t b0, b1;
   struct bmap_walk w;
   struct bmap_seg s;
 
   if (ip->inline_data)
     return nbdkit_add_extent (extents, offset, count, 0) == -1 ? (*err = errno, -1) : 0;
 
-  ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&ip->lock);
-  map = inode_map (ip, err);
+  /* A partial map loads no more than a few leaves: the reply may end
+   * early (then the client asks again from there).
+   */
+  blocks_of (fsi, offset, count, &b0, &b1);
+  map = map_rdlock (ip, b0, &b1, MAXLOAD_STATUS, &held, err);
   if (map == NULL)
     return -1;
-  bmap_walk_bytes (&w, map, fsi->blockbits, offset, count);
+  bmap_walk_bytes (&w, map, fsi->blockbits, offset,
+                   min64 (count, (b1 << fsi->blockbits) - offset));
   while (bmap_walk_next (&w, &s)) {
     uint32_t type = s.run == NULL ? NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO
       : s.run->unwritten ? NBDKIT_EXTENT_ZERO : 0;
@@ -921,17 +983,21 @@ int
 rw_cache (struct ext4fs_inode *ip, uint32_t count, uint64_t offset, int *err)
 {
   struct ext4fs_fs *fsi = ip->fsi;
+  CLEANUP_RWUNLOCK pthread_rwlock_t *held = NULL;
+  uint64_t b0, b1;
   const struct ext4fs_map *map;
   struct bmap_walk w;
   struct bmap_seg s;
 
   if (ip->inline_data)
     return 0;
-  ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&ip->lock);
-  map = inode_map (ip, err);
+  /* Advisory: what a few leaves of a partial map cover. */
+  blocks_of (fsi, offset, count, &b0, &b1);
+  map = map_rdlock (ip, b0, &b1, MAXLOAD_STATUS, &held, err);
   if (map == NULL)
     return -1;
-  bmap_walk_bytes (&w, map, fsi->blockbits, offset, count);
+  bmap_walk_bytes (&w, map, fsi->blockbits, offset,
+                   min64 (count, (b1 << fsi->blockbits) - offset));
   while (bmap_walk_next (&w, &s))
     if (bmap_seg_written (&s) &&
         ext4fs_dev_cache (fsi->dev, s.len, bmap_seg_pos (&w, &s), err) == -1)

@@ -4,7 +4,8 @@
  * order, the count, no empty chunk, chunk sizes within bounds, the
  * index of first blocks, lookups of present and absent blocks, and
  * runmap_equal against a map built by appending.  Enough runs that
- * chunks fill, split, empty and disappear.
+ * chunks fill, split, empty and disappear.  Then the coverage of
+ * partial maps against a bitmap (spans, gaps) and runmap_keep.
  *
  *   test-runmap [SEED [OPS]]
  */
@@ -167,6 +168,70 @@ main (int argc, char *argv[])
     runmap_last (b)->pblk++;
     if (runmap_equal (m, b))
       die ("runmap_equal missed a difference", ops);
+  }
+  /* Coverage: random spans added, against a bitmap; every query of
+   * runmap_covered answered as the bitmap says, the spans sorted,
+   * disjoint and never touching.
+   */
+  {
+    enum { W = 2000 };
+    static bool bit[W];
+    struct ext4fs_map *c = runmap_new ();
+
+    c->partial = true;
+    for (size_t k = 0; k < 3000; ++k) {
+      uint64_t a = (uint64_t) rand () % W, n = (uint64_t) rand () % 20;
+      uint64_t x = (uint64_t) rand () % W, y = x + (uint64_t) rand () % 50;
+      uint64_t gap = 0, gap_end = 0, g;
+      bool want = true;
+
+      if (k % 2 == 0) {
+        if (a + n > W)
+          n = W - a;
+        if (runmap_cover (c, a, a + n) == -1)
+          die ("out of memory", k);
+        for (uint64_t i = a; i < a + n; ++i)
+          bit[i] = true;
+      }
+      for (size_t i = 0; i < c->ncov; ++i)
+        if (c->cov[i].a >= c->cov[i].b ||
+            (i > 0 && c->cov[i - 1].b >= c->cov[i].a))
+          die ("spans not sorted, disjoint and apart", k);
+      if (y > W)
+        y = W;
+      for (g = x; g < y && bit[g]; ++g)
+        ;
+      want = g >= y;
+      if (runmap_covered (c, x, y, &gap, &gap_end) != want)
+        die ("runmap_covered disagrees with the bitmap", k);
+      if (!want) {
+        uint64_t e = g;
+        while (e < W && !bit[e])
+          ++e;
+        if (gap != g || (e < W ? gap_end != e : gap_end != UINT64_MAX))
+          die ("the gap runmap_covered gives is wrong", k);
+      }
+    }
+    runmap_free (c);
+  }
+  /* runmap_keep: only the runs and coverage inside [lo, hi). */
+  if (nref > 10) {
+    /* (lo just after a run: the run before it must go.) */
+    uint64_t lo = ref[nref / 3] + 1, hi = ref[2 * nref / 3] + 1;
+    size_t want = 0;
+
+    b->partial = true;
+    if (runmap_cover (b, 0, UINT64_MAX) == -1 || runmap_keep (b, lo, hi) == -1)
+      die ("out of memory", ops);
+    for (size_t i = 0; i < nref; ++i)
+      want += ref[i] >= lo && ref[i] < hi;
+    if (b->n != want || b->ncov != 1 || b->cov[0].a != lo ||
+        b->cov[0].b != hi || runmap_at (b, (struct runmap_pos) {0, 0})->lblk != ref[nref / 3 + 1] ||
+        runmap_last (b)->lblk != hi - 1)
+      die ("runmap_keep kept the wrong runs or coverage", ops);
+    if (runmap_keep (b, 0, 0) == -1 || b->n != 0 || b->nchunks != 0 ||
+        b->ncov != 0)
+      die ("runmap_keep of nothing left something", ops);
   }
   printf ("test-runmap: seed %u, %zu operations, emptied %zu times, %zu "
           "runs left in %zu chunks\n", seed, ops, empties, m->n, m->nchunks);

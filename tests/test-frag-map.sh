@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# Partial maps of extent files (runmap.h): a file of 3000 extents on a
+# 1 KiB-block filesystem (a tree of depth 2, 36 leaves) served with the
+# test-only -D ext4fs.max_runs=64, so the map holds a few leaves at a
+# time: loaded where requests need them, cut back past 64 runs.
+#  1. Three clients at once, each on its own interleaved chunks: reads,
+#     writes into holes and over data, zeros (with and without
+#     MAY_TRIM), trims, block status; each checks what it reads against
+#     its model.
+#  2. One client reads the whole file in random order (loads and cuts
+#     all the time), then block status over the whole file.
+# Every map change and load is checked against the tree on disk
+# (verify_map, functions.sh).  The map must have been cut back (the
+# server's debug output says so).  Ends with a clean stop, e2fsck -fn
+# and a byte comparison; without and with a journal.
+source "$srcdir/functions.sh"
+requires python3 -c 'import nbd'
+requires debugfs -V
+cd "$tmpdir"
+
+mkdir src
+# /f: 3000 extents of one block, one block of hole after each.
+/usr/bin/python3 -c '
+import os
+f = open("src/f", "wb"); f.truncate(6000 * 1024)
+for i in range(3000):
+    f.seek(i * 2 * 1024); f.write(os.urandom(1024))'
+
+cat > client.py <<'EOF'
+import nbd, sys, os, random, pickle
+import e4test as t
+role, ident, sock, origf, out = sys.argv[1:6]
+ident = int(ident)
+orig = open(origf, "rb").read()
+size = len(orig)
+bs = 1024
+rnd = random.Random(ident * 7919 + 1)
+h = t.connect(sock, "/f", contexts=(nbd.CONTEXT_BASE_ALLOCATION,))
+
+def status(n, off):
+    # [(offset, length, flags)] of one block status request.
+    ents, o = [], off
+    for l, typ in t.extents(h, n, off):
+        ents.append((o, l, typ))
+        o += l
+    return ents
+
+def status_check(m, off, n):
+    # Block status never calls data a hole; an extent list may end
+    # early, but never starts anywhere else than at off.
+    ents = status(n, off)
+    if not ents or ents[0][0] != off:
+        t.fail("block status at %d: %r" % (off, ents[:3]))
+    for o, l, typ in ents:
+        if typ & nbd.STATE_HOLE and any(m.data[o:o + l]):
+            t.fail("block status: data at [%d, +%d) reported as a hole" % (o, l))
+
+if role == "mixed":
+    t.barrier("mixed.%d" % ident)
+    m = t.Shadow(h, orig, who="client %d" % ident)
+    chunk = 64 * 1024
+    mine = [k for k in range(size // chunk) if k % 3 == ident]
+    for it in range(400):
+        k = rnd.choice(mine)
+        o = k * chunk + rnd.randrange(chunk - 1)
+        n = rnd.randint(1, min(chunk - (o - k * chunk), 20000))
+        op = rnd.random()
+        if op < 0.35:
+            m.check(o, n)
+        elif op < 0.7:
+            m.randwrite(rnd, o, n)
+        elif op < 0.8:
+            m.zero(n, o)
+        elif op < 0.87:
+            m.zero(n, o, nbd.CMD_FLAG_NO_HOLE)
+        elif op < 0.95:
+            m.trim_blocks(n, o, bs)
+        else:
+            status_check(m, o, n)
+        if it % 50 == 0:
+            h.flush()
+    for k in mine:
+        m.check(k * chunk, chunk, "final read-back")
+    h.flush()
+    m.save_owned(out, [(k * chunk, chunk) for k in mine])
+else:
+    m = t.Shadow(h, orig)
+    blocks = list(range(0, size, 4096))
+    rnd.shuffle(blocks)
+    for o in blocks:
+        m.check(o, min(4096, size - o), "random read")
+    o = 0
+    while o < size:
+        ents = status(min(size - o, 1 << 30), o)
+        if not ents or ents[0][0] != o:
+            t.fail("block status at %d: %r" % (o, ents[:3]))
+        for eo, l, typ in ents:
+            if typ & nbd.STATE_HOLE and any(m.data[eo:eo + l]):
+                t.fail("block status: data at [%d, +%d) as a hole" % (eo, l))
+        o = ents[-1][0] + ents[-1][1]
+h.shutdown()
+EOF
+
+flavour ()
+{
+    echo "== ext4 $1"
+    rm -f img ready.* go srv.err
+    truncate -s 64M img
+    # shellcheck disable=SC2086
+    mke2fs -q -F -t ext4 -b 1024 $1 -d src img
+    depth=$(debugfs -R "ex /f" img 2>/dev/null | awk 'NR == 2 { print $2 }')
+    [ "${depth%/}" -ge 2 ] || fail "/f has a tree of depth ${depth%/}, expected 2"
+    local sock=$tmpdir/sock$2
+    start_nbdkit "$sock" -v -D ext4fs.max_runs=64 --filter="$FILTER" \
+        file img ext4file=exportname 2> srv.err
+    local pids=() i
+    for i in 0 1 2; do
+        /usr/bin/python3 client.py mixed $i "$sock" src/f part.$i &
+        pids+=($!)
+    done
+    release_clients 3 "${pids[@]}"
+    /usr/bin/python3 -c '
+import e4test as t
+t.merge_owned("src/f", "expected", ["part.0", "part.1", "part.2"])'
+    /usr/bin/python3 client.py reader 9 "$sock" expected - ||
+        { tail -5 srv.err; fail "whole-file reads"; }
+    stop_nbdkit "$sock"
+    grep -q "differs from the map on disk" srv.err && fail "map differs"
+    grep -q "map cut from" srv.err || fail "the map was never cut back"
+    grep -qE "marking the filesystem|aborting the journal" srv.err &&
+        fail "marked with errors, or the journal aborted"
+    fsck_clean img
+    dump_cmp img /f expected
+}
+
+flavour "-O ^has_journal" 1
+flavour "" 2            # journaled
+echo "partial maps: loaded and cut back by leaf, every byte right"
