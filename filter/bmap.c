@@ -381,12 +381,6 @@ bmap_map_set (struct ext4fs_map **mapp, uint64_t lblk, uint32_t len,
   return 0;
 }
 
-bool
-bmap_map_equal (const struct ext4fs_map *a, const struct ext4fs_map *b)
-{
-  return runmap_equal (a, b);
-}
-
 const struct ext4fs_run *
 bmap_lookup (const struct ext4fs_map *map, uint64_t lblk, uint64_t *hole_end)
 {
@@ -1066,9 +1060,8 @@ load_leaf (struct ext4fs_inode *ip, struct ext4fs_map *m,
     struct runmap_pos at = { 0, 0 };
     bool have_at = false;
 
-    if (runmap_covered (m, g, hi, &gap, &gend) ) {
+    if (runmap_covered (m, g, hi, &gap, &gend))
       break;
-    }
     g = gap;
     if (gend > hi)
       gend = hi;
@@ -1121,7 +1114,7 @@ bmap_load_locked (struct ext4fs_inode *ip, struct ext4fs_map *m,
 {
   struct xpath p;
   uint64_t lo = 0, hi = UINT64_MAX;
-  bool reset = false;
+  bool reset = false, sorted = true;
   unsigned l;
   errcode_t e;
   int r;
@@ -1139,13 +1132,13 @@ bmap_load_locked (struct ext4fs_inode *ip, struct ext4fs_map *m,
     /* Keys out of order would give leaves overlapping ranges. */
     for (i = 1; i < nd->n; ++i)
       if (nd->e[i].lblk <= nd->e[i - 1].lblk)
-        lo = UINT64_MAX;
+        sorted = false;
     if (nd->pos > 0 && nd->e[nd->pos].lblk > lo)
       lo = nd->e[nd->pos].lblk;
     if (nd->pos + 1 < nd->n && nd->e[nd->pos + 1].lblk < hi)
       hi = nd->e[nd->pos + 1].lblk;
   }
-  if (!(lo <= lblk && lblk < hi)) {
+  if (!sorted || !(lo <= lblk && lblk < hi)) {
     nbdkit_error ("inode %u: corrupt extent tree: index entries out of "
                   "order near logical block %" PRIu64, ip->ino, lblk);
     xt_path_free (&p);

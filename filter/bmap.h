@@ -153,8 +153,6 @@ bmap_seg_pos (const struct bmap_walk *w, const struct bmap_seg *s)
  */
 extern int bmap_map_set (struct ext4fs_map **mapp, uint64_t lblk,
                          uint32_t len, uint64_t pblk);
-extern bool bmap_map_equal (const struct ext4fs_map *a,
-                            const struct ext4fs_map *b);
 
 /* Allocate up to len contiguous free blocks near goal, for logical
  * blocks [lblk, ...) of ip (a hole).  Returns the number allocated

@@ -18,18 +18,25 @@ runmap_new (void)
   return calloc (1, sizeof (struct ext4fs_map));
 }
 
-void
-runmap_free (struct ext4fs_map *m)
+/* Free what m holds, not m. */
+static void
+free_contents (struct ext4fs_map *m)
 {
   size_t c;
 
-  if (m == NULL)
-    return;
   for (c = 0; c < m->nchunks; ++c)
     free (m->chunk[c]);
   free (m->chunk);
   free (m->first);
   free (m->cov);
+}
+
+void
+runmap_free (struct ext4fs_map *m)
+{
+  if (m == NULL)
+    return;
+  free_contents (m);
   free (m);
 }
 
@@ -344,7 +351,7 @@ runmap_keep (struct ext4fs_map *m, uint64_t a, uint64_t b)
 {
   struct ext4fs_map *k = runmap_new ();
   struct runmap_pos p, at;
-  size_t i, c;
+  size_t i;
 
   if (k == NULL)
     return -1;
@@ -369,11 +376,7 @@ runmap_keep (struct ext4fs_map *m, uint64_t a, uint64_t b)
       goto nomem;
   }
   /* k's contents into m. */
-  for (c = 0; c < m->nchunks; ++c)
-    free (m->chunk[c]);
-  free (m->chunk);
-  free (m->first);
-  free (m->cov);
+  free_contents (m);
   *m = *k;
   free (k);
   return 0;
