@@ -33,6 +33,11 @@ NBDKIT_DLL_PUBLIC int ext4fs_debug_writeback;
  * the map built from disk; abort on a difference (inode.c, tests).
  */
 NBDKIT_DLL_PUBLIC int ext4fs_debug_verify_map;
+/* -D ext4fs.serial_fill=1: allocating writes hold the inode lock
+ * through their data writes, as before fills overlapped (rw.c; for
+ * benchmarks and tests).
+ */
+NBDKIT_DLL_PUBLIC int ext4fs_debug_serial_fill;
 /* -D ext4fs.journal=0: metadata changes are not journaled (the old
  * "not clean" marking instead).
  */

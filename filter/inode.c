@@ -14,6 +14,7 @@
 
 #include <config.h>
 
+#include <assert.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <stdlib.h>
@@ -62,6 +63,8 @@ inode_load (struct ext4fs_fs *fsi, ext2_ino_t ino, int *err)
   ip->refcnt = 1;
   pthread_rwlock_init (&ip->lock, NULL);
   pthread_mutex_init (&ip->map_lock, NULL);
+  pthread_mutex_init (&ip->fill_lock, NULL);
+  pthread_cond_init (&ip->fill_cv, NULL);
 
   pthread_mutex_lock (&fsi->lock);
   e = ext2fs_read_inode_full (fsi->fs, ino, (struct ext2_inode *) &ip->raw,
@@ -99,6 +102,8 @@ inode_load (struct ext4fs_fs *fsi, ext2_ino_t ino, int *err)
   free (ip->inline_buf);
   pthread_rwlock_destroy (&ip->lock);
   pthread_mutex_destroy (&ip->map_lock);
+  pthread_mutex_destroy (&ip->fill_lock);
+  pthread_cond_destroy (&ip->fill_cv);
   free (ip);
   return NULL;
 }
@@ -161,10 +166,15 @@ sync_one_locked (struct ext4fs_inode *ip)
 static void
 inode_free (struct ext4fs_inode *ip)
 {
+  if (ip->max_fills > 1)
+    nbdkit_debug ("ext4fs: inode %u: up to %u allocating writes filled "
+                  "holes at once", ip->ino, ip->max_fills);
   runmap_free (ip->map);
   free (ip->inline_buf);
   pthread_rwlock_destroy (&ip->lock);
   pthread_mutex_destroy (&ip->map_lock);
+  pthread_mutex_destroy (&ip->fill_lock);
+  pthread_cond_destroy (&ip->fill_cv);
   free (ip);
 }
 
@@ -371,6 +381,21 @@ inode_map_update (struct ext4fs_inode *ip, const struct ext4fs_run *changes,
   if (m == NULL)
     return;                     /* nothing cached: built when needed */
   for (i = 0; i < n; ++i) {
+    uint64_t a = changes[i].lblk, b = a + changes[i].len, gap, gap_end;
+
+    /* A partial map knows only the runs inside its coverage: a change
+     * outside it is in the tree, where a later load finds it.  (A
+     * change made while the map was cut back, by a fill that wrote
+     * its data without the inode lock.)  One that is half covered:
+     * the map is dropped, and built again when needed.
+     */
+    if (!runmap_covered (m, a, b, &gap, &gap_end)) {
+      if (gap == a && gap_end >= b)
+        continue;
+      __atomic_store_n (&ip->map, m, __ATOMIC_RELEASE);
+      inode_map_changed (ip);   /* frees m */
+      return;
+    }
     if (bmap_map_set (&m, changes[i].lblk, changes[i].len,
                       changes[i].pblk) == -1) {
       __atomic_store_n (&ip->map, m, __ATOMIC_RELEASE);
@@ -384,6 +409,71 @@ inode_map_update (struct ext4fs_inode *ip, const struct ext4fs_run *changes,
   if (ext4fs_debug_verify_map)
     verify_map (ip, m, "updated in memory");
   __atomic_store_n (&ip->map, m, __ATOMIC_RELEASE);
+}
+
+/* Holes being filled (struct ext4fs_inode, fills[]). */
+static bool
+fill_busy_locked (const struct ext4fs_inode *ip, uint64_t a, uint64_t b)
+{
+  unsigned i;
+
+  for (i = 0; i < ip->nfills; ++i)
+    if (ip->fills[i].a < b && a < ip->fills[i].b)
+      return true;
+  return false;
+}
+
+/* Is a block of [a, b) being filled? */
+bool
+inode_fill_busy (struct ext4fs_inode *ip, uint64_t a, uint64_t b)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&ip->fill_lock);
+  return fill_busy_locked (ip, a, b);
+}
+
+/* Register [a, b) as being filled.  Caller holds ip->lock exclusive
+ * and found no block of it busy.  False: no room (the caller fills
+ * under the inode lock instead).
+ */
+bool
+inode_fill_begin (struct ext4fs_inode *ip, uint64_t a, uint64_t b)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&ip->fill_lock);
+  assert (!fill_busy_locked (ip, a, b));
+  if (ip->nfills == INODE_MAX_FILLS)
+    return false;
+  ip->fills[ip->nfills++] = (struct runmap_span) { .a = a, .b = b };
+  if (ip->nfills > ip->max_fills)
+    ip->max_fills = ip->nfills;
+  return true;
+}
+
+/* Wait until no block of [a, b) is being filled.  Caller holds no
+ * inode lock (the fills end under it).
+ */
+void
+inode_fill_wait (struct ext4fs_inode *ip, uint64_t a, uint64_t b)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&ip->fill_lock);
+  while (fill_busy_locked (ip, a, b))
+    pthread_cond_wait (&ip->fill_cv, &ip->fill_lock);
+}
+
+/* [a, b), registered by inode_fill_begin, is filled (or given up). */
+void
+inode_fill_end (struct ext4fs_inode *ip, uint64_t a, uint64_t b)
+{
+  unsigned i;
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&ip->fill_lock);
+
+  for (i = 0; i < ip->nfills; ++i) {
+    if (ip->fills[i].a == a && ip->fills[i].b == b) {
+      ip->fills[i] = ip->fills[--ip->nfills];
+      pthread_cond_broadcast (&ip->fill_cv);
+      return;
+    }
+  }
+  assert (false);
 }
 
 int

@@ -26,6 +26,12 @@
  * covers it.
  */
 
+/* Allocating writes to one file in flight at once with their data
+ * writes overlapping (more wait, or take the whole request under the
+ * inode lock).
+ */
+#define INODE_MAX_FILLS 64
+
 struct ext4fs_inode {
   ext2_ino_t ino;                   /* immutable */
   struct ext4fs_fs *fsi;            /* immutable */
@@ -67,6 +73,18 @@ struct ext4fs_inode {
    * (seconds), or 0.  Atomic.
    */
   int64_t dirty_time;
+
+  /* Holes being filled by allocating writes that write their data
+   * with no inode lock held (rw.c, DESIGN.md §6): the blocks are
+   * allocated but not in the tree yet, so no other request may fill
+   * them.  Logical blocks [a, b); under fill_lock, which is a leaf
+   * (taken with or without ->lock); fill_cv is signalled when one
+   * ends.
+   */
+  pthread_mutex_t fill_lock;
+  pthread_cond_t fill_cv;
+  unsigned nfills, max_fills;    /* max_fills: most at once, for -v */
+  struct runmap_span fills[INODE_MAX_FILLS];
 
   /* The last write of ->raw failed: the next sync writes it again
    * (the filesystem is never marked clean in this process anyway).
@@ -130,6 +148,11 @@ extern void inode_map_update (struct ext4fs_inode *ip,
  * marked clean in this process (fs_meta_write_failed_locked) and the
  * next sync writes the inode again.
  */
+extern bool inode_fill_busy (struct ext4fs_inode *ip, uint64_t a, uint64_t b);
+extern bool inode_fill_begin (struct ext4fs_inode *ip, uint64_t a, uint64_t b);
+extern void inode_fill_wait (struct ext4fs_inode *ip, uint64_t a, uint64_t b);
+extern void inode_fill_end (struct ext4fs_inode *ip, uint64_t a, uint64_t b);
+
 extern int inode_write_locked (struct ext4fs_inode *ip, int *err);
 
 /* Note a data change, for mtime/ctime at the next sync. */

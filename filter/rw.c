@@ -589,6 +589,159 @@ write_allocating (struct ext4fs_inode *ip, const struct ext4fs_map *map,
   return 0;
 }
 
+/* A piece of a hole being filled with the data of a request that
+ * writes with no inode lock held: blocks [lblk, lblk+n) get the
+ * newly allocated [pblk, pblk+n), with reserved blocks promised for
+ * the tree.
+ */
+struct piece {
+  uint64_t lblk, pblk, n, reserved;
+};
+DEFINE_VECTOR_TYPE (piece_vector, struct piece);
+
+/* Allocate all of the hole [b0, b1) (caller holds ip->lock exclusive
+ * and has registered the fill).  On failure nothing stays allocated.
+ */
+static int
+alloc_pieces (struct ext4fs_inode *ip, const struct ext4fs_map *map,
+              uint64_t b0, uint64_t b1, piece_vector *pieces, int *err)
+{
+  struct ext4fs_fs *fsi = ip->fsi;
+  uint64_t s = b0, goal;
+
+  if (check_room (ip, map, b0, b1, err) == -1)
+    return -1;
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&fsi->lock);
+  goal = bmap_goal_locked (ip, map, b0);
+  while (s < b1) {
+    uint64_t pblk, reserved;
+    int64_t n = bmap_alloc_locked (ip, s, goal, b1 - s, &pblk, &reserved,
+                                   err);
+
+    if (n >= 0 && piece_vector_append (pieces, (struct piece) {
+          .lblk = s, .pblk = pblk, .n = n, .reserved = reserved }) == -1) {
+      *err = errno;
+      nbdkit_error ("realloc: %m");
+      bmap_free_locked (fsi, pblk, n);
+      bmap_release_locked (fsi, reserved);
+      n = -1;
+    }
+    if (n == -1) {
+      for (size_t i = 0; i < pieces->len; ++i) {
+        bmap_free_locked (fsi, pieces->ptr[i].pblk, pieces->ptr[i].n);
+        bmap_release_locked (fsi, pieces->ptr[i].reserved);
+      }
+      pieces->len = 0;
+      return -1;
+    }
+    s += n;
+    goal = pblk + n;
+  }
+  return 0;
+}
+
+/* Put the pieces in the tree, in order, or (ok false, or after the
+ * first that fails) free them.  Caller holds ip->lock exclusive.
+ */
+static int
+insert_pieces (struct ext4fs_inode *ip, const piece_vector *pieces, bool ok,
+               struct changes *ch, int *err)
+{
+  struct ext4fs_fs *fsi = ip->fsi;
+  size_t i;
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&fsi->lock);
+
+  for (i = 0; i < pieces->len; ++i) {
+    const struct piece *p = &pieces->ptr[i];
+    uint64_t mapped;
+
+    if (!ok) {
+      bmap_free_locked (fsi, p->pblk, p->n);
+      bmap_release_locked (fsi, p->reserved);
+      continue;
+    }
+    ok = bmap_insert_locked (ip, p->lblk, p->pblk, p->n, p->reserved,
+                             &mapped, err) == 0;
+    bmap_release_locked (fsi, p->reserved);
+    if (mapped > 0)
+      note_change (ch, p->lblk, mapped, p->pblk);
+  }
+  return ok ? 0 : -1;
+}
+
+/* The allocating write, with the handle held.  A request whose blocks
+ * are all a hole of an extent file allocates them under the inode
+ * lock, writes the data without it (allocating writes to different
+ * parts of one file overlap there), then inserts the extents under it
+ * again; the blocks are registered as being filled meanwhile, so no
+ * other request fills them too.  Anything else is done under the
+ * inode lock from the map to the insert.
+ */
+static int
+write_alloc_handle (struct ext4fs_inode *ip, const void *buf, uint32_t count,
+                    uint64_t offset, uint64_t b0, uint64_t b1, int *err)
+{
+  struct ext4fs_fs *fsi = ip->fsi;
+  const struct ext4fs_map *map;
+  struct changes ch = { 0 };
+  piece_vector pieces = { 0 };
+  bool filling = false;
+  int r;
+
+  pthread_rwlock_wrlock (&ip->lock);
+  for (;;) {
+    /* The map may have changed while we held no lock: inode_map_range
+     * returns the current generation's map.
+     */
+    uint64_t e = b1;
+
+    map = inode_map_range (ip, b0, &e, 0, true, err);
+    if (map == NULL) {
+      pthread_rwlock_unlock (&ip->lock);
+      return -1;
+    }
+    if (!inode_fill_busy (ip, b0, b1))
+      break;
+    pthread_rwlock_unlock (&ip->lock);
+    inode_fill_wait (ip, b0, b1);
+    pthread_rwlock_wrlock (&ip->lock);
+  }
+  if (ip->extents && map->partial && !ext4fs_debug_serial_fill &&
+      !any_seg (map, fsi->blockbits, b0, b1, SEG_MAPPED) &&
+      inode_fill_begin (ip, b0, b1)) {
+    filling = true;
+    r = alloc_pieces (ip, map, b0, b1, &pieces, err);
+    if (r == 0) {
+      pthread_rwlock_unlock (&ip->lock);
+      /* Blocks no tree has yet: only this request can reach them. */
+      for (size_t i = 0; r == 0 && i < pieces.len; ++i)
+        r = write_fresh (ip, pieces.ptr[i].pblk, pieces.ptr[i].lblk,
+                         pieces.ptr[i].n, buf, count, offset, err);
+      pthread_rwlock_wrlock (&ip->lock);
+      if (insert_pieces (ip, &pieces, r == 0, &ch, err) == -1)
+        r = -1;
+    }
+    piece_vector_reset (&pieces);
+  }
+  else
+    r = write_allocating (ip, map, buf, count, offset, &ch, err);
+  /* Also after a failure: the changes noted are what the tree has
+   * (fill_hole, fill_unwritten, insert_pieces).  Dropping the map
+   * instead would build it again from a tree that a half-made change
+   * (the filesystem then marked broken) may have left unreadable, and
+   * every later read of the file would fail.
+   */
+  if (!ch.lost)
+    inode_map_update (ip, ch.runs.ptr, ch.runs.len);
+  else
+    inode_map_changed (ip);
+  run_vector_reset (&ch.runs);
+  if (filling)
+    inode_fill_end (ip, b0, b1);
+  pthread_rwlock_unlock (&ip->lock);
+  return r;
+}
+
 int
 rw_pwrite (struct ext4fs_inode *ip, const void *buf, uint32_t count,
            uint64_t offset, uint32_t flags, int *err)
@@ -643,33 +796,14 @@ rw_pwrite (struct ext4fs_inode *ip, const void *buf, uint32_t count,
      */
     if (attempt > 0 && !fs_enospc_retry (fsi))
       break;
-    ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&ip->lock);
-    /* The map may have changed while we held no lock: inode_map_range
-     * returns the current generation's map.
+    /* The handle before the inode lock (DESIGN.md §3): a fill holds
+     * it while it takes the inode lock a second time.
      */
-    uint64_t e = b1;
-
-    map = inode_map_range (ip, b0, &e, 0, true, err);
-    if (map == NULL)
-      return -1;
-    struct changes ch = { 0 };
-
     if (fs_begin_write (fsi, err) == -1 ||
         fs_handle_start (fsi, true, err) == -1)
       return -1;
-    r = write_allocating (ip, map, buf, count, offset, &ch, err);
+    r = write_alloc_handle (ip, buf, count, offset, b0, b1, err);
     fs_handle_stop (fsi, true, true);
-    /* Also after a failure: the changes noted are what the tree has
-     * (fill_hole, fill_unwritten).  Dropping the map instead would
-     * build it again from a tree that a half-made change (the
-     * filesystem then marked broken) may have left unreadable, and
-     * every later read of the file would fail.
-     */
-    if (!ch.lost)
-      inode_map_update (ip, ch.runs.ptr, ch.runs.len);
-    else
-      inode_map_changed (ip);
-    run_vector_reset (&ch.runs);
     if (r == 0 || *err != ENOSPC || attempt > 0)
       break;
   }
@@ -754,11 +888,12 @@ rw_zero_written (struct ext4fs_inode *ip, uint64_t count, uint64_t offset,
  * ever will (the generation changes), so a freed block is never read
  * or written through this file again.  Returns 1 if the map changed
  * (and the inode's times are due), 0 if there was nothing to change,
- * -1 on error.
+ * -1 on error, and 2, with nothing done, if there is something to
+ * change but the caller holds no handle (handle false).
  */
 static int
-remap_range (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1, bool punch,
-             int *err)
+remap_range_handle (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1,
+                    bool punch, bool handle, int *err)
 {
   struct ext4fs_fs *fsi = ip->fsi;
   const struct ext4fs_map *map;
@@ -789,9 +924,8 @@ remap_range (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1, bool punch,
       return -1;
     }
   }
-  if (fs_begin_write (fsi, err) == -1 ||
-      fs_handle_start (fsi, true, err) == -1)
-    return -1;
+  if (!handle)
+    return 2;                   /* a change to make: with the handle */
   pthread_mutex_lock (&fsi->lock);
   if (punch)
     r = bmap_punch_locked (ip, map, b0, b1 - b0, err);
@@ -808,7 +942,6 @@ remap_range (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1, bool punch,
   }
   broken = fsi->broken;
   pthread_mutex_unlock (&fsi->lock);
-  fs_handle_stop (fsi, true, true);
   /* Rebuilt from the tree at the next use, unless a change was left
    * half made: that tree may be unreadable, and the old map still
    * serves every block the request did not touch (blocks it freed
@@ -819,6 +952,26 @@ remap_range (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1, bool punch,
   if (r == 0)
     inode_touch (ip);
   return r == 0 ? 1 : -1;
+}
+
+static int
+remap_range (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1, bool punch,
+             int *err)
+{
+  struct ext4fs_fs *fsi = ip->fsi;
+  int r = remap_range_handle (ip, b0, b1, punch, false, err);
+
+  if (r != 2)
+    return r;
+  /* Something to change: the handle comes before the inode lock
+   * (DESIGN.md §3), so look again with it held.
+   */
+  if (fs_begin_write (fsi, err) == -1 ||
+      fs_handle_start (fsi, true, err) == -1)
+    return -1;
+  r = remap_range_handle (ip, b0, b1, punch, true, err);
+  fs_handle_stop (fsi, true, true);
+  return r;
 }
 
 /* The whole blocks [*b0, *b1) inside [offset, offset+count) (empty:
