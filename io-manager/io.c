@@ -63,6 +63,11 @@ struct ext4fs_dev {
   struct overlay *retired;      /* replaced overlays, freed with the device */
   const struct ext4fs_meta_ops *meta;   /* NULL: metadata I/O to the device */
   void *meta_opaque;
+  /* Atomic: bytes written or zeroed in all (counted as each write
+   * completes), and that count as it was when the last successful
+   * flush started (ext4fs_dev_unflushed).
+   */
+  uint64_t written, flushed;
 };
 
 /* An immutable read overlay (ext4fs_dev_set_overlay). */
@@ -520,6 +525,7 @@ int
 ext4fs_dev_flush (struct ext4fs_dev *dev, int *err)
 {
   struct lane *l;
+  uint64_t w;
   int r;
 
   if (dev->can_flush != 1)
@@ -528,10 +534,27 @@ ext4fs_dev_flush (struct ext4fs_dev *dev, int *err)
    * only over a plugin that says can_multi_conn, whose flush persists
    * the writes completed on all of its contexts.
    */
+  w = __atomic_load_n (&dev->written, __ATOMIC_RELAXED);
   l = lane_get_first (dev);
   r = l->next->flush (l->next, 0, err);
   lane_put (dev, l);
+  if (r == 0) {
+    uint64_t f = __atomic_load_n (&dev->flushed, __ATOMIC_RELAXED);
+
+    while (f < w &&
+           !__atomic_compare_exchange_n (&dev->flushed, &f, w, true,
+                                         __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+      ;
+  }
   return r;
+}
+
+uint64_t
+ext4fs_dev_unflushed (struct ext4fs_dev *dev)
+{
+  uint64_t f = __atomic_load_n (&dev->flushed, __ATOMIC_RELAXED);
+
+  return __atomic_load_n (&dev->written, __ATOMIC_RELAXED) - f;
 }
 
 int
@@ -553,6 +576,7 @@ ext4fs_dev_pwrite (struct ext4fs_dev *dev, const void *buf, uint64_t count,
     down = NBDKIT_FLAG_FUA;
   if (split_call (dev, OP_WRITE, NULL, buf, count, offset, down, err) == -1)
     return -1;
+  __atomic_add_fetch (&dev->written, count, __ATOMIC_RELAXED);
   if ((flags & NBDKIT_FLAG_FUA) && !down)
     return ext4fs_dev_flush (dev, err);
   return 0;
@@ -567,8 +591,12 @@ ext4fs_dev_zero (struct ext4fs_dev *dev, uint64_t count, uint64_t offset,
   if (check_range (dev, "zero", count, offset, err) == -1 ||
       overlay_refuses (dev, "zero", err))
     return -1;
-  if (dev->can_zero > NBDKIT_ZERO_NONE)
-    return split_call (dev, OP_ZERO, NULL, NULL, count, offset, 0, err);
+  if (dev->can_zero > NBDKIT_ZERO_NONE) {
+    if (split_call (dev, OP_ZERO, NULL, NULL, count, offset, 0, err) == -1)
+      return -1;
+    __atomic_add_fetch (&dev->written, count, __ATOMIC_RELAXED);
+    return 0;
+  }
   while (count > 0) {
     uint32_t n = count > sizeof zeros ? sizeof zeros : count;
 

@@ -122,6 +122,11 @@ extern int ext4fs_dev_discard (struct ext4fs_dev *dev, uint64_t count,
 extern int ext4fs_dev_cache (struct ext4fs_dev *dev, uint64_t count,
                              uint64_t offset, int *err);
 extern int ext4fs_dev_flush (struct ext4fs_dev *dev, int *err);
+/* About how many bytes were written or zeroed since the last
+ * successful flush started (writes that completed during it count as
+ * not flushed).
+ */
+extern uint64_t ext4fs_dev_unflushed (struct ext4fs_dev *dev);
 /* The plugin's preferred block size limits, or 0/0/0. */
 extern int ext4fs_dev_block_size (struct ext4fs_dev *dev, uint32_t *minimum,
                                   uint32_t *preferred, uint32_t *maximum);

@@ -18,6 +18,12 @@
 
 #define COMMIT_INTERVAL 5               /* seconds, the kernel's default */
 #define CLEAN_LIMIT 8192                /* clean cached blocks kept */
+/* A commit with at least this much file data written since the last
+ * flush flushes it first, outside the locks (jtx_sync), at most
+ * PREFLUSH_ROUNDS times.
+ */
+#define PREFLUSH_BYTES (8u << 20)
+#define PREFLUSH_ROUNDS 2
 #define NOLOG_RUN_BYTES (32u << 20)     /* no journal: write back this much */
 
 struct jent {
@@ -70,6 +76,7 @@ struct ext4fs_jtx {
   uint8_t *logbuf;
   size_t logcap;
   uint64_t ncommits, ncheckpoints, nlogged, nflush_only, hits, misses;
+  uint64_t npreflush;           /* atomic: flushes before a commit */
 
   bool needs_commit;            /* atomic */
   unsigned handles;             /* atomic: handles open (data may be

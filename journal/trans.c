@@ -296,47 +296,66 @@ jtx_abort_locked (struct ext4fs_jtx *jt, const char *why)
                   "not clean, with errors: run e2fsck", why);
 }
 
+/* One plugin flush with the handle lock shared (jtx_sync). */
+static int
+plain_flush (struct ext4fs_jtx *jt, int *err)
+{
+  int r;
+
+  /* With the handle lock shared, so that no commit or write-back runs
+   * meanwhile (but a session's first write-back without a journal,
+   * jtx_begin_locked: the superblock alone, flushed by itself): the
+   * state at a completed flush is one they left whole, and a commit
+   * queued behind a failed one finds the writer stopped
+   * (jtx_commit_locked, jtx_write_home_locked check again), so none
+   * makes durable metadata pointing at data the failure may have
+   * lost below.
+   * A failed flush may have lost file data written since the last
+   * good one.  If that can only be data in place (no handle was
+   * open and nothing is pending), the flush fails and the session
+   * goes on, as with the plugin alone.  If a handle is open or has
+   * made changes since, new metadata may point at data the failure
+   * lost: the writer stops before that can be committed.
+   * Handles are read before pending (jtx_handle_stop sets pending
+   * before it counts the handle gone).
+   */
+  pthread_rwlock_rdlock (&jt->handle_lock);
+  r = ext4fs_dev_flush (jt->dev, err);
+  if (r == -1 &&
+      (__atomic_load_n (&jt->handles, __ATOMIC_SEQ_CST) > 0 ||
+       __atomic_load_n (&jt->needs_commit, __ATOMIC_SEQ_CST))) {
+    pthread_mutex_lock (jt->fs_lock);
+    jtx_abort_locked (jt, "a flush failed below while new metadata "
+                      "was not yet durable");
+    pthread_mutex_unlock (jt->fs_lock);
+  }
+  pthread_rwlock_unlock (&jt->handle_lock);
+  return r;
+}
+
 int
 jtx_sync (struct ext4fs_jtx *jt, bool force, int *err)
 {
-  int r;
+  int r, i;
 
   if (jtx_aborted (jt)) {
     nbdkit_error ("%s: flush refused: %s", jtx_what (jt), jtx_stopped (jt));
     *err = EIO;
     return -1;
   }
-  if (!force && !jtx_pending (jt)) {
-    /* Nothing to commit or write back: one plugin flush, with the
-     * handle lock shared, so that no commit or write-back runs
-     * meanwhile (but a session's first write-back without a journal,
-     * jtx_begin_locked: the superblock alone, flushed by itself): the
-     * state at a completed flush is one they left whole, and a commit
-     * queued behind a failed one finds the writer stopped
-     * (jtx_commit_locked, jtx_write_home_locked check again), so none
-     * makes durable metadata pointing at data the failure may have
-     * lost below.
-     * A failed flush may have lost file data written since the last
-     * good one.  If that can only be data in place (no handle was
-     * open and nothing is pending), the flush fails and the session
-     * goes on, as with the plugin alone.  If a handle is open or has
-     * made changes since, new metadata may point at data the failure
-     * lost: the writer stops before that can be committed.
-     * Handles are read before pending (jtx_handle_stop sets pending
-     * before it counts the handle gone).
-     */
-    pthread_rwlock_rdlock (&jt->handle_lock);
-    r = ext4fs_dev_flush (jt->dev, err);
-    if (r == -1 &&
-        (__atomic_load_n (&jt->handles, __ATOMIC_SEQ_CST) > 0 ||
-         __atomic_load_n (&jt->needs_commit, __ATOMIC_SEQ_CST))) {
-      pthread_mutex_lock (jt->fs_lock);
-      jtx_abort_locked (jt, "a flush failed below while new metadata "
-                        "was not yet durable");
-      pthread_mutex_unlock (jt->fs_lock);
-    }
-    pthread_rwlock_unlock (&jt->handle_lock);
-    return r;
+  if (!force && !jtx_pending (jt))
+    return plain_flush (jt, err);  /* nothing to commit or write back */
+  /* Much file data written since the last flush (a commit after
+   * seconds of writes): flush it first, with the handle lock shared,
+   * so that writes that change metadata go on meanwhile; the flush in
+   * the commit, which holds everything up, then has little left to
+   * write.
+   */
+  for (i = 0; i < PREFLUSH_ROUNDS &&
+         ext4fs_dev_unflushed (jt->dev) >= PREFLUSH_BYTES; ++i) {
+    if (plain_flush (jt, err) == -1)
+      return -1;
+    __atomic_add_fetch (&jt->npreflush, 1, __ATOMIC_RELAXED);
   }
   pthread_rwlock_wrlock (&jt->handle_lock);
   pthread_mutex_lock (jt->fs_lock);
@@ -416,9 +435,11 @@ jtx_stats (struct ext4fs_jtx *jt)
 {
   nbdkit_debug ("ext4fs: journal: %" PRIu64 " commits, %" PRIu64 " blocks "
                 "logged, %" PRIu64 " checkpoints, cache %" PRIu64 " hits %"
-                PRIu64 " misses, next tid %" PRIu32,
+                PRIu64 " misses, %" PRIu64 " flushes ahead of commits, "
+                "next tid %" PRIu32,
                 jt->ncommits, jt->nlogged, jt->ncheckpoints, jt->hits,
-                jt->misses, jt->tid);
+                jt->misses, __atomic_load_n (&jt->npreflush, __ATOMIC_RELAXED),
+                jt->tid);
 }
 
 void
