@@ -417,6 +417,14 @@ bmap_goal_locked (struct ext4fs_inode *ip, const struct ext4fs_map *map,
     if (lblk - r->lblk < fsi->blocks_count - r->pblk)
       return r->pblk + (lblk - r->lblk);
   }
+  /* No run before lblk (known to the map): the base of the file's
+   * last allocation, which may not be in the map yet (fills that
+   * overlap insert their extents after others allocate), so that
+   * writers filling an empty file at once all keep one base.
+   */
+  else if (ip->alloc_base_set &&
+           lblk < fsi->blocks_count - ip->alloc_base)
+    return ip->alloc_base + lblk;
   else if (runmap_valid (map, p)) {
     r = runmap_at (map, p);
     if (r->pblk >= fsi->first_data_block &&
@@ -621,6 +629,11 @@ bmap_alloc_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t goal,
   *reserved = bmap_meta_need_locked (ip, lblk, n);
   fsi->meta_reserved += *reserved;
   *pblk = start;
+  /* The base for the next goal without a run before it (below). */
+  if (start >= lblk) {
+    ip->alloc_base = start - lblk;
+    ip->alloc_base_set = true;
+  }
   return n;
 }
 

@@ -372,6 +372,24 @@ inode_map_changed (struct ext4fs_inode *ip)
 }
 
 void
+inode_map_forget (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1)
+{
+  struct ext4fs_map *m = ip->map;   /* ip->lock exclusive: no reader */
+
+  if (m == NULL)
+    return;
+  /* A partial map forgets only the range (loaded again from the tree
+   * when a request needs it): the mapping outside did not change.
+   */
+  if (!m->partial || runmap_uncover (m, b0, b1) == -1) {
+    inode_map_changed (ip);
+    return;
+  }
+  if (ext4fs_debug_verify_map)
+    verify_map (ip, m, "after a range was forgotten");
+}
+
+void
 inode_map_update (struct ext4fs_inode *ip, const struct ext4fs_run *changes,
                   size_t n)
 {

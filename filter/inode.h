@@ -69,6 +69,13 @@ struct ext4fs_inode {
    */
   bool too_fragmented;
 
+  /* pblk - lblk of the file's last allocation (bmap_alloc_locked),
+   * a goal for allocations with no run before them in the map.
+   * Under fsi->lock.
+   */
+  uint64_t alloc_base;
+  bool alloc_base_set;
+
   /* Time of the last data change not yet written to the inode
    * (seconds), or 0.  Atomic.
    */
@@ -130,6 +137,8 @@ extern const struct ext4fs_map *inode_map_range (struct ext4fs_inode *ip,
  * Caller holds ip->lock exclusive.
  */
 extern void inode_map_changed (struct ext4fs_inode *ip);
+extern void inode_map_forget (struct ext4fs_inode *ip, uint64_t b0,
+                              uint64_t b1);
 
 /* The block map changed by exactly these written runs (each mapped in
  * place of a hole or of part of an unwritten run, in this order): bump

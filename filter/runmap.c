@@ -6,6 +6,7 @@
 
 #include <config.h>
 
+#include <assert.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
@@ -384,4 +385,76 @@ runmap_keep (struct ext4fs_map *m, uint64_t a, uint64_t b)
  nomem:
   runmap_free (k);
   return -1;
+}
+
+int
+runmap_uncover (struct ext4fs_map *m, uint64_t a, uint64_t b)
+{
+  struct runmap_pos p, q, at;
+  size_t i, j, n;
+
+  assert (m->partial);
+  if (a >= b)
+    return 0;
+  /* The runs: each one overlapping [a, b) is removed, and what it has
+   * outside [a, b) put back.
+   */
+  p = runmap_after (m, a);
+  if (runmap_prev (m, p, &q) &&
+      runmap_at (m, q)->lblk + runmap_at (m, q)->len > a)
+    p = q;
+  while (runmap_valid (m, p) && runmap_at (m, p)->lblk < b) {
+    struct ext4fs_run r = *runmap_at (m, p);
+
+    p = runmap_remove (m, p);
+    if (r.lblk < a) {
+      struct ext4fs_run left = r;
+
+      left.len = a - r.lblk;
+      if (runmap_insert (m, p, &left, &at) == -1)
+        return -1;
+      p = runmap_next (m, at);
+    }
+    if (r.lblk + r.len > b) {
+      struct ext4fs_run right = r;
+      uint64_t off = b - r.lblk;
+
+      right.lblk = b;
+      right.pblk = r.pblk + off;
+      right.len = r.len - off;
+      if (runmap_insert (m, p, &right, &at) == -1)
+        return -1;
+      break;                    /* nothing after it starts below b */
+    }
+  }
+  /* The coverage: spans i .. j-1 overlap [a, b); what they have
+   * outside it stays (at most two pieces).
+   */
+  for (i = 0; i < m->ncov && m->cov[i].b <= a; ++i)
+    ;
+  for (j = i; j < m->ncov && m->cov[j].a < b; ++j)
+    ;
+  if (i == j)
+    return 0;
+  {
+    struct runmap_span left = m->cov[i], right = m->cov[j - 1];
+    struct runmap_span keep[2];
+
+    n = 0;
+    if (left.a < a)
+      keep[n++] = (struct runmap_span) { .a = left.a, .b = a };
+    if (right.b > b)
+      keep[n++] = (struct runmap_span) { .a = b, .b = right.b };
+    if (m->ncov - (j - i) + n > m->covcap) {
+      struct runmap_span *nc = realloc (m->cov, (m->covcap + 1) * sizeof *nc);
+      if (nc == NULL)
+        return -1;
+      m->cov = nc;
+      m->covcap++;
+    }
+    memmove (&m->cov[i + n], &m->cov[j], (m->ncov - j) * sizeof m->cov[0]);
+    memcpy (&m->cov[i], keep, n * sizeof keep[0]);
+    m->ncov = m->ncov - (j - i) + n;
+  }
+  return 0;
 }

@@ -116,5 +116,10 @@ extern int runmap_cover (struct ext4fs_map *m, uint64_t a, uint64_t b);
  * a or b.  -1: out of memory (unchanged).
  */
 extern int runmap_keep (struct ext4fs_map *m, uint64_t a, uint64_t b);
+/* Forget [a, b) (partial maps): its runs go (a run crossing a or b
+ * keeps its part outside), and so does its coverage.  -1: out of
+ * memory, with m half changed (the caller drops it).
+ */
+extern int runmap_uncover (struct ext4fs_map *m, uint64_t a, uint64_t b);
 
 #endif /* EXT4FS_RUNMAP_H */

@@ -942,13 +942,15 @@ remap_range_handle (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1,
   }
   broken = fsi->broken;
   pthread_mutex_unlock (&fsi->lock);
-  /* Rebuilt from the tree at the next use, unless a change was left
-   * half made: that tree may be unreadable, and the old map still
-   * serves every block the request did not touch (blocks it freed
-   * are not given to anyone: a broken filesystem allocates nothing).
+  /* The range is loaded again from the tree at the next use (the
+   * mapping outside it did not change; a map that is not partial is
+   * built again whole), unless a change was left half made: that
+   * tree may be unreadable, and the old map still serves every block
+   * the request did not touch (blocks it freed are not given to
+   * anyone: a broken filesystem allocates nothing).
    */
   if (r == 0 || !broken)
-    inode_map_changed (ip);
+    inode_map_forget (ip, b0, b1);
   if (r == 0)
     inode_touch (ip);
   return r == 0 ? 1 : -1;

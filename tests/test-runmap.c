@@ -233,6 +233,91 @@ main (int argc, char *argv[])
         b->ncov != 0)
       die ("runmap_keep of nothing left something", ops);
   }
+  /* runmap_uncover: random runs (lengths 1-40) and coverage, then
+   * random ranges forgotten, against a per-block model (the physical
+   * block, or none; covered or not).
+   */
+  {
+    enum { W = 3000 };
+    static int64_t phys[W];
+    static bool cov[W];
+    struct ext4fs_map *u = runmap_new ();
+    uint64_t x = 0;
+
+    u->partial = true;
+    for (size_t i = 0; i < W; ++i)
+      phys[i] = -1;
+    while (x < W) {
+      uint64_t len = 1 + (uint64_t) rand () % 40, gap = (uint64_t) rand () % 5;
+      struct ext4fs_run r = { .lblk = x, .pblk = 100000 + (uint64_t) rand () % 100000,
+                              .len = len, .unwritten = rand () % 3 == 0 };
+      struct runmap_pos end = { u->nchunks, 0 }, at;
+
+      if (x + len > W)
+        break;
+      if (runmap_insert (u, end, &r, &at) == -1)
+        die ("out of memory", 0);
+      for (uint64_t k = 0; k < len; ++k)
+        phys[x + k] = (int64_t) (r.pblk + k);
+      x += len + gap;
+    }
+    if (runmap_cover (u, 0, W) == -1)
+      die ("out of memory", 0);
+    for (size_t i = 0; i < W; ++i)
+      cov[i] = true;
+    for (size_t k = 0; k < 400; ++k) {
+      uint64_t ua = (uint64_t) rand () % W, ub = ua + (uint64_t) rand () % 60;
+      struct runmap_pos p;
+      uint64_t prev_end = 0;
+      size_t n = 0;
+      static int64_t got[W];
+
+      if (ub > W)
+        ub = W;
+      if (k % 50 == 49) {
+        /* Now and then some coverage back, as a leaf load gives. */
+        if (runmap_cover (u, ua, ub) == -1)
+          die ("out of memory", k);
+        for (uint64_t i = ua; i < ub; ++i)
+          cov[i] = true;
+        continue;
+      }
+      if (runmap_uncover (u, ua, ub) == -1)
+        die ("out of memory", k);
+      for (uint64_t i = ua; i < ub; ++i) {
+        phys[i] = -1;
+        cov[i] = false;
+      }
+      for (size_t i = 0; i < W; ++i)
+        got[i] = -1;
+      for (p = runmap_after (u, 0), runmap_prev (u, p, &p);
+           runmap_valid (u, p); p = runmap_next (u, p)) {
+        const struct ext4fs_run *r = runmap_at (u, p);
+
+        if (r->len == 0 || r->lblk < prev_end || r->lblk + r->len > W)
+          die ("runmap_uncover left runs empty, out of order or out of range", k);
+        for (uint64_t i = 0; i < r->len; ++i)
+          got[r->lblk + i] = (int64_t) (r->pblk + i);
+        prev_end = r->lblk + r->len;
+        n++;
+      }
+      if (n != u->n)
+        die ("runmap_uncover: the run count is wrong", k);
+      for (size_t i = 0; i < W; ++i)
+        if (got[i] != phys[i])
+          die ("runmap_uncover: a block maps wrong", k);
+      for (size_t i = 0; i < u->ncov; ++i)
+        if (u->cov[i].a >= u->cov[i].b ||
+            (i > 0 && u->cov[i - 1].b >= u->cov[i].a))
+          die ("runmap_uncover: spans not sorted, disjoint and apart", k);
+      for (size_t i = 0; i < W; ++i) {
+        uint64_t g, ge;
+        if (runmap_covered (u, i, i + 1, &g, &ge) != cov[i])
+          die ("runmap_uncover: coverage disagrees with the model", k);
+      }
+    }
+    runmap_free (u);
+  }
   printf ("test-runmap: seed %u, %zu operations, emptied %zu times, %zu "
           "runs left in %zu chunks\n", seed, ops, empties, m->n, m->nchunks);
   runmap_free (b);
