@@ -10,7 +10,8 @@
 # Environment:
 #   SIZE=1G  REPEATS=3  WORKDIR=/tmp/ext4fs-bench  CONFIGS="raw ext2 ext4fs"
 #     (also: ext4fs-nj = ext4fs with -D ext4fs.journal=0; kernel = the image
-#     loop-mounted, `nbdkit file MNT/FILE`, write workloads only)
+#     loop-mounted, `nbdkit file MNT/FILE`, write workloads only;
+#     ext4fs-old = ext4fs with the build FILTER_OLD, for before/after runs)
 #   W3_RUNTIME=10 (seconds)  W9_IOS=32768  W10_RUNTIME=10  QUICK=1 (smoke test only)
 #   W5_SIZE=8G W5_DATA=64M  W6_RUNTIME=10 W6_DELAY=1ms  W8_RUNTIME=60
 #   W8_REPEATS=1 W8_CONFIGS=ext4fs  MEM_FILES=10000 MEM_CONNS=256 MEM_REPEATS=1
@@ -52,7 +53,7 @@ for w in $WORKLOADS; do
     case " $ALL_WORKLOADS " in *" $w "*) ;; *) echo "unknown workload $w (known: $ALL_WORKLOADS)" >&2; exit 2;; esac
 done
 for c in $CONFIGS; do
-    case $c in raw|ext2|ext4fs|ext4fs-nj|kernel) ;; *) echo "unknown config $c (known: raw ext2 ext4fs ext4fs-nj kernel)" >&2; exit 2;; esac
+    case $c in raw|ext2|ext4fs|ext4fs-nj|ext4fs-old|kernel) ;; *) echo "unknown config $c (known: raw ext2 ext4fs ext4fs-nj ext4fs-old kernel)" >&2; exit 2;; esac
 done
 KERNEL_NOTE=
 if [[ " $CONFIGS " == *" kernel "* ]]; then
@@ -64,6 +65,9 @@ if [[ " $CONFIGS " == *" kernel "* ]]; then
     fi
 fi
 [ -f "$FILTER" ] || { echo "filter $FILTER not found" >&2; exit 2; }
+if [[ " $CONFIGS " == *" ext4fs-old "* ]]; then
+    [ -f "${FILTER_OLD:-}" ] || { echo "ext4fs-old needs FILTER_OLD=/path/to/an older build of the filter" >&2; exit 2; }
+fi
 for t in nbdkit nbdcopy nbdinfo fio mke2fs debugfs e2fsck python3 timeout; do
     command -v $t >/dev/null || { echo "missing $t" >&2; exit 2; }
 done
@@ -85,6 +89,11 @@ done
 FILTER_SHA=$(sha256sum "$WD/filter.so" | cut -c1-16)
 FILTER_SRC=$FILTER
 FILTER=$WD/filter.so
+if [ -n "${FILTER_OLD:-}" ]; then
+    cp "$FILTER_OLD" "$WD/filter-old.so"
+    FILTER_OLD_SRC=$FILTER_OLD
+    FILTER_OLD=$WD/filter-old.so
+fi
 
 SRV_PID=
 BACK_PID=
@@ -114,6 +123,7 @@ log "== setup: SIZE=$SIZE ($BYTES bytes) REPEATS=$REPEATS WORKDIR=$WD"
 log "   workloads: $WORKLOADS   configs: $CONFIGS"
 [ -n "$KERNEL_NOTE" ] && log "   NOTE: config kernel skipped: $KERNEL_NOTE (it needs root and a loop device)"
 log "   filter: $FILTER_SRC (sha256 $FILTER_SHA..., $(date -r "$FILTER_SRC"))"
+[ -n "${FILTER_OLD:-}" ] && log "   old filter (ext4fs-old): $FILTER_OLD_SRC (sha256 $(sha256sum "$FILTER_OLD" | cut -c1-16)...)"
 mkdir -p "$WD/src"
 rm -f "$WD/src/"*
 head -c "$BYTES" /dev/urandom > "$WD/src/data"
@@ -236,6 +246,7 @@ _serve() {
     case $cfg in
     ext2)   filters=(--filter=noextents --filter=ext2 "${filters[@]}"); params+=(ext2file="$inner") ;;
     ext4fs|ext4fs-nj) filters=(--filter="$FILTER" "${filters[@]}"); params+=(ext4file="$inner") ;;
+    ext4fs-old) filters=(--filter="$FILTER_OLD" "${filters[@]}"); params+=(ext4file="$inner") ;;
     esac
     local dflags=()
     [ "$cfg" = ext4fs-nj ] && dflags=(-D ext4fs.journal=0)
@@ -399,9 +410,9 @@ wl_configs() {
     local allowed c out=
     case $1 in
     w8)    allowed=$W8_CONFIGS ;;
-    mem-*) allowed="raw ext4fs ext4fs-nj" ;;   # the stock filter serializes connections / reads 1 TiB
-    w4-over|w4-fill|w9|w9-hole|w10) allowed="raw ext2 ext4fs ext4fs-nj kernel" ;;
-    *)     allowed="raw ext2 ext4fs ext4fs-nj" ;;
+    mem-*) allowed="raw ext4fs ext4fs-nj ext4fs-old" ;;   # the stock filter serializes connections / reads 1 TiB
+    w4-over|w4-fill|w9|w9-hole|w10) allowed="raw ext2 ext4fs ext4fs-nj ext4fs-old kernel" ;;
+    *)     allowed="raw ext2 ext4fs ext4fs-nj ext4fs-old" ;;
     esac
     for c in $CONFIGS; do case " $allowed " in *" $c "*) out+="$c ";; esac; done
     echo $out
@@ -684,7 +695,7 @@ if any(w == "w4-fill" for w in order) and any(w == "w4-over" for w in order):
 # ext4fs against the other configs, as a cost: ext4fs's time / the other's
 # time (for IOPS and ops/s: the other's rate / ext4fs's rate), so > 1 means
 # ext4fs is slower.
-others = [c for c in ("ext4fs-nj", "raw", "kernel", "ext2") if c in configs]
+others = [c for c in ("ext4fs-old", "ext4fs-nj", "raw", "kernel", "ext2") if c in configs]
 if "ext4fs" in configs and others:
     lines = []
     for w in order:
