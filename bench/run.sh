@@ -301,6 +301,11 @@ reset_target() {
         cp --sparse=always "$WD/img.orig" "$WD/img"
         sync "$WD/img"
     fi
+    # Everything else too: the data the previous run left dirty in the
+    # host's page cache (the raw plugin's writes, flushed or not) would
+    # otherwise be written back during this run, a cost for whichever
+    # config comes next.
+    sync
 }
 
 # verify_consistent CONFIG -> 0 if the image passes e2fsck -fn and /data
