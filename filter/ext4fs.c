@@ -38,6 +38,10 @@ NBDKIT_DLL_PUBLIC int ext4fs_debug_verify_map;
  * benchmarks and tests).
  */
 NBDKIT_DLL_PUBLIC int ext4fs_debug_serial_fill;
+/* -D ext4fs.flush_ahead_mib=N: a commit flushes first when N MiB or
+ * more were written since the last flush (0: never; default 8).
+ */
+NBDKIT_DLL_PUBLIC int ext4fs_debug_flush_ahead_mib = -1;
 /* -D ext4fs.journal=0: metadata changes are not journaled (the old
  * "not clean" marking instead).
  */

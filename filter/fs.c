@@ -614,6 +614,9 @@ journal_writer_open (struct ext4fs_fs *fsi)
      */
     fsi->jt = jtx_open_nolog (fsi->dev, fsi->blockbits, fsi->fs, &fsi->lock,
                               journal_prepare, journal_unhold, fsi);
+    if (fsi->jt && ext4fs_debug_flush_ahead_mib >= 0)
+      jtx_set_flush_ahead (fsi->jt,
+                           (uint64_t) ext4fs_debug_flush_ahead_mib << 20);
     return fsi->jt ? 0 : -1;
   }
   jr = journal_load (fsi->fs, fsi->dev);
@@ -627,6 +630,8 @@ journal_writer_open (struct ext4fs_fs *fsi)
                       journal_unhold, fsi);
   if (fsi->jt == NULL)
     return -1;
+  if (ext4fs_debug_flush_ahead_mib >= 0)
+    jtx_set_flush_ahead (fsi->jt, (uint64_t) ext4fs_debug_flush_ahead_mib << 20);
   nbdkit_debug ("ext4fs: metadata changes are journaled");
   return 0;
 }

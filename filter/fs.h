@@ -70,6 +70,7 @@ struct ext4fs_fs {
 extern int ext4fs_debug_writeback;
 extern int ext4fs_debug_verify_map;
 extern int ext4fs_debug_serial_fill;    /* fills under the inode lock */
+extern int ext4fs_debug_flush_ahead_mib;  /* -1: the journal's default */
 extern int ext4fs_debug_journal;        /* -D ext4fs.journal=0: not journaled */
 extern int ext4fs_debug_journal_stats;
 extern int ext4fs_debug_max_runs;       /* tests: a lower run limit */

@@ -20,7 +20,7 @@
 #define CLEAN_LIMIT 8192                /* clean cached blocks kept */
 /* A commit with at least this much file data written since the last
  * flush flushes it first, outside the locks (jtx_sync), at most
- * PREFLUSH_ROUNDS times.
+ * PREFLUSH_ROUNDS times (the default of jtx_set_flush_ahead).
  */
 #define PREFLUSH_BYTES (8u << 20)
 #define PREFLUSH_ROUNDS 2
@@ -77,6 +77,7 @@ struct ext4fs_jtx {
   size_t logcap;
   uint64_t ncommits, ncheckpoints, nlogged, nflush_only, hits, misses;
   uint64_t npreflush;           /* atomic: flushes before a commit */
+  uint64_t flush_ahead;         /* bytes (0: never); set before use */
 
   bool needs_commit;            /* atomic */
   unsigned handles;             /* atomic: handles open (data may be

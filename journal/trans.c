@@ -91,6 +91,7 @@ jtx_new (struct ext4fs_dev *dev, unsigned bits, ext2_filsys fs,
   jt->opaque = opaque;
   jt->bits = bits;
   jt->bs = 1u << jt->bits;
+  jt->flush_ahead = PREFLUSH_BYTES;
   jt->nbuckets = 1024;
   jt->buckets = calloc (jt->nbuckets, sizeof *jt->buckets);
   if (jt->buckets == NULL) {
@@ -351,8 +352,8 @@ jtx_sync (struct ext4fs_jtx *jt, bool force, int *err)
    * the commit, which holds everything up, then has little left to
    * write.
    */
-  for (i = 0; i < PREFLUSH_ROUNDS &&
-         ext4fs_dev_unflushed (jt->dev) >= PREFLUSH_BYTES; ++i) {
+  for (i = 0; jt->flush_ahead > 0 && i < PREFLUSH_ROUNDS &&
+         ext4fs_dev_unflushed (jt->dev) >= jt->flush_ahead; ++i) {
     if (plain_flush (jt, err) == -1)
       return -1;
     __atomic_add_fetch (&jt->npreflush, 1, __ATOMIC_RELAXED);
@@ -428,6 +429,12 @@ jtx_close (struct ext4fs_jtx *jt, int *err)
   pthread_mutex_unlock (jt->fs_lock);
   pthread_rwlock_unlock (&jt->handle_lock);
   return r;
+}
+
+void
+jtx_set_flush_ahead (struct ext4fs_jtx *jt, uint64_t bytes)
+{
+  jt->flush_ahead = bytes;
 }
 
 void

@@ -155,5 +155,10 @@ extern void jtx_free (struct ext4fs_jtx *jt);
 
 /* -D ext4fs.journal_stats=1: counters at close. */
 extern void jtx_stats (struct ext4fs_jtx *jt);
+/* A commit flushes first, with the handle lock shared, when at least
+ * BYTES were written since the last flush (0: never; default 8 MiB).
+ * Before the writer is used.
+ */
+extern void jtx_set_flush_ahead (struct ext4fs_jtx *jt, uint64_t bytes);
 
 #endif /* EXT4FS_TRANS_H */
