@@ -169,6 +169,10 @@ inode_free (struct ext4fs_inode *ip)
   if (ip->max_fills > 1)
     nbdkit_debug ("ext4fs: inode %u: up to %u allocating writes filled "
                   "holes at once", ip->ino, ip->max_fills);
+  if (ip->nfills_total > 0)
+    nbdkit_debug ("ext4fs: inode %u: %lu of %lu fills allocated under the "
+                  "shared inode lock", ip->ino, ip->nfills_shared,
+                  ip->nfills_total);
   runmap_free (ip->map);
   free (ip->inline_buf);
   pthread_rwlock_destroy (&ip->lock);
@@ -441,29 +445,25 @@ fill_busy_locked (const struct ext4fs_inode *ip, uint64_t a, uint64_t b)
   return false;
 }
 
-/* Is a block of [a, b) being filled? */
-bool
-inode_fill_busy (struct ext4fs_inode *ip, uint64_t a, uint64_t b)
-{
-  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&ip->fill_lock);
-  return fill_busy_locked (ip, a, b);
-}
-
-/* Register [a, b) as being filled.  Caller holds ip->lock exclusive
- * and found no block of it busy.  False: no room (the caller fills
- * under the inode lock instead).
+/* Is a block of [a, b) being filled?  Then -1.  Else, if want, register
+ * [a, b) as being filled: 1, or 0 if there is no room (the caller then
+ * fills under the inode lock instead); 0 if not want.  Caller holds
+ * ip->lock, either mode (fill_lock orders two that hold it shared).
  */
-bool
-inode_fill_begin (struct ext4fs_inode *ip, uint64_t a, uint64_t b)
+int
+inode_fill_try (struct ext4fs_inode *ip, uint64_t a, uint64_t b, bool want)
 {
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&ip->fill_lock);
-  assert (!fill_busy_locked (ip, a, b));
-  if (ip->nfills == INODE_MAX_FILLS)
-    return false;
+
+  if (fill_busy_locked (ip, a, b))
+    return -1;
+  if (!want || ip->nfills == INODE_MAX_FILLS)
+    return 0;
   ip->fills[ip->nfills++] = (struct runmap_span) { .a = a, .b = b };
+  ip->nfills_total++;
   if (ip->nfills > ip->max_fills)
     ip->max_fills = ip->nfills;
-  return true;
+  return 1;
 }
 
 /* Wait until no block of [a, b) is being filled.  Caller holds no
@@ -477,7 +477,7 @@ inode_fill_wait (struct ext4fs_inode *ip, uint64_t a, uint64_t b)
     pthread_cond_wait (&ip->fill_cv, &ip->fill_lock);
 }
 
-/* [a, b), registered by inode_fill_begin, is filled (or given up). */
+/* [a, b), registered by inode_fill_try, is filled (or given up). */
 void
 inode_fill_end (struct ext4fs_inode *ip, uint64_t a, uint64_t b)
 {

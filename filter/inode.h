@@ -92,6 +92,10 @@ struct ext4fs_inode {
   pthread_cond_t fill_cv;
   unsigned nfills, max_fills;    /* max_fills: most at once, for -v */
   struct runmap_span fills[INODE_MAX_FILLS];
+  /* For -v: fills registered, and (atomic) of them, those that
+   * allocated under ->lock shared.
+   */
+  unsigned long nfills_total, nfills_shared;
 
   /* The last write of ->raw failed: the next sync writes it again
    * (the filesystem is never marked clean in this process anyway).
@@ -152,16 +156,19 @@ extern void inode_map_forget (struct ext4fs_inode *ip, uint64_t b0,
 extern void inode_map_update (struct ext4fs_inode *ip,
                               const struct ext4fs_run *changes, size_t n);
 
+/* Holes being filled with no inode lock held (rw.c
+ * write_alloc_handle; see inode.c).
+ */
+extern int inode_fill_try (struct ext4fs_inode *ip, uint64_t a, uint64_t b,
+                           bool want);
+extern void inode_fill_wait (struct ext4fs_inode *ip, uint64_t a, uint64_t b);
+extern void inode_fill_end (struct ext4fs_inode *ip, uint64_t a, uint64_t b);
+
 /* Write ip->raw to disk.  Caller holds fsi->lock.  If the write
  * fails, what is in memory stays the truth: the filesystem is never
  * marked clean in this process (fs_meta_write_failed_locked) and the
  * next sync writes the inode again.
  */
-extern bool inode_fill_busy (struct ext4fs_inode *ip, uint64_t a, uint64_t b);
-extern bool inode_fill_begin (struct ext4fs_inode *ip, uint64_t a, uint64_t b);
-extern void inode_fill_wait (struct ext4fs_inode *ip, uint64_t a, uint64_t b);
-extern void inode_fill_end (struct ext4fs_inode *ip, uint64_t a, uint64_t b);
-
 extern int inode_write_locked (struct ext4fs_inode *ip, int *err);
 
 /* Note a data change, for mtime/ctime at the next sync. */

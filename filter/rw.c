@@ -599,8 +599,9 @@ struct piece {
 };
 DEFINE_VECTOR_TYPE (piece_vector, struct piece);
 
-/* Allocate all of the hole [b0, b1) (caller holds ip->lock exclusive
- * and has registered the fill).  On failure nothing stays allocated.
+/* Allocate all of the hole [b0, b1) (caller holds ip->lock, either
+ * mode: what this changes is under fsi->lock, and has registered the
+ * fill).  On failure nothing stays allocated.
  */
 static int
 alloc_pieces (struct ext4fs_inode *ip, const struct ext4fs_map *map,
@@ -669,58 +670,93 @@ insert_pieces (struct ext4fs_inode *ip, const piece_vector *pieces, bool ok,
   return ok ? 0 : -1;
 }
 
+/* May the request [b0, b1) fill its blocks with no inode lock held
+ * (write_alloc_handle)?  All of them must be a hole of an extent file
+ * whose map is partial (a full map counts its runs against a cap as it
+ * goes: fill_hole).
+ */
+static bool
+fill_wanted (const struct ext4fs_inode *ip, const struct ext4fs_map *map,
+             uint64_t b0, uint64_t b1)
+{
+  return ip->extents && map->partial && !ext4fs_debug_serial_fill &&
+    !any_seg (map, ip->fsi->blockbits, b0, b1, SEG_MAPPED);
+}
+
 /* The allocating write, with the handle held.  A request whose blocks
  * are all a hole of an extent file allocates them under the inode
- * lock, writes the data without it (allocating writes to different
- * parts of one file overlap there), then inserts the extents under it
- * again; the blocks are registered as being filled meanwhile, so no
- * other request fills them too.  Anything else is done under the
- * inode lock from the map to the insert.
+ * lock, shared if the map covers them (the map changes only under the
+ * lock exclusive, and the allocation itself under fsi->lock), writes
+ * the data with no inode lock (allocating writes to different parts of
+ * one file overlap there), then inserts the extents under it
+ * exclusive; the blocks are registered as being filled meanwhile, so
+ * no other request fills them too.  Anything else is done under the
+ * inode lock exclusive from the map to the insert.
  */
 static int
 write_alloc_handle (struct ext4fs_inode *ip, const void *buf, uint32_t count,
                     uint64_t offset, uint64_t b0, uint64_t b1, int *err)
 {
-  struct ext4fs_fs *fsi = ip->fsi;
   const struct ext4fs_map *map;
   struct changes ch = { 0 };
   piece_vector pieces = { 0 };
   bool filling = false;
+  uint64_t e = b1;
   int r;
 
-  pthread_rwlock_wrlock (&ip->lock);
-  for (;;) {
-    /* The map may have changed while we held no lock: inode_map_range
-     * returns the current generation's map.
-     */
-    uint64_t e = b1;
-
-    map = inode_map_range (ip, b0, &e, 0, true, err);
-    if (map == NULL) {
-      pthread_rwlock_unlock (&ip->lock);
-      return -1;
-    }
-    if (!inode_fill_busy (ip, b0, b1))
-      break;
-    pthread_rwlock_unlock (&ip->lock);
-    inode_fill_wait (ip, b0, b1);
-    pthread_rwlock_wrlock (&ip->lock);
-  }
-  if (ip->extents && map->partial && !ext4fs_debug_serial_fill &&
-      !any_seg (map, fsi->blockbits, b0, b1, SEG_MAPPED) &&
-      inode_fill_begin (ip, b0, b1)) {
+  /* Shared first: allocating writes then take the lock exclusive only
+   * once, for the insert, and reads go on beside their allocations.
+   */
+  pthread_rwlock_rdlock (&ip->lock);
+  map = inode_map_range (ip, b0, &e, 0, false, err);
+  if (map != NULL && fill_wanted (ip, map, b0, b1) &&
+      inode_fill_try (ip, b0, b1, true) == 1) {
     filling = true;
-    r = alloc_pieces (ip, map, b0, b1, &pieces, err);
-    if (r == 0) {
+    __atomic_add_fetch (&ip->nfills_shared, 1, __ATOMIC_RELAXED);
+  }
+  if (map == NULL && *err != 0) {
+    pthread_rwlock_unlock (&ip->lock);
+    return -1;
+  }
+  if (!filling) {
+    pthread_rwlock_unlock (&ip->lock);
+    pthread_rwlock_wrlock (&ip->lock);
+    for (;;) {
+      /* The map may have changed while we held no lock: inode_map_range
+       * returns the current generation's map.
+       */
+      int f;
+
+      e = b1;
+      map = inode_map_range (ip, b0, &e, 0, true, err);
+      if (map == NULL) {
+        pthread_rwlock_unlock (&ip->lock);
+        return -1;
+      }
+      f = inode_fill_try (ip, b0, b1, fill_wanted (ip, map, b0, b1));
+      if (f >= 0) {
+        filling = f == 1;
+        break;
+      }
       pthread_rwlock_unlock (&ip->lock);
-      /* Blocks no tree has yet: only this request can reach them. */
-      for (size_t i = 0; r == 0 && i < pieces.len; ++i)
-        r = write_fresh (ip, pieces.ptr[i].pblk, pieces.ptr[i].lblk,
-                         pieces.ptr[i].n, buf, count, offset, err);
+      inode_fill_wait (ip, b0, b1);
       pthread_rwlock_wrlock (&ip->lock);
-      if (insert_pieces (ip, &pieces, r == 0, &ch, err) == -1)
-        r = -1;
     }
+  }
+  if (filling) {
+    /* Held shared or exclusive. */
+    r = alloc_pieces (ip, map, b0, b1, &pieces, err);
+    pthread_rwlock_unlock (&ip->lock);
+    /* Blocks no tree has yet: only this request can reach them. */
+    for (size_t i = 0; r == 0 && i < pieces.len; ++i)
+      r = write_fresh (ip, pieces.ptr[i].pblk, pieces.ptr[i].lblk,
+                       pieces.ptr[i].n, buf, count, offset, err);
+    pthread_rwlock_wrlock (&ip->lock);
+    /* After a failure, this frees the pieces (none if the allocation
+     * failed).
+     */
+    if (insert_pieces (ip, &pieces, r == 0, &ch, err) == -1)
+      r = -1;
     piece_vector_reset (&pieces);
   }
   else

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Allocating writes to one file overlap (DESIGN.md §6, "filling a
 # hole"): a write whose blocks are all a hole allocates them under the
-# inode lock, writes its data without it, and inserts the extents under
-# it again.  With every plugin write slowed down (the delay filter
+# inode lock (shared where the map covers them: some must), writes its
+# data without it, and inserts the extents under it exclusive.  With every plugin write slowed down (the delay filter
 # below ext4fs), 6 client processes fill holes of one file:
 #  - whole blocks that only one client writes (4 KiB and 12 KiB
 #    requests, 4 at a time per client), so fills really overlap: the
@@ -142,6 +142,13 @@ for file in f g h; do
     srv_stop srv-$file
     most=$(sed -n 's/.*up to \([0-9]*\) allocating writes filled holes at once.*/\1/p' srv-$file.err)
     echo "/$file: up to ${most:-1} fills at once"
+    # Fills into holes the map covers allocate under the shared inode
+    # lock (the first, which loads the map, and any after a cut-back
+    # do not).
+    shared=$(sed -n 's/.*: \([0-9]*\) of \([0-9]*\) fills allocated under the shared.*/\1/p' srv-$file.err)
+    echo "/$file: ${shared:-0} fills allocated under the shared lock"
+    [ $file = g ] || [ "${shared:-0}" -ge 1 ] ||
+        fail "/$file: no fill allocated under the shared inode lock"
     case $file in
         f|h) [ "${most:-1}" -ge 2 ] ||
                  fail "/$file: allocating writes did not overlap" ;;
