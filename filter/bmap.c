@@ -972,19 +972,133 @@ xt_tail (void *buf)
   return (struct ext3_extent_tail *) ((char *) buf + xt_tail_offset (buf));
 }
 
+/* Read-only sessions keep the index nodes they decoded, so that
+ * loading a cold leaf of a deep tree reads the leaf alone, not every
+ * node above it again (random reads over a file of 10 million
+ * one-block extents, depth 3: three plugin reads per leaf were one).
+ * Nothing changes the image under a read-only session (a replayed
+ * journal is an overlay, fixed at open), so an entry never goes stale;
+ * read-write sessions have the journal's cache instead, and their
+ * trees change.  Direct-mapped by block number, at most
+ * XT_ICACHE_SLOTS nodes (8 KiB each with 4 KiB blocks; fewer with
+ * larger blocks: at most 4 MiB); an entry is
+ * for one inode (a node's checksum covers its inode and generation:
+ * one cross-linked into another tree is read and verified again for
+ * that one).  Under fsi->lock, as every caller of xt_read.
+ */
+#define XT_ICACHE_SLOTS 512
+
+struct xt_icache {
+  struct {
+    ext2_ino_t ino;
+    uint32_t igen;
+    struct xnode *nd;           /* NULL: empty */
+  } slot[XT_ICACHE_SLOTS];
+  unsigned long hits, misses;
+};
+
+/* The slot of block blk: of 512 with 4 KiB blocks or smaller, fewer
+ * with larger blocks (at most 4 MiB of nodes), and -D
+ * ext4fs.icache_slots=N fewer still.
+ */
+static size_t
+icache_slot (const struct ext4fs_fs *fsi, uint64_t blk)
+{
+  unsigned n = XT_ICACHE_SLOTS;
+  int d = ext4fs_debug_icache_slots;
+
+  if (fsi->blocksize > 4096)
+    n = XT_ICACHE_SLOTS / (fsi->blocksize / 4096);
+  if (d > 0 && (unsigned) d < n)
+    n = d;
+  return blk % n;
+}
+
+static size_t
+xt_node_size (unsigned max)
+{
+  return sizeof (struct xnode) + max * sizeof (struct xent);
+}
+
+/* A copy of the cached node blk of ip, or NULL. */
+static struct xnode *
+icache_get (struct ext4fs_inode *ip, uint64_t blk, unsigned depth)
+{
+  struct xt_icache *c = ip->fsi->icache;
+  const struct xnode *nd;
+  struct xnode *copy;
+  size_t i = icache_slot (ip->fsi, blk);
+
+  if (c == NULL)
+    return NULL;
+  nd = c->slot[i].nd;
+  if (nd == NULL || nd->blk != blk || nd->depth != depth ||
+      c->slot[i].ino != ip->ino || c->slot[i].igen != ip->raw.i_generation) {
+    c->misses++;
+    return NULL;
+  }
+  copy = xt_alloc_uninit (nd->max);
+  if (copy == NULL)
+    return NULL;
+  memcpy (copy, nd, xt_node_size (nd->n));
+  c->hits++;
+  return copy;
+}
+
+static void
+icache_put (struct ext4fs_inode *ip, const struct xnode *nd)
+{
+  struct ext4fs_fs *fsi = ip->fsi;
+  struct xnode *copy;
+  size_t i = icache_slot (fsi, nd->blk);
+
+  if (fsi->icache == NULL &&
+      (fsi->icache = calloc (1, sizeof *fsi->icache)) == NULL)
+    return;                     /* no cache: read the nodes again */
+  /* Only the entries in use (the copy out gets room for max). */
+  copy = malloc (xt_node_size (nd->n));
+  if (copy == NULL)
+    return;
+  memcpy (copy, nd, xt_node_size (nd->n));
+  free (fsi->icache->slot[i].nd);
+  fsi->icache->slot[i].nd = copy;
+  fsi->icache->slot[i].ino = ip->ino;
+  fsi->icache->slot[i].igen = ip->raw.i_generation;
+}
+
+void
+bmap_icache_free (struct ext4fs_fs *fsi)
+{
+  struct xt_icache *c = fsi->icache;
+  size_t i;
+
+  if (c == NULL)
+    return;
+  nbdkit_debug ("ext4fs: extent index node cache: %lu hits, %lu misses",
+                c->hits, c->misses);
+  for (i = 0; i < XT_ICACHE_SLOTS; ++i)
+    free (c->slot[i].nd);
+  free (c);
+  fsi->icache = NULL;
+}
+
 static errcode_t
 xt_read (struct ext4fs_inode *ip, uint64_t blk, unsigned depth,
          struct xnode **ndp)
 {
   struct ext4fs_fs *fsi = ip->fsi;
-  CLEANUP_FREE char *buf = malloc (fsi->blocksize);
+  bool cache = !fsi->rw && depth > 0;
+  CLEANUP_FREE char *buf = NULL;
   errcode_t e;
 
-  if (buf == NULL)
-    return EXT2_ET_NO_MEMORY;
   if (blk < fsi->first_data_block || blk >= fsi->blocks_count ||
       fs_is_metadata (fsi, blk, 1))
     return EXT2_ET_EXTENT_HEADER_BAD;
+  if (cache && (*ndp = icache_get (ip, blk, depth)) != NULL)
+    return 0;
+  buf = malloc (fsi->blocksize);
+  if (buf == NULL)
+    return EXT2_ET_NO_MEMORY;
   e = io_channel_read_blk64 (fsi->fs->io, blk, 1, buf);
   if (e)
     return e;
@@ -999,6 +1113,8 @@ xt_read (struct ext4fs_inode *ip, uint64_t blk, unsigned depth,
     free (*ndp);
     e = EXT2_ET_EXTENT_HEADER_BAD;
   }
+  if (e == 0 && cache)
+    icache_put (ip, *ndp);
   return e;
 }
 
@@ -1070,6 +1186,7 @@ load_leaf (struct ext4fs_inode *ip, struct ext4fs_map *m,
            const struct xnode *leaf, uint64_t lo, uint64_t hi, bool *reset)
 {
   uint64_t g = lo, gap, gend, next = lo;
+  CLEANUP_FREE struct ext4fs_run *runs = NULL;
   unsigned i;
 
   for (i = 0; i < leaf->n; ++i) {
@@ -1085,16 +1202,20 @@ load_leaf (struct ext4fs_inode *ip, struct ext4fs_map *m,
     }
     next = x->lblk + x->len;
   }
+  if (leaf->n > 0 && (runs = malloc (leaf->n * sizeof *runs)) == NULL)
+    goto nomem;
   while (g < hi) {
-    struct runmap_pos at = { 0, 0 };
-    bool have_at = false;
+    size_t n = 0;
 
     if (runmap_covered (m, g, hi, &gap, &gend))
       break;
     g = gap;
     if (gend > hi)
       gend = hi;
-    /* The gap [g, gend): the leaf's extents there, clipped to it. */
+    /* The gap [g, gend): the leaf's extents there, clipped to it,
+     * inserted at once (a cold leaf of one-block extents is 340 runs
+     * into the middle of a large map).
+     */
     for (i = 0; i < leaf->n; ++i) {
       const struct xent *x = &leaf->e[i];
       uint64_t a = x->lblk > g ? x->lblk : g;
@@ -1114,18 +1235,14 @@ load_leaf (struct ext4fs_inode *ip, struct ext4fs_map *m,
         .lblk = a, .pblk = x->pblk + (a - x->lblk), .len = b - a,
         .unwritten = x->uninit,
       };
-      if (have_at && runs_mergeable (runmap_at (m, at), &r)) {
-        runmap_at (m, at)->len += r.len;
-        continue;
-      }
-      if (!have_at)
-        at = runmap_after (m, a);
+      if (n > 0 && runs_mergeable (&runs[n - 1], &r))
+        runs[n - 1].len += r.len;
       else
-        at = (struct runmap_pos) { at.c, at.i + 1 };
-      if (runmap_insert (m, at, &r, &at) == -1)
-        goto nomem;
-      have_at = true;
+        runs[n++] = r;
     }
+    if (n > 0 &&
+        runmap_insert_many (m, runmap_after (m, runs[0].lblk), runs, n) == -1)
+      goto nomem;
     if (runmap_cover (m, g, gend) == -1)
       goto nomem;
     g = gend;

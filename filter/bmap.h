@@ -37,6 +37,11 @@ extern int bmap_load_locked (struct ext4fs_inode *ip, struct ext4fs_map *m,
  * ext4fs.max_runs); the runs past which a partial map is cut back to
  * what one request needs (1 Mi, or -D ext4fs.max_runs).
  */
+/* Free the read-only index-node cache of fsi (at close; logs its hit
+ * rate with -v).
+ */
+extern void bmap_icache_free (struct ext4fs_fs *fsi);
+
 extern size_t bmap_max_runs (void);
 extern size_t bmap_map_budget (void);
 

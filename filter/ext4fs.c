@@ -52,6 +52,10 @@ NBDKIT_DLL_PUBLIC int ext4fs_debug_journal_stats;
  * instead of 4 Mi (bmap.c; tests of the limit).
  */
 NBDKIT_DLL_PUBLIC int ext4fs_debug_max_runs;
+/* -D ext4fs.icache_slots=N: the read-only extent index node cache has
+ * N slots instead of 512 (bmap.c; tests: 1 evicts all the time).
+ */
+NBDKIT_DLL_PUBLIC int ext4fs_debug_icache_slots;
 /* -D ext4fs.fail_meta_read=N, -D ext4fs.fail_meta_write=N,
  * -D ext4fs.count_meta=1: test faults in libext2fs's metadata I/O
  * (io.h: ext4fs_io_set_meta_faults).

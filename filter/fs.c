@@ -32,6 +32,7 @@
 #include <time.h>
 
 #include "common/vector.h"
+#include "bmap.h"
 #include "cleanup.h"
 #include "fs.h"
 #include "inode.h"
@@ -936,6 +937,7 @@ fs_close_dev (struct ext4fs_fs *fsi)
   mmp_release (fsi->mmp);      /* after the last metadata write */
   if (fsi->rw)
     ext4fs_dev_flush (fsi->dev, &err);
+  bmap_icache_free (fsi);
   free (fsi->meta);
   free (fsi->dirty_groups);
   pthread_mutex_destroy (&fsi->lock);

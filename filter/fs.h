@@ -40,6 +40,8 @@ struct ext4fs_fs {
   uint64_t meta_reserved;     /* blocks promised to the extent-tree or
                                  indirect blocks of changes under way
                                  (bmap_alloc_locked) */
+  struct xt_icache *icache;   /* read-only: decoded extent index nodes
+                                 (bmap.c); NULL until the first */
 
   struct ext4fs_mmp *mmp;     /* MMP claim, read-write with mmp only */
   struct ext4fs_jtx *jt;      /* metadata writer of a read-write
@@ -74,6 +76,7 @@ extern int ext4fs_debug_flush_ahead_mib;  /* -1: the journal's default */
 extern int ext4fs_debug_journal;        /* -D ext4fs.journal=0: not journaled */
 extern int ext4fs_debug_journal_stats;
 extern int ext4fs_debug_max_runs;       /* tests: a lower run limit */
+extern int ext4fs_debug_icache_slots;   /* tests: a smaller index cache */
 extern int ext4fs_debug_fail_meta_read;  /* tests: io.h's meta faults */
 extern int ext4fs_debug_fail_meta_write;
 extern int ext4fs_debug_count_meta;

@@ -228,6 +228,56 @@ runmap_insert (struct ext4fs_map *m, struct runmap_pos p,
   return 0;
 }
 
+int
+runmap_insert_many (struct ext4fs_map *m, struct runmap_pos p,
+                    const struct ext4fs_run *r, size_t n)
+{
+  size_t c, done = 0;
+
+  if (n < RUNMAP_CHUNK / 4) {
+    /* A few: one at a time (no chunk of a few runs of its own). */
+    struct runmap_pos at;
+
+    for (done = 0; done < n; ++done) {
+      if (runmap_insert (m, p, &r[done], &at) == -1)
+        return -1;
+      p = (struct runmap_pos) { at.c, at.i + 1 };
+    }
+    return 0;
+  }
+  if (p.c < m->nchunks && p.i > 0) {
+    struct ext4fs_map_chunk *k = m->chunk[p.c];
+
+    if (p.i < k->n) {
+      /* Inside a chunk: its runs from p on move to a new chunk. */
+      struct ext4fs_map_chunk *nk;
+
+      if (index_reserve (m) == -1 || (nk = chunk_new (k->n - p.i)) == NULL)
+        return -1;
+      memcpy (nk->runs, &k->runs[p.i], (k->n - p.i) * sizeof k->runs[0]);
+      nk->n = k->n - p.i;
+      k->n = p.i;
+      index_put (m, p.c + 1, nk);
+    }
+    c = p.c + 1;
+  }
+  else
+    c = p.c;                    /* before chunk c (or at the end) */
+  while (done < n) {
+    size_t cnt = n - done > RUNMAP_CHUNK ? RUNMAP_CHUNK : n - done;
+    struct ext4fs_map_chunk *k;
+
+    if (index_reserve (m) == -1 || (k = chunk_new (cnt)) == NULL)
+      return -1;
+    memcpy (k->runs, &r[done], cnt * sizeof r[0]);
+    k->n = cnt;
+    index_put (m, c++, k);
+    m->n += cnt;
+    done += cnt;
+  }
+  return 0;
+}
+
 struct runmap_pos
 runmap_remove (struct ext4fs_map *m, struct runmap_pos p)
 {

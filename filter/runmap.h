@@ -91,6 +91,15 @@ extern struct runmap_pos runmap_next (const struct ext4fs_map *m,
  */
 extern int runmap_insert (struct ext4fs_map *m, struct runmap_pos p,
                           const struct ext4fs_run *r, struct runmap_pos *at);
+
+/* Insert the n runs r[0..n) (sorted, not overlapping, all after the
+ * run before p and before the run at p) at p, as n runmap_insert
+ * calls at successive positions would, but many runs go into new
+ * chunks of their own (the chunk at p split there once), not one move
+ * of the chunk's tail per run.  -1: out of memory (some may be in).
+ */
+extern int runmap_insert_many (struct ext4fs_map *m, struct runmap_pos p,
+                               const struct ext4fs_run *r, size_t n);
 /* Remove the run at p; returns the position of the run that followed
  * it (maybe the end).
  */

@@ -37,6 +37,7 @@ int ext4fs_debug_flush_ahead_mib = -1;
 int ext4fs_debug_journal = 1;
 int ext4fs_debug_journal_stats;
 int ext4fs_debug_max_runs;
+int ext4fs_debug_icache_slots;
 int ext4fs_debug_fail_meta_read;
 int ext4fs_debug_fail_meta_write;
 int ext4fs_debug_count_meta;

@@ -12,7 +12,9 @@
 # Every map change and load is checked against the tree on disk
 # (verify_map, functions.sh).  The map must have been cut back (the
 # server's debug output says so).  Ends with a clean stop, e2fsck -fn
-# and a byte comparison; without and with a journal.
+# and a byte comparison; without and with a journal.  Then, read-only,
+# both files (/g has more than one index node) read back through the
+# index node cache with one slot.
 source "$srcdir/functions.sh"
 requires python3 -c 'import nbd'
 requires debugfs -V
@@ -24,7 +26,11 @@ mkdir src
 import os
 f = open("src/f", "wb"); f.truncate(6000 * 1024)
 for i in range(3000):
-    f.seek(i * 2 * 1024); f.write(os.urandom(1024))'
+    f.seek(i * 2 * 1024); f.write(os.urandom(1024))
+# /g: 9000 extents, over 84 leaves: more than one index node.
+g = open("src/g", "wb"); g.truncate(18000 * 1024)
+for i in range(9000):
+    g.seek(i * 2 * 1024); g.write(os.urandom(1024))'
 
 cat > client.py <<'EOF'
 import nbd, sys, os, random, pickle
@@ -35,7 +41,8 @@ orig = open(origf, "rb").read()
 size = len(orig)
 bs = 1024
 rnd = random.Random(ident * 7919 + 1)
-h = t.connect(sock, "/f", contexts=(nbd.CONTEXT_BASE_ALLOCATION,))
+h = t.connect(sock, os.environ.get("EXPORT", "/f"),
+              contexts=(nbd.CONTEXT_BASE_ALLOCATION,))
 
 def status(n, off):
     # [(offset, length, flags)] of one block status request.
@@ -131,6 +138,26 @@ t.merge_owned("src/f", "expected", ["part.0", "part.1", "part.2"])'
         fail "marked with errors, or the journal aborted"
     fsck_clean img
     dump_cmp img /f expected
+    # Read-only: leaves load with the index nodes above them from the
+    # cache, here of one slot, so /g's index nodes evict each other
+    # and /f's (a node served for the wrong block, depth or inode
+    # would map blocks wrong, or fail the walk).  Every byte of both
+    # files must read right, and the cache must have served some.
+    local leaves
+    leaves=$(debugfs -R "ex /g" img 2>/dev/null | awk '$1 == "1/" && $2 == "2"' | wc -l)
+    [ "$leaves" -gt 84 ] || fail "/g's tree has $leaves leaves: one index node"
+    sock=$sock.ro
+    start_nbdkit "$sock" -r -v -D ext4fs.max_runs=64 -D ext4fs.icache_slots=1 \
+        --filter="$FILTER" file img ext4file=exportname 2> srv-ro.err
+    /usr/bin/python3 client.py reader 9 "$sock" expected - ||
+        { tail -5 srv-ro.err; fail "read-only reads of /f"; }
+    EXPORT=/g /usr/bin/python3 client.py reader 9 "$sock" src/g - ||
+        { tail -5 srv-ro.err; fail "read-only reads of /g"; }
+    stop_nbdkit "$sock"
+    local hits
+    hits=$(sed -n 's/.*extent index node cache: \([0-9]*\) hits.*/\1/p' srv-ro.err)
+    echo "read-only: ${hits:-0} index nodes served from the cache"
+    [ "${hits:-0}" -gt 0 ] || fail "the index node cache served nothing"
 }
 
 flavour "-O ^has_journal" 1

@@ -5,7 +5,8 @@
  * index of first blocks, lookups of present and absent blocks, and
  * runmap_equal against a map built by appending.  Enough runs that
  * chunks fill, split, empty and disappear.  Then the coverage of
- * partial maps against a bitmap (spans, gaps) and runmap_keep.
+ * partial maps against a bitmap (spans, gaps) and runmap_keep; and
+ * batches inserted at once (runmap_insert_many).
  *
  *   test-runmap [SEED [OPS]]
  */
@@ -320,6 +321,67 @@ main (int argc, char *argv[])
   }
   printf ("test-runmap: seed %u, %zu operations, emptied %zu times, %zu "
           "runs left in %zu chunks\n", seed, ops, empties, m->n, m->nchunks);
+
+  /* runmap_insert_many: batches of 1 to 700 consecutive keys into the
+   * gaps of a map of keys 1000 apart (some filled before, partly: the
+   * batches land at chunk starts, ends and middles, and past the last
+   * run), against the reference, with every invariant checked; and a
+   * few single inserts after each, so that chunks of a batch fill and
+   * split too.
+   */
+  {
+    struct ext4fs_map *bm = runmap_new ();
+    struct ext4fs_run *batch = malloc (1000 * sizeof *batch);
+    const size_t ngaps = 30;        /* keys below 2 * space */
+
+    if (bm == NULL || batch == NULL)
+      die ("out of memory", 0);
+    nref = 0;
+    for (size_t g = 0; g < ngaps; ++g) {
+      struct ext4fs_run r = { .lblk = g * 1000, .pblk = g * 7000, .len = 1 };
+      struct runmap_pos end = { bm->nchunks, 0 }, at;
+      if (runmap_insert (bm, end, &r, &at) == -1)
+        die ("out of memory", 0);
+      ref[nref++] = r.lblk;
+    }
+    for (size_t it = 0; it < 400; ++it) {
+      uint64_t g = (uint64_t) rand () % (ngaps + 1);
+      uint64_t start = g * 1000 + 1 + (uint64_t) rand () % 200;
+      size_t n = 1 + (size_t) rand () % 700, j = ref_find (start), i;
+
+      /* Only where no key is yet: up to the next key. */
+      if (j < nref && ref[j] < start + n)
+        n = ref[j] - start;
+      if (n == 0 || start + n > 2 * space)
+        continue;
+      for (i = 0; i < n; ++i)
+        batch[i] = (struct ext4fs_run) {
+          .lblk = start + i, .pblk = (start + i) * 7, .len = 1 };
+      if (runmap_insert_many (bm, runmap_after (bm, start), batch, n) == -1)
+        die ("out of memory", it);
+      memmove (&ref[j + n], &ref[j], (nref - j) * sizeof *ref);
+      for (i = 0; i < n; ++i)
+        ref[j + i] = start + i;
+      nref += n;
+      check (bm, it);
+      /* A single insert just before the batch, if there is room. */
+      if (start > 0 && (j == 0 || ref[j - 1] < start - 1)) {
+        struct ext4fs_run r = { .lblk = start - 1, .pblk = (start - 1) * 7,
+                                .len = 1 };
+        struct runmap_pos at;
+        if (runmap_insert (bm, runmap_after (bm, start - 1), &r, &at) == -1)
+          die ("out of memory", it);
+        memmove (&ref[j + 1], &ref[j], (nref - j) * sizeof *ref);
+        ref[j] = start - 1;
+        nref++;
+        check (bm, it);
+      }
+    }
+    printf ("test-runmap: batches: %zu runs in %zu chunks\n", bm->n,
+            bm->nchunks);
+    runmap_free (bm);
+    free (batch);
+  }
   runmap_free (b);
   runmap_free (m);
   free (ref);
