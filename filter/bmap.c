@@ -1240,11 +1240,23 @@ load_leaf (struct ext4fs_inode *ip, struct ext4fs_map *m,
       else
         runs[n++] = r;
     }
-    if (n > 0 &&
-        runmap_insert_many (m, runmap_after (m, runs[0].lblk), runs, n) == -1)
+    if ((n > 0 &&
+         runmap_insert_many (m, runmap_after (m, runs[0].lblk), runs,
+                             n) == -1) ||
+        runmap_cover (m, g, gend) == -1) {
+      /* Out of memory half way: take this gap's runs out again
+       * (removing never allocates).  The gap had none before, and a
+       * run outside what the map covers would be in the way of the
+       * next load of it.
+       */
+      struct runmap_pos p = runmap_after (m, g), q;
+
+      if (runmap_prev (m, p, &q) && runmap_at (m, q)->lblk >= g)
+        p = q;
+      while (runmap_valid (m, p) && runmap_at (m, p)->lblk < gend)
+        p = runmap_remove (m, p);
       goto nomem;
-    if (runmap_cover (m, g, gend) == -1)
-      goto nomem;
+    }
     g = gend;
   }
   return 0;

@@ -258,6 +258,14 @@ runmap_insert_many (struct ext4fs_map *m, struct runmap_pos p,
       nk->n = k->n - p.i;
       k->n = p.i;
       index_put (m, p.c + 1, nk);
+      /* The head keeps only the room it uses (inserts grow it again):
+       * else each batch could strand most of a chunk.
+       */
+      k = realloc (k, sizeof *k + k->n * sizeof k->runs[0]);
+      if (k != NULL) {
+        k->cap = k->n;
+        m->chunk[p.c] = k;
+      }
     }
     c = p.c + 1;
   }
