@@ -771,10 +771,17 @@ xt_path_free (struct xpath *p)
   p->levels = 0;
 }
 
+/* The size of a node with room for max entries. */
+static size_t
+xt_node_size (unsigned max)
+{
+  return sizeof (struct xnode) + max * sizeof (struct xent);
+}
+
 static struct xnode *
 xt_alloc (unsigned max)
 {
-  return calloc (1, sizeof (struct xnode) + max * sizeof (struct xent));
+  return calloc (1, xt_node_size (max));
 }
 
 /* A node whose entries past n are not set (nothing reads them): a
@@ -785,8 +792,7 @@ xt_alloc (unsigned max)
 static struct xnode *
 xt_alloc_uninit (unsigned max)
 {
-  struct xnode *nd = malloc (sizeof (struct xnode) +
-                             max * sizeof (struct xent));
+  struct xnode *nd = malloc (xt_node_size (max));
 
   if (nd != NULL)
     memset (nd, 0, sizeof *nd);
@@ -1012,12 +1018,6 @@ icache_slot (const struct ext4fs_fs *fsi, uint64_t blk)
   if (d > 0 && (unsigned) d < n)
     n = d;
   return blk % n;
-}
-
-static size_t
-xt_node_size (unsigned max)
-{
-  return sizeof (struct xnode) + max * sizeof (struct xent);
 }
 
 /* A copy of the cached node blk of ip, or NULL. */
