@@ -48,6 +48,10 @@ NBDKIT_DLL_PUBLIC int ext4fs_debug_flush_ahead_mib = -1;
 NBDKIT_DLL_PUBLIC int ext4fs_debug_journal = 1;
 /* -D ext4fs.journal_stats=1: commit and cache counters at close. */
 NBDKIT_DLL_PUBLIC int ext4fs_debug_journal_stats;
+/* -D ext4fs.checkpoint_first=1: every commit checkpoints the log
+ * first, as one that would not fit does (tests).
+ */
+NBDKIT_DLL_PUBLIC int ext4fs_debug_checkpoint_first;
 /* -D ext4fs.max_runs=N: a cached block map holds at most N runs
  * instead of 4 Mi (bmap.c; tests of the limit).
  */

@@ -633,6 +633,7 @@ journal_writer_open (struct ext4fs_fs *fsi)
     return -1;
   if (ext4fs_debug_flush_ahead_mib >= 0)
     jtx_set_flush_ahead (fsi->jt, (uint64_t) ext4fs_debug_flush_ahead_mib << 20);
+  jtx_set_checkpoint_first (fsi->jt, ext4fs_debug_checkpoint_first != 0);
   nbdkit_debug ("ext4fs: metadata changes are journaled");
   return 0;
 }

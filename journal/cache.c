@@ -332,12 +332,22 @@ jtx_blocks_freed_locked (struct ext4fs_jtx *jt, uint64_t blk, uint64_t n)
       continue;
     if (e->in_log) {
       /* Replay would write the old copy over whatever the block holds
-       * next: revoke it.
+       * next: revoke it.  Until the revoke commits, the block is in
+       * use as of the last commit, with its logged contents: keep
+       * them for a checkpoint that comes first (jtx_checkpoint_locked
+       * writes them home).
        */
-      if (blk_vector_append (&jt->revokes, blk + i) == -1) {
+      struct ghost g = { .blk = blk + i, .data = e->frozen ? e->frozen
+                                                            : e->data };
+      if (blk_vector_append (&jt->revokes, blk + i) == -1 ||
+          ghost_vector_append (&jt->ghosts, g) == -1) {
         jtx_abort_locked (jt, "out of memory for a revoke record");
         return;
       }
+      if (e->frozen)
+        e->frozen = NULL;
+      else
+        e->data = NULL;
     }
     if (e->running) {
       size_t k;
@@ -366,6 +376,19 @@ jtx_blocks_freed_locked (struct ext4fs_jtx *jt, uint64_t blk, uint64_t n)
     return;
   }
   __atomic_store_n (&jt->needs_commit, true, __ATOMIC_RELAXED);
+}
+
+/* The frees of the running transaction are durable (it committed), or
+ * the ghosts are home (a checkpoint): forget them.
+ */
+void
+jtx_ghosts_drop (struct ext4fs_jtx *jt)
+{
+  size_t i;
+
+  for (i = 0; i < jt->ghosts.len; ++i)
+    free (jt->ghosts.ptr[i].data);
+  jt->ghosts.len = 0;
 }
 
 bool

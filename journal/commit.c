@@ -117,6 +117,18 @@ jtx_checkpoint_locked (struct ext4fs_jtx *jt, int *err)
       }
     }
   }
+  /* Blocks freed since they were logged, the free not yet committed:
+   * still in use as of the log being emptied.
+   */
+  for (i = 0; i < jt->ghosts.len; ++i) {
+    const struct ghost *g = &jt->ghosts.ptr[i];
+    if (ext4fs_dev_pwrite (jt->dev, g->data, jt->bs, g->blk << jt->bits, 0,
+                           err) == -1) {
+      nbdkit_error ("journal: checkpoint: writing freed block %" PRIu64
+                    ": %s", g->blk, strerror (*err));
+      return -1;
+    }
+  }
   /* Home for good before the log forgets them; the empty log durable
    * before its space is written again.
    */
@@ -139,6 +151,7 @@ jtx_checkpoint_locked (struct ext4fs_jtx *jt, int *err)
         jt->nclean++;
     }
   }
+  jtx_ghosts_drop (jt);
   jt->log_start = 0;
   jt->used = 0;
   jt->head = jt->jr->j.first;
@@ -335,7 +348,7 @@ jtx_commit_locked (struct ext4fs_jtx *jt, int *err)
     jtx_abort_locked (jt, "transaction too large");
     return -1;
   }
-  if (jt->used + need + 1 >= jt->capacity &&
+  if ((jt->used + need + 1 >= jt->capacity || jt->checkpoint_first) &&
       jtx_checkpoint_locked (jt, err) == -1) {
     jtx_abort_locked (jt, "checkpoint failed");
     return -1;
@@ -448,6 +461,7 @@ jtx_commit_locked (struct ext4fs_jtx *jt, int *err)
   jt->running.len = 0;
   __atomic_store_n (&jt->running_size, 0, __ATOMIC_RELAXED);
   jt->revokes.len = 0;
+  jtx_ghosts_drop (jt);         /* the frees and their revokes are durable */
   jt->tid++;
   jt->ncommits++;
 

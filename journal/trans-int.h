@@ -42,9 +42,18 @@ struct jent {
 
 struct hold { uint64_t start, len; };
 
+/* A block freed in the running transaction while a copy of it is in
+ * the live log: its committed contents.  The block is still in use as
+ * of the last commit, so a checkpoint before the free commits must
+ * still write them home (the log that held them is emptied then); the
+ * commit of the free (with its revoke) drops them.
+ */
+struct ghost { uint64_t blk; uint8_t *data; };
+
 DEFINE_VECTOR_TYPE (jent_vector, struct jent *);
 DEFINE_VECTOR_TYPE (blk_vector, uint64_t);
 DEFINE_VECTOR_TYPE (hold_vector, struct hold);
+DEFINE_VECTOR_TYPE (ghost_vector, struct ghost);
 
 struct ext4fs_jtx {
   struct ext4fs_journal *jr;    /* the journal map and superblock */
@@ -65,6 +74,7 @@ struct ext4fs_jtx {
   jent_vector running;           /* the running transaction's blocks */
   blk_vector revokes;           /* its revoke records */
   hold_vector held;             /* blocks freed in it, reserved */
+  ghost_vector ghosts;          /* of those, the ones in the live log */
   uint32_t tid;                 /* the running transaction's */
   uint32_t head;                /* next log block */
   uint32_t log_start;           /* first block of the live log, 0 = empty */
@@ -78,6 +88,7 @@ struct ext4fs_jtx {
   uint64_t ncommits, ncheckpoints, nlogged, nflush_only, hits, misses;
   uint64_t npreflush;           /* atomic: flushes before a commit */
   uint64_t flush_ahead;         /* bytes (0: never); set before use */
+  bool checkpoint_first;        /* tests: checkpoint before every commit */
 
   bool needs_commit;            /* atomic */
   unsigned handles;             /* atomic: handles open (data may be
@@ -101,6 +112,7 @@ extern const char *jtx_stopped (const struct ext4fs_jtx *jt);
 /* cache.c */
 extern const struct ext4fs_meta_ops jtx_cache_hooks;
 extern void jtx_cache_trim (struct ext4fs_jtx *jt);
+extern void jtx_ghosts_drop (struct ext4fs_jtx *jt);
 
 /* commit.c.  Caller holds the handle lock exclusive and the fs mutex. */
 extern uint64_t jtx_now_ns (void);

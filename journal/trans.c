@@ -438,6 +438,12 @@ jtx_set_flush_ahead (struct ext4fs_jtx *jt, uint64_t bytes)
 }
 
 void
+jtx_set_checkpoint_first (struct ext4fs_jtx *jt, bool on)
+{
+  jt->checkpoint_first = on;
+}
+
+void
 jtx_stats (struct ext4fs_jtx *jt)
 {
   nbdkit_debug ("ext4fs: journal: %" PRIu64 " commits, %" PRIu64 " blocks "
@@ -471,6 +477,8 @@ jtx_free (struct ext4fs_jtx *jt)
   jent_vector_reset (&jt->running);
   blk_vector_reset (&jt->revokes);
   hold_vector_reset (&jt->held);
+  jtx_ghosts_drop (jt);
+  ghost_vector_reset (&jt->ghosts);
   free (jt->logbuf);
   pthread_rwlock_destroy (&jt->handle_lock);
   pthread_mutex_destroy (&jt->tlock);

@@ -161,4 +161,9 @@ extern void jtx_stats (struct ext4fs_jtx *jt);
  */
 extern void jtx_set_flush_ahead (struct ext4fs_jtx *jt, uint64_t bytes);
 
+/* Tests: checkpoint before every commit (as a commit does that would
+ * not fit in the log); set before the writer is used.
+ */
+extern void jtx_set_checkpoint_first (struct ext4fs_jtx *jt, bool on);
+
 #endif /* EXT4FS_TRANS_H */
