@@ -11,7 +11,9 @@
 #   SIZE=1G  REPEATS=3  WORKDIR=/tmp/ext4fs-bench  CONFIGS="raw ext2 ext4fs"
 #     (also: ext4fs-nj = ext4fs with -D ext4fs.journal=0; kernel = the image
 #     loop-mounted, `nbdkit file MNT/FILE`, write workloads only;
-#     ext4fs-old = ext4fs with the build FILTER_OLD, for before/after runs)
+#     ext4fs-old = ext4fs with the build FILTER_OLD, for before/after runs,
+#     with the nbdkit options FILTER_OLD_ARGS if set, e.g.
+#     FILTER_OLD_ARGS="-D ext4fs.async_commit=0" with FILTER_OLD=FILTER)
 #   W3_RUNTIME=10 (seconds)  W9_IOS=32768  W10_RUNTIME=10  QUICK=1 (smoke test only)
 #   W5_SIZE=8G W5_DATA=64M  W6_RUNTIME=10 W6_DELAY=1ms  W8_RUNTIME=60
 #   W8_REPEATS=1 W8_CONFIGS=ext4fs  MEM_FILES=10000 MEM_CONNS=256 MEM_REPEATS=1
@@ -250,6 +252,8 @@ _serve() {
     esac
     local dflags=()
     [ "$cfg" = ext4fs-nj ] && dflags=(-D ext4fs.journal=0)
+    # shellcheck disable=SC2206  # words on purpose: "-D flag=value ..."
+    [ "$cfg" = ext4fs-old ] && [ -n "${FILTER_OLD_ARGS:-}" ] && dflags=($FILTER_OLD_ARGS)
     nbdkit -f "${ro[@]}" "${dflags[@]}" "${SRV_OPTS[@]}" -U "$SOCK" "${filters[@]}" "${plugin[@]}" "${params[@]}" 2>>"$LOG" &
     SRV_PID=$!
     _wait_sock "$SRV_PID" "$SOCK" "${PROBE_URI:-$URI}" && return 0

@@ -52,6 +52,10 @@ NBDKIT_DLL_PUBLIC int ext4fs_debug_journal_stats;
  * first, as one that would not fit does (tests).
  */
 NBDKIT_DLL_PUBLIC int ext4fs_debug_checkpoint_first;
+/* -D ext4fs.async_commit=0: a commit writes its log with every lock
+ * held, as before requests could go on beside it (benchmarks).
+ */
+NBDKIT_DLL_PUBLIC int ext4fs_debug_async_commit = 1;
 /* -D ext4fs.max_runs=N: a cached block map holds at most N runs
  * instead of 4 Mi (bmap.c; tests of the limit).
  */

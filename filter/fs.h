@@ -76,6 +76,7 @@ extern int ext4fs_debug_flush_ahead_mib;  /* -1: the journal's default */
 extern int ext4fs_debug_journal;        /* -D ext4fs.journal=0: not journaled */
 extern int ext4fs_debug_journal_stats;
 extern int ext4fs_debug_checkpoint_first;  /* tests: before every commit */
+extern int ext4fs_debug_async_commit;   /* 0: commits hold every lock */
 extern int ext4fs_debug_max_runs;       /* tests: a lower run limit */
 extern int ext4fs_debug_icache_slots;   /* tests: a smaller index cache */
 extern int ext4fs_debug_fail_meta_read;  /* tests: io.h's meta faults */

@@ -97,7 +97,7 @@ insert (struct ext4fs_jtx *jt, uint64_t blk, const void *data)
 static bool
 is_clean (const struct jent *e)
 {
-  return !e->running && !e->in_log;
+  return jent_is_clean (e);
 }
 
 /* Unlink e, whose link is *pp, from its chain, count it out, free it. */
@@ -110,6 +110,7 @@ unlink_entry (struct ext4fs_jtx *jt, struct jent **pp, struct jent *e)
   jt->nent--;
   free (e->data);
   free (e->frozen);
+  free (e->cfrozen);
   free (e);
 }
 
@@ -156,7 +157,18 @@ make_running (struct ext4fs_jtx *jt, struct jent *e)
     return 0;
   if (jent_vector_reserve (&jt->running, 1) == -1)
     return -1;
-  if (e->in_log && e->frozen == NULL) {
+  if (e->committing) {
+    /* Keep what the committing transaction logs: the checkpoint's,
+     * once it is committed (commit_end_locked).
+     */
+    if (e->cfrozen == NULL) {
+      e->cfrozen = malloc (jt->bs);
+      if (e->cfrozen == NULL)
+        return -1;
+      memcpy (e->cfrozen, e->data, jt->bs);
+    }
+  }
+  else if (e->in_log && e->frozen == NULL) {
     /* Keep the committed contents for the checkpoint. */
     e->frozen = malloc (jt->bs);
     if (e->frozen == NULL)
@@ -303,7 +315,7 @@ jtx_has_held (struct ext4fs_jtx *jt)
   bool r;
 
   pthread_mutex_lock (jt->fs_lock);
-  r = jt->held.len > 0;
+  r = jt->held.len > 0 || jt->cheld.len > 0;
   pthread_mutex_unlock (jt->fs_lock);
   return r;
 }
@@ -330,24 +342,51 @@ jtx_blocks_freed_locked (struct ext4fs_jtx *jt, uint64_t blk, uint64_t n)
 
     if (e == NULL)
       continue;
-    if (e->in_log) {
+    if (e->in_log || e->committing) {
       /* Replay would write the old copy over whatever the block holds
        * next: revoke it.  Until the revoke commits, the block is in
        * use as of the last commit, with its logged contents: keep
        * them for a checkpoint that comes first (jtx_checkpoint_locked
-       * writes them home).
+       * writes them home).  A block of the committing transaction:
+       * what it logs, and what the log held before, for a failure.
        */
-      struct ghost g = { .blk = blk + i, .data = e->frozen ? e->frozen
-                                                            : e->data };
+      struct ghost g = { .blk = blk + i };
+      uint8_t **from, **prev = NULL;
+
+      if (e->committing) {
+        from = e->cfrozen ? &e->cfrozen : &e->data;
+        g.pending = true;
+        if (e->in_log)
+          prev = e->frozen ? &e->frozen : NULL;
+        if (e->in_log && prev == NULL) {
+          /* Cannot be: a logged block that changed has its copy. */
+          jtx_abort_locked (jt, "a freed block's logged copy is missing");
+          return;
+        }
+      }
+      else
+        from = e->frozen ? &e->frozen : &e->data;
+      g.data = *from;
+      g.prev = prev ? *prev : NULL;
       if (blk_vector_append (&jt->revokes, blk + i) == -1 ||
           ghost_vector_append (&jt->ghosts, g) == -1) {
         jtx_abort_locked (jt, "out of memory for a revoke record");
         return;
       }
-      if (e->frozen)
-        e->frozen = NULL;
-      else
-        e->data = NULL;
+      *from = NULL;
+      if (prev)
+        *prev = NULL;
+    }
+    if (e->committing) {
+      size_t k;
+      for (k = 0; k < jt->committing.len; ++k)
+        if (jt->committing.ptr[k] == e) {
+          jt->committing.ptr[k] = jt->committing.ptr[--jt->committing.len];
+          break;
+        }
+      e->committing = false;
+      if (!e->running && !e->in_log)
+        jt->nclean++;           /* remove_entry counts it down */
     }
     if (e->running) {
       size_t k;
@@ -386,9 +425,39 @@ jtx_ghosts_drop (struct ext4fs_jtx *jt)
 {
   size_t i;
 
-  for (i = 0; i < jt->ghosts.len; ++i)
+  for (i = 0; i < jt->ghosts.len; ++i) {
     free (jt->ghosts.ptr[i].data);
+    free (jt->ghosts.ptr[i].prev);
+  }
   jt->ghosts.len = 0;
+}
+
+/* The committing transaction is in the log, or not (it goes back into
+ * the running one): the ghosts of its blocks freed meanwhile keep
+ * what it logged, or what the log held before it (if anything).
+ */
+void
+jtx_ghosts_settle (struct ext4fs_jtx *jt, bool committed)
+{
+  size_t i, n = 0;
+
+  for (i = 0; i < jt->ghosts.len; ++i) {
+    struct ghost g = jt->ghosts.ptr[i];
+    if (g.pending) {
+      g.pending = false;
+      if (committed)
+        free (g.prev);
+      else {
+        free (g.data);
+        g.data = g.prev;
+      }
+      g.prev = NULL;
+      if (g.data == NULL)
+        continue;               /* nothing of it in the log */
+    }
+    jt->ghosts.ptr[n++] = g;
+  }
+  jt->ghosts.len = n;
 }
 
 bool
@@ -400,6 +469,10 @@ jtx_held_locked (struct ext4fs_jtx *jt, uint64_t blk)
     if (blk >= jt->held.ptr[i].start &&
         blk - jt->held.ptr[i].start < jt->held.ptr[i].len)
       return true;
+  for (i = 0; i < jt->cheld.len; ++i)
+    if (blk >= jt->cheld.ptr[i].start &&
+        blk - jt->cheld.ptr[i].start < jt->cheld.ptr[i].len)
+      return true;
   return false;
 }
 
@@ -410,14 +483,18 @@ jtx_for_held_locked (struct ext4fs_jtx *jt, uint64_t start, uint64_t end,
 {
   size_t i;
 
-  for (i = 0; i < jt->held.len; ++i) {
-    uint64_t s = jt->held.ptr[i].start, e = s + jt->held.ptr[i].len;
-    if (s < start)
-      s = start;
-    if (e > end)
-      e = end;
-    if (s < e)
-      fn (opaque, s, e - s);
-  }
+  const hold_vector *v[2] = { &jt->held, &jt->cheld };
+  size_t k;
+
+  for (k = 0; k < 2; ++k)
+    for (i = 0; i < v[k]->len; ++i) {
+      uint64_t s = v[k]->ptr[i].start, e = s + v[k]->ptr[i].len;
+      if (s < start)
+        s = start;
+      if (e > end)
+        e = end;
+      if (s < e)
+        fn (opaque, s, e - s);
+    }
 }
 

@@ -3,8 +3,11 @@
  * Owns: the jbd2 log format as written (descriptor, revoke and commit
  * blocks, the journal superblock), commits, checkpoints, and the
  * ordered write-back without a log (jtx_write_home_locked).  Every
- * function here runs with the handle lock exclusive and the fs mutex
- * held: nothing changes the cache while it is written.
+ * function here runs under the commit lock, with the handle lock
+ * exclusive and the fs mutex held, but a commit's step 2
+ * (commit_write: the log buffer, the device and atomics only) and step
+ * 3 (commit_end_locked, and the checkpoint it may make: the fs mutex
+ * only, with the commit still in flight for jtx_sync).
  */
 
 #include <config.h>
@@ -95,7 +98,9 @@ jtx_now_ns (void)
 }
 
 /* Checkpoint: every block as of its last commit goes home, then the
- * log is empty.  Handle lock exclusive and fs mutex held.
+ * log is empty.  Commit lock and fs mutex held, and the handle lock
+ * exclusive or a commit's step 3 (still in flight: no plain flush
+ * beside it).
  */
 int
 jtx_checkpoint_locked (struct ext4fs_jtx *jt, int *err)
@@ -295,17 +300,63 @@ jtx_write_home_locked (struct ext4fs_jtx *jt, int *err)
   return 0;
 }
 
-/* Commit the running transaction.  Handle lock exclusive and fs mutex
- * held.
+/* A commit with nothing to log, or without a journal, ended: the
+ * blocks freed in the running transaction may be reused.
  */
-int
-jtx_commit_locked (struct ext4fs_jtx *jt, int *err)
+static int
+commit_released_locked (struct ext4fs_jtx *jt, int *err)
+{
+  size_t i;
+
+  for (i = 0; i < jt->held.len; ++i)
+    jt->unhold (jt->opaque, jt->held.ptr[i].start, jt->held.ptr[i].len);
+  jt->held.len = 0;
+  __atomic_store_n (&jt->needs_commit, false, __ATOMIC_RELAXED);
+  if (jt->logged && jt->used > jt->capacity / 2 &&
+      jtx_checkpoint_locked (jt, err) == -1) {
+    jtx_abort_locked (jt, "checkpoint failed");
+    return -1;
+  }
+  return 0;
+}
+
+/* Commit the running transaction, in three steps (DESIGN.md §15):
+ *  1. commit_begin_locked (handle lock exclusive, fs mutex): the
+ *     log blocks are built in jt->logbuf from the running transaction,
+ *     which becomes the committing one; a new running transaction
+ *     starts;
+ *  2. commit_write (commit lock only, or every lock in the synchronous
+ *     form): the log blocks, the journal superblock if the log was
+ *     empty, a flush, the commit block with FUA;
+ *  3. commit_end_locked (fs mutex): the committing transaction is in
+ *     the log, or (a failed write before the commit block) goes back
+ *     into the running one, to be written again by the next commit.
+ * Between 1 and 3 requests change metadata again, in the running
+ * transaction: a block of the committing one changed again keeps the
+ * contents being logged (cfrozen) for the checkpoint.
+ */
+struct commit {
+  size_t need;                  /* log blocks, with the commit block */
+  uint32_t start;               /* first log block */
+  uint32_t cb;                  /* the commit block's */
+  bool was_empty;
+  bool fatal;                   /* a failure that aborts the journal */
+};
+
+/* Returns 1: the committing transaction is built, write it; 0: done
+ * (nothing to log, or no journal: written home already); -1: failed.
+ */
+static int
+commit_begin_locked (struct ext4fs_jtx *jt, struct commit *c, int *err)
 {
   const struct jbd2_journal *j;
   size_t per_desc, per_rev, ndesc, nrev, need, pos, i;
-  bool was_empty;
   uint64_t t;
   uint8_t *p;
+  jent_vector ev;
+  blk_vector bv;
+  hold_vector hv;
+  ghost_vector gv;
 
   /* Checked again here, under the locks: a commit that was waiting
    * for them may find the writer stopped meanwhile (a failed plain
@@ -325,15 +376,15 @@ jtx_commit_locked (struct ext4fs_jtx *jt, int *err)
     /* Nothing to log: a flush is all it takes. */
     if (ext4fs_dev_flush (jt->dev, err) == -1) {
       if (!jt->logged)
-        goto fail;              /* data may be lost below: never clean */
+        jtx_abort_locked (jt, "commit failed");  /* data may be lost below: never clean */
       return -1;
     }
-    goto done;
+    return commit_released_locked (jt, err);
   }
   if (!jt->logged) {
     if (jtx_write_home_locked (jt, err) == -1)
       return -1;
-    goto done;
+    return commit_released_locked (jt, err);
   }
   j = &jt->jr->j;
   per_desc = tags_per_desc (jt);
@@ -408,22 +459,66 @@ jtx_commit_locked (struct ext4fs_jtx *jt, int *err)
   put_be32 (p + JCOMMIT_NSEC, (uint32_t) (t % 1000000000));
   jbd2_set_commit_csum (j, p);
 
-  /* Until the commit block is written, a failed write leaves
-   * transaction tid uncommitted wherever its blocks got to: replay
-   * ignores it, and the next commit writes it again at the same place
-   * (the request that asked fails, the session goes on).  A failed
-   * flush, or a failed commit block write (it may be on disk), aborts
-   * the journal.
-   */
-  was_empty = jt->log_start == 0;
-  if (write_log (jt, jt->logbuf, jt->head, need - 1, err) == -1)
-    return -1;
-  if (was_empty) {
+  c->need = need;
+  c->start = jt->head;
+  c->cb = jt->head;
+  for (i = 0; i + 1 < need; ++i)
+    c->cb = log_next (jt, c->cb);
+  c->was_empty = jt->log_start == 0;
+  c->fatal = false;
+  if (c->was_empty)
     /* Replay starts here: durable no later than the commit block. */
-    jbd2_set_log (j, jt->jr->j.raw, jt->head, jt->tid);
-    if (jtx_write_jsb (jt, err) == -1)
-      return -1;
+    jbd2_set_log (&jt->jr->j, jt->jr->j.raw, jt->head, jt->tid);
+
+  /* The running transaction becomes the committing one (its vectors
+   * are swapped, so that each keeps its allocation).
+   */
+  for (i = 0; i < jt->running.len; ++i) {
+    struct jent *e = jt->running.ptr[i];
+    e->running = false;
+    e->committing = true;
   }
+  ev = jt->committing; jt->committing = jt->running; jt->running = ev;
+  bv = jt->crevokes; jt->crevokes = jt->revokes; jt->revokes = bv;
+  hv = jt->cheld; jt->cheld = jt->held; jt->held = hv;
+  gv = jt->cghosts; jt->cghosts = jt->ghosts; jt->ghosts = gv;
+  jt->running.len = jt->revokes.len = jt->held.len = jt->ghosts.len = 0;
+  __atomic_store_n (&jt->running_size, 0, __ATOMIC_RELAXED);
+  jt->nlogged += jt->committing.len;  /* counted as built */
+  jt->ctid = jt->tid++;
+  jt->head = log_next (jt, c->cb);
+  jt->used += need;
+  /* What a flush must wait for moves from "pending" to "in flight",
+   * in one step for jtx_sync.
+   */
+  pthread_mutex_lock (&jt->state_lock);
+  __atomic_store_n (&jt->inflight, true, __ATOMIC_SEQ_CST);
+  __atomic_store_n (&jt->needs_commit, false, __ATOMIC_SEQ_CST);
+  pthread_mutex_unlock (&jt->state_lock);
+  return 1;
+}
+
+/* Step 2: with the commit lock held (and maybe the others). */
+static int
+commit_write (struct ext4fs_jtx *jt, struct commit *c, int *err)
+{
+  /* Until the commit block is written, a failed write leaves the
+   * committing transaction uncommitted wherever its blocks got to:
+   * replay ignores it, and the next commit writes it again at the
+   * same place (the request that asked fails, the session goes on).
+   * A failed flush, or a failed commit block write (it may be on
+   * disk), aborts the journal.
+   */
+  if (jtx_aborted (jt)) {
+    nbdkit_error ("journal: commit refused: %s", jtx_stopped (jt));
+    *err = EIO;
+    c->fatal = true;
+    return -1;
+  }
+  if (write_log (jt, jt->logbuf, c->start, c->need - 1, err) == -1)
+    return -1;
+  if (c->was_empty && jtx_write_jsb (jt, err) == -1)
+    return -1;
   /* The data of every completed write, the log, the superblock: then
    * the commit block.
    */
@@ -433,52 +528,174 @@ jtx_commit_locked (struct ext4fs_jtx *jt, int *err)
      * points at it must never be committed.  As the kernel does.
      */
     nbdkit_error ("journal: commit: flush: %s", strerror (*err));
-    goto fail;
+    c->fatal = true;
+    return -1;
   }
-  {
-    uint32_t cb = jt->head;
-    for (i = 0; i + 1 < need; ++i)
-      cb = log_next (jt, cb);
-    if (ext4fs_dev_pwrite (jt->dev, p, jt->bs, jphys (jt, cb) << jt->bits,
-                           NBDKIT_FLAG_FUA, err) == -1) {
-      nbdkit_error ("journal: commit: writing the commit block: %s",
-                    strerror (*err));
-      goto fail;
-    }
-    jt->head = log_next (jt, cb);
+  if (jtx_aborted (jt)) {
+    /* Stopped meanwhile by a request of the running transaction:
+     * nothing more is written.
+     */
+    nbdkit_error ("journal: commit refused: %s", jtx_stopped (jt));
+    *err = EIO;
+    c->fatal = true;
+    return -1;
   }
-  if (was_empty)
-    jt->log_start = 1;          /* any non-zero: the log is live */
-  jt->used += need;
-  for (i = 0; i < jt->running.len; ++i) {
-    struct jent *e = jt->running.ptr[i];
-    e->running = false;
-    e->in_log = true;
-    free (e->frozen);           /* the log now holds data itself */
-    e->frozen = NULL;
-  }
-  jt->nlogged += jt->running.len;
-  jt->running.len = 0;
-  __atomic_store_n (&jt->running_size, 0, __ATOMIC_RELAXED);
-  jt->revokes.len = 0;
-  jtx_ghosts_drop (jt);         /* the frees and their revokes are durable */
-  jt->tid++;
-  jt->ncommits++;
-
- done:
-  /* Freed blocks may be reused now. */
-  for (i = 0; i < jt->held.len; ++i)
-    jt->unhold (jt->opaque, jt->held.ptr[i].start, jt->held.ptr[i].len);
-  jt->held.len = 0;
-  __atomic_store_n (&jt->needs_commit, false, __ATOMIC_RELAXED);
-  if (jt->used > jt->capacity / 2 && jtx_checkpoint_locked (jt, err) == -1) {
-    jtx_abort_locked (jt, "checkpoint failed");
+  if (ext4fs_dev_pwrite (jt->dev, jt->logbuf + (c->need - 1) * jt->bs,
+                         jt->bs, jphys (jt, c->cb) << jt->bits,
+                         NBDKIT_FLAG_FUA, err) == -1) {
+    nbdkit_error ("journal: commit: writing the commit block: %s",
+                  strerror (*err));
+    c->fatal = true;
     return -1;
   }
   return 0;
+}
 
- fail:
-  jtx_abort_locked (jt, "commit failed");
+/* Step 3 (fs mutex held): ok, or not (then c->fatal tells whether the
+ * journal aborts).
+ */
+static int
+commit_end_locked (struct ext4fs_jtx *jt, struct commit *c, bool ok, int *err)
+{
+  size_t i;
+  int r;
+
+  if (ok) {
+    if (c->was_empty)
+      jt->log_start = 1;        /* any non-zero: the log is live */
+    for (i = 0; i < jt->committing.len; ++i) {
+      struct jent *e = jt->committing.ptr[i];
+      e->committing = false;
+      e->in_log = true;
+      /* The log now holds what was committed; changed since, the
+       * copy kept at the change is it.
+       */
+      free (e->frozen);
+      e->frozen = e->cfrozen;
+      e->cfrozen = NULL;
+    }
+    jt->committing.len = 0;
+    jt->crevokes.len = 0;
+    /* Freed in it: durable, and so their revokes. */
+    for (i = 0; i < jt->cghosts.len; ++i)
+      free (jt->cghosts.ptr[i].data);
+    jt->cghosts.len = 0;
+    jtx_ghosts_settle (jt, true);
+    jt->ncommits++;
+    /* Freed blocks may be reused now. */
+    for (i = 0; i < jt->cheld.len; ++i)
+      jt->unhold (jt->opaque, jt->cheld.ptr[i].start, jt->cheld.ptr[i].len);
+    jt->cheld.len = 0;
+    /* Still in flight for the checkpoint: no plain flush may run
+     * beside its flushes (a failure split between them could let it
+     * empty the log with its home writes lost).
+     */
+    r = 0;
+    if (jt->used > jt->capacity / 2 && !jtx_aborted (jt) &&
+        jtx_checkpoint_locked (jt, err) == -1) {
+      jtx_abort_locked (jt, "checkpoint failed");
+      r = -1;
+    }
+    pthread_mutex_lock (&jt->state_lock);
+    __atomic_store_n (&jt->inflight, false, __ATOMIC_SEQ_CST);
+    pthread_cond_broadcast (&jt->state_cond);
+    pthread_mutex_unlock (&jt->state_lock);
+    jtx_cache_trim (jt);
+    return r;
+  }
+
+  /* Back into the running transaction, at the same place in the log,
+   * with the same tid.
+   */
+  if (c->fatal)
+    jtx_abort_locked (jt, "commit failed");
+  if (jent_vector_reserve (&jt->running, jt->committing.len) == -1)
+    jtx_abort_locked (jt, "out of memory for a failed commit's blocks");
+  for (i = 0; i < jt->committing.len; ++i) {
+    struct jent *e = jt->committing.ptr[i];
+    e->committing = false;
+    free (e->cfrozen);
+    e->cfrozen = NULL;
+    if (!e->running) {
+      if (jent_vector_append (&jt->running, e) == 0)
+        e->running = true;
+      else if (jent_is_clean (e))
+        jt->nclean++;           /* dropped (the journal is aborted) */
+    }
+  }
+  jt->committing.len = 0;
+  for (i = 0; i < jt->crevokes.len; ++i)
+    if (blk_vector_append (&jt->revokes, jt->crevokes.ptr[i]) == -1)
+      jtx_abort_locked (jt, "out of memory for a revoke record");
+  jt->crevokes.len = 0;
+  for (i = 0; i < jt->cheld.len; ++i)
+    if (hold_vector_append (&jt->held, jt->cheld.ptr[i]) == -1)
+      jtx_abort_locked (jt, "out of memory for freed blocks");
+  jt->cheld.len = 0;
+  jtx_ghosts_settle (jt, false);
+  for (i = 0; i < jt->cghosts.len; ++i)
+    if (ghost_vector_append (&jt->ghosts, jt->cghosts.ptr[i]) == -1) {
+      free (jt->cghosts.ptr[i].data);
+      jtx_abort_locked (jt, "out of memory for freed blocks");
+    }
+  jt->cghosts.len = 0;
+  __atomic_store_n (&jt->running_size, jt->running.len, __ATOMIC_RELAXED);
+  jt->tid = jt->ctid;
+  jt->head = c->start;
+  jt->used -= c->need;
+  pthread_mutex_lock (&jt->state_lock);
+  __atomic_store_n (&jt->needs_commit, true, __ATOMIC_SEQ_CST);
+  __atomic_store_n (&jt->inflight, false, __ATOMIC_SEQ_CST);
+  pthread_cond_broadcast (&jt->state_cond);
+  pthread_mutex_unlock (&jt->state_lock);
   return -1;
 }
 
+/* The whole commit, every lock held throughout (close, and
+ * -D ext4fs.async_commit=0).  Handle lock exclusive and fs mutex held.
+ */
+int
+jtx_commit_locked (struct ext4fs_jtx *jt, int *err)
+{
+  struct commit c;
+  int r = commit_begin_locked (jt, &c, err);
+
+  if (r <= 0)
+    return r;
+  r = commit_write (jt, &c, err);
+  return commit_end_locked (jt, &c, r == 0, err);
+}
+
+/* The commit of jtx_sync: step 2 with the handle lock and the fs mutex
+ * released, so that requests change metadata meanwhile, in the next
+ * transaction.  Called with the commit lock held, no other.
+ */
+int
+jtx_commit_unlocked (struct ext4fs_jtx *jt, int *err)
+{
+  struct commit c;
+  int r;
+
+  pthread_rwlock_wrlock (&jt->handle_lock);
+  pthread_mutex_lock (jt->fs_lock);
+  if (!jt->begun)
+    r = ext4fs_dev_flush (jt->dev, err);
+  else if (!jt->async_commit)
+    r = jtx_commit_locked (jt, err);
+  else {
+    r = commit_begin_locked (jt, &c, err);
+    if (r == 1) {
+      pthread_mutex_unlock (jt->fs_lock);
+      pthread_rwlock_unlock (&jt->handle_lock);
+      __atomic_add_fetch (&jt->nasync, 1, __ATOMIC_RELAXED);
+      r = commit_write (jt, &c, err);
+      pthread_mutex_lock (jt->fs_lock);
+      r = commit_end_locked (jt, &c, r == 0, err);
+      pthread_mutex_unlock (jt->fs_lock);
+      return r;
+    }
+  }
+  pthread_mutex_unlock (jt->fs_lock);
+  pthread_rwlock_unlock (&jt->handle_lock);
+  return r;
+}

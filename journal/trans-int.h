@@ -31,7 +31,11 @@ struct jent {
   uint8_t *data;                /* the newest contents */
   uint8_t *frozen;              /* the last committed contents, if data has
                                    changed since and they are in the log */
+  uint8_t *cfrozen;             /* the contents being logged by the
+                                   committing transaction, if data has
+                                   changed since */
   bool running;                 /* changed in the running transaction */
+  bool committing;              /* in the committing transaction */
   bool in_log;                  /* committed into the live log: home is stale
                                    until the next checkpoint */
   bool fresh;                   /* no journal: first written whole by
@@ -39,6 +43,13 @@ struct jent {
                                    new tree or indirect block) */
   struct jent *hnext;
 };
+
+/* Clean: home is current (a read cache only). */
+static inline bool
+jent_is_clean (const struct jent *e)
+{
+  return !e->running && !e->in_log && !e->committing;
+}
 
 struct hold { uint64_t start, len; };
 
@@ -48,7 +59,16 @@ struct hold { uint64_t start, len; };
  * still write them home (the log that held them is emptied then); the
  * commit of the free (with its revoke) drops them.
  */
-struct ghost { uint64_t blk; uint8_t *data; };
+struct ghost {
+  uint64_t blk;
+  uint8_t *data;
+  /* Freed while in the committing transaction: data is what it logs,
+   * prev what the log held before (NULL: nothing), for a commit that
+   * fails (jtx_ghosts_settle).
+   */
+  bool pending;
+  uint8_t *prev;
+};
 
 DEFINE_VECTOR_TYPE (jent_vector, struct jent *);
 DEFINE_VECTOR_TYPE (blk_vector, uint64_t);
@@ -66,7 +86,10 @@ struct ext4fs_jtx {
   unsigned bits;
   uint32_t bs;
   bool logged;                  /* false: no journal (jtx_open_nolog) */
+  pthread_mutex_t commit_lock;  /* one commit or checkpoint at a time;
+                                   taken before the handle lock */
   pthread_rwlock_t handle_lock;
+  bool async_commit;            /* step 2 of a commit outside the locks */
 
   /* Protected by *fs_lock: */
   struct jent **buckets;
@@ -75,6 +98,14 @@ struct ext4fs_jtx {
   blk_vector revokes;           /* its revoke records */
   hold_vector held;             /* blocks freed in it, reserved */
   ghost_vector ghosts;          /* of those, the ones in the live log */
+  /* The committing transaction, being written (commit.c), under the
+   * commit lock; changed under the fs mutex only.
+   */
+  jent_vector committing;
+  blk_vector crevokes;
+  hold_vector cheld;
+  ghost_vector cghosts;
+  uint32_t ctid;
   uint32_t tid;                 /* the running transaction's */
   uint32_t head;                /* next log block */
   uint32_t log_start;           /* first block of the live log, 0 = empty */
@@ -87,6 +118,8 @@ struct ext4fs_jtx {
   size_t logcap;
   uint64_t ncommits, ncheckpoints, nlogged, nflush_only, hits, misses;
   uint64_t npreflush;           /* atomic: flushes before a commit */
+  uint64_t nasync;              /* commits written outside the locks */
+  uint64_t nbeside;             /* atomic: handles started while one was */
   uint64_t flush_ahead;         /* bytes (0: never); set before use */
   bool checkpoint_first;        /* tests: checkpoint before every commit */
 
@@ -96,6 +129,15 @@ struct ext4fs_jtx {
                                  * will point at) */
   bool aborted;                 /* atomic */
   size_t running_size;          /* atomic copy of running.len, for handles */
+
+  /* A commit between its steps 1 and 3 (commit.c): what a flush waits
+   * for.  Set, with needs_commit cleared, in one step under
+   * state_lock; cleared (needs_commit set again if it failed) in one
+   * step.  Read atomically elsewhere.
+   */
+  pthread_mutex_t state_lock;
+  pthread_cond_t state_cond;
+  bool inflight;
 
   /* The commit timer. */
   pthread_t timer;
@@ -113,10 +155,13 @@ extern const char *jtx_stopped (const struct ext4fs_jtx *jt);
 extern const struct ext4fs_meta_ops jtx_cache_hooks;
 extern void jtx_cache_trim (struct ext4fs_jtx *jt);
 extern void jtx_ghosts_drop (struct ext4fs_jtx *jt);
+extern void jtx_ghosts_settle (struct ext4fs_jtx *jt, bool committed);
 
 /* commit.c.  Caller holds the handle lock exclusive and the fs mutex. */
 extern uint64_t jtx_now_ns (void);
 extern int jtx_commit_locked (struct ext4fs_jtx *jt, int *err);
+/* Commit lock held, no other. */
+extern int jtx_commit_unlocked (struct ext4fs_jtx *jt, int *err);
 extern int jtx_checkpoint_locked (struct ext4fs_jtx *jt, int *err);
 extern int jtx_write_home_locked (struct ext4fs_jtx *jt, int *err);
 extern int jtx_write_jsb (struct ext4fs_jtx *jt, int *err);

@@ -27,13 +27,17 @@
  * flushes (the data first), writes the running transaction home and
  * flushes again (jtx_write_home_locked).
  *
- * Locks (DESIGN.md §3 and §15): the handle lock (a writer-preferring
- * rwlock: shared by requests changing metadata, exclusive for a commit
- * or checkpoint) sits between the inode rwlock and the fs mutex; all
- * fields below are protected by the fs mutex, which a commit holds
- * throughout, so nothing changes the cache while it is written.  The
- * timer thread takes the same locks as any commit.  Reads and
- * overwrites of file data take neither lock.
+ * Locks (DESIGN.md §3 and §15): the commit lock (one commit or
+ * checkpoint at a time) comes first; the handle lock (a
+ * writer-preferring rwlock: shared by requests changing metadata,
+ * exclusive for a commit's step 1, where the running transaction
+ * becomes the committing one) sits between the inode rwlock and the
+ * fs mutex; the cache and both transactions are protected by the fs
+ * mutex.  A commit writes its log (step 2) with neither the handle lock
+ * nor the fs mutex: requests go on in the next transaction; a flush
+ * waits for the commit in flight (state_lock, state_cond).  The timer
+ * thread commits as jtx_sync does.  Reads and overwrites of file data
+ * take none of these locks.
  */
 
 #include <config.h>
@@ -105,6 +109,10 @@ jtx_new (struct ext4fs_dev *dev, unsigned bits, ext2_filsys fs,
                                  PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
   pthread_rwlock_init (&jt->handle_lock, &attr);
   pthread_rwlockattr_destroy (&attr);
+  pthread_mutex_init (&jt->commit_lock, NULL);
+  pthread_mutex_init (&jt->state_lock, NULL);
+  pthread_cond_init (&jt->state_cond, NULL);
+  jt->async_commit = true;
   pthread_mutex_init (&jt->tlock, NULL);
   pthread_condattr_init (&ca);
   pthread_condattr_setclock (&ca, CLOCK_MONOTONIC);
@@ -247,6 +255,8 @@ jtx_handle_start (struct ext4fs_jtx *jt, bool data, int *err)
         tries >= 3) {
       if (data)
         __atomic_add_fetch (&jt->handles, 1, __ATOMIC_SEQ_CST);
+      if (__atomic_load_n (&jt->inflight, __ATOMIC_RELAXED))
+        __atomic_add_fetch (&jt->nbeside, 1, __ATOMIC_RELAXED);
       return 0;
     }
     /* The running transaction is full: commit it first. */
@@ -272,7 +282,34 @@ jtx_handle_stop (struct ext4fs_jtx *jt, bool data, bool needs_commit)
 bool
 jtx_pending (struct ext4fs_jtx *jt)
 {
-  return __atomic_load_n (&jt->needs_commit, __ATOMIC_RELAXED);
+  bool r;
+
+  /* Both under state_lock: a failing commit turns one into the other
+   * in one step.
+   */
+  pthread_mutex_lock (&jt->state_lock);
+  r = __atomic_load_n (&jt->needs_commit, __ATOMIC_SEQ_CST) ||
+    __atomic_load_n (&jt->inflight, __ATOMIC_SEQ_CST);
+  pthread_mutex_unlock (&jt->state_lock);
+  return r;
+}
+
+/* Wait until no commit is between its steps 1 and 3; returns whether
+ * something is pending then (needs_commit: changes a flush must
+ * commit).  A commit that fails sets needs_commit again as it ends.
+ */
+static bool
+wait_inflight (struct ext4fs_jtx *jt)
+{
+  bool pending;
+
+  pthread_mutex_lock (&jt->state_lock);
+  while (__atomic_load_n (&jt->inflight, __ATOMIC_SEQ_CST) &&
+         !__atomic_load_n (&jt->needs_commit, __ATOMIC_SEQ_CST))
+    pthread_cond_wait (&jt->state_cond, &jt->state_lock);
+  pending = __atomic_load_n (&jt->needs_commit, __ATOMIC_SEQ_CST);
+  pthread_mutex_unlock (&jt->state_lock);
+  return pending;
 }
 
 bool
@@ -320,7 +357,20 @@ plain_flush (struct ext4fs_jtx *jt, int *err)
    * Handles are read before pending (jtx_handle_stop sets pending
    * before it counts the handle gone).
    */
-  pthread_rwlock_rdlock (&jt->handle_lock);
+  for (;;) {
+    /* Never beside a commit's step 2 (one is in flight only while
+     * the handle lock is free): the commit's flush and this one must
+     * not split a failure between them.
+     */
+    pthread_rwlock_rdlock (&jt->handle_lock);
+    if (!__atomic_load_n (&jt->inflight, __ATOMIC_SEQ_CST))
+      break;
+    pthread_rwlock_unlock (&jt->handle_lock);
+    pthread_mutex_lock (&jt->state_lock);
+    while (__atomic_load_n (&jt->inflight, __ATOMIC_SEQ_CST))
+      pthread_cond_wait (&jt->state_cond, &jt->state_lock);
+    pthread_mutex_unlock (&jt->state_lock);
+  }
   r = ext4fs_dev_flush (jt->dev, err);
   if (r == -1 &&
       (__atomic_load_n (&jt->handles, __ATOMIC_SEQ_CST) > 0 ||
@@ -344,28 +394,33 @@ jtx_sync (struct ext4fs_jtx *jt, bool force, int *err)
     *err = EIO;
     return -1;
   }
-  if (!force && !jtx_pending (jt))
+  /* A commit in flight may hold this client's changes: wait for it
+   * (if it fails, they are pending again).
+   */
+  if (!force && !wait_inflight (jt))
     return plain_flush (jt, err);  /* nothing to commit or write back */
+  pthread_mutex_lock (&jt->commit_lock);
+  /* Another commit may have taken this client's changes meanwhile. */
+  if (!force && !__atomic_load_n (&jt->needs_commit, __ATOMIC_SEQ_CST)) {
+    pthread_mutex_unlock (&jt->commit_lock);
+    return plain_flush (jt, err);
+  }
   /* Much file data written since the last flush (a commit after
    * seconds of writes): flush it first, with the handle lock shared,
    * so that writes that change metadata go on meanwhile; the flush in
    * the commit, which holds everything up, then has little left to
-   * write.
+   * write.  (With the commit lock: no commit is in flight.)
    */
   for (i = 0; jt->flush_ahead > 0 && i < PREFLUSH_ROUNDS &&
          ext4fs_dev_unflushed (jt->dev) >= jt->flush_ahead; ++i) {
-    if (plain_flush (jt, err) == -1)
+    if (plain_flush (jt, err) == -1) {
+      pthread_mutex_unlock (&jt->commit_lock);
       return -1;
+    }
     __atomic_add_fetch (&jt->npreflush, 1, __ATOMIC_RELAXED);
   }
-  pthread_rwlock_wrlock (&jt->handle_lock);
-  pthread_mutex_lock (jt->fs_lock);
-  if (!jt->begun)
-    r = ext4fs_dev_flush (jt->dev, err);
-  else
-    r = jtx_commit_locked (jt, err);
-  pthread_mutex_unlock (jt->fs_lock);
-  pthread_rwlock_unlock (&jt->handle_lock);
+  r = jtx_commit_unlocked (jt, err);
+  pthread_mutex_unlock (&jt->commit_lock);
   return r;
 }
 
@@ -422,12 +477,14 @@ jtx_close (struct ext4fs_jtx *jt, int *err)
     *err = EIO;
     return -1;
   }
+  pthread_mutex_lock (&jt->commit_lock);
   pthread_rwlock_wrlock (&jt->handle_lock);
   pthread_mutex_lock (jt->fs_lock);
   if (jtx_commit_locked (jt, err) == -1 || jtx_checkpoint_locked (jt, err) == -1)
     r = -1;
   pthread_mutex_unlock (jt->fs_lock);
   pthread_rwlock_unlock (&jt->handle_lock);
+  pthread_mutex_unlock (&jt->commit_lock);
   return r;
 }
 
@@ -444,14 +501,22 @@ jtx_set_checkpoint_first (struct ext4fs_jtx *jt, bool on)
 }
 
 void
+jtx_set_async_commit (struct ext4fs_jtx *jt, bool on)
+{
+  jt->async_commit = on;
+}
+
+void
 jtx_stats (struct ext4fs_jtx *jt)
 {
   nbdkit_debug ("ext4fs: journal: %" PRIu64 " commits, %" PRIu64 " blocks "
                 "logged, %" PRIu64 " checkpoints, cache %" PRIu64 " hits %"
                 PRIu64 " misses, %" PRIu64 " flushes ahead of commits, "
-                "next tid %" PRIu32,
+                "%" PRIu64 " commits written outside the locks, %" PRIu64
+                " handles started beside them, next tid %" PRIu32,
                 jt->ncommits, jt->nlogged, jt->ncheckpoints, jt->hits,
                 jt->misses, __atomic_load_n (&jt->npreflush, __ATOMIC_RELAXED),
+                jt->nasync, __atomic_load_n (&jt->nbeside, __ATOMIC_RELAXED),
                 jt->tid);
 }
 
@@ -470,6 +535,7 @@ jtx_free (struct ext4fs_jtx *jt)
       next = e->hnext;
       free (e->data);
       free (e->frozen);
+      free (e->cfrozen);
       free (e);
     }
   }
@@ -479,6 +545,13 @@ jtx_free (struct ext4fs_jtx *jt)
   hold_vector_reset (&jt->held);
   jtx_ghosts_drop (jt);
   ghost_vector_reset (&jt->ghosts);
+  jent_vector_reset (&jt->committing);
+  blk_vector_reset (&jt->crevokes);
+  hold_vector_reset (&jt->cheld);
+  ghost_vector_reset (&jt->cghosts);  /* empty: no commit in flight */
+  pthread_mutex_destroy (&jt->commit_lock);
+  pthread_mutex_destroy (&jt->state_lock);
+  pthread_cond_destroy (&jt->state_cond);
   free (jt->logbuf);
   pthread_rwlock_destroy (&jt->handle_lock);
   pthread_mutex_destroy (&jt->tlock);

@@ -166,4 +166,11 @@ extern void jtx_set_flush_ahead (struct ext4fs_jtx *jt, uint64_t bytes);
  */
 extern void jtx_set_checkpoint_first (struct ext4fs_jtx *jt, bool on);
 
+/* Write a commit's log with the handle lock and the fs mutex released,
+ * so that requests go on changing metadata in the next transaction
+ * (the default); off: with every lock held, as before (benchmarks).
+ * Set before the writer is used.
+ */
+extern void jtx_set_async_commit (struct ext4fs_jtx *jt, bool on);
+
 #endif /* EXT4FS_TRANS_H */

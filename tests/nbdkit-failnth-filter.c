@@ -22,6 +22,14 @@
  * op, offset, index), so a test can first run a request with N = 0
  * to learn how many writes it makes, then fail each one in turn.
  *
+ * Holding: while PATH.hold exists and holds one of the letters w, f,
+ * the first write (or flush) to arrive waits until the test removes
+ * the file (the others pass meanwhile); the filter writes PATH.held
+ * when it starts waiting.  So a test can stop a commit half way (its
+ * flush, or its first log write) and run requests beside it.  An
+ * operation that is to fail (above) is counted before it waits, and
+ * fails after.
+ *
  * Locks: one mutex around the control state (tests only: the cost
  * does not matter).
  */
@@ -46,6 +54,7 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 /* Protected by lock: */
 static char armed_gen[64];
 static uint64_t seen;
+static bool holding;
 
 static int
 failnth_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
@@ -138,6 +147,40 @@ should_fail (char op, uint64_t offset)
   return fail;
 }
 
+/* Wait while PATH.hold exists and names op (the first such operation
+ * only).
+ */
+static void
+maybe_hold (char op)
+{
+  char path[4096], ops[16] = "";
+  FILE *f;
+
+  snprintf (path, sizeof path, "%s.hold", ctl_path);
+  f = fopen (path, "r");
+  if (f == NULL)
+    return;
+  if (fgets (ops, sizeof ops, f) == NULL)
+    ops[0] = 0;
+  fclose (f);
+  if (strchr (ops, op) == NULL)
+    return;
+  pthread_mutex_lock (&lock);
+  if (holding) {
+    pthread_mutex_unlock (&lock);
+    return;
+  }
+  holding = true;
+  pthread_mutex_unlock (&lock);
+  nbdkit_debug ("failnth: holding %c", op);
+  write_file ("held", "1\n", false);
+  while (access (path, F_OK) == 0)
+    usleep (10000);
+  pthread_mutex_lock (&lock);
+  holding = false;
+  pthread_mutex_unlock (&lock);
+}
+
 static int
 failnth_pread (nbdkit_next *next, void *handle, void *buf, uint32_t count,
                uint64_t offset, uint32_t flags, int *err)
@@ -154,7 +197,10 @@ static int
 failnth_pwrite (nbdkit_next *next, void *handle, const void *buf,
                 uint32_t count, uint64_t offset, uint32_t flags, int *err)
 {
-  if (should_fail ('w', offset)) {
+  bool fail = should_fail ('w', offset);
+
+  maybe_hold ('w');
+  if (fail) {
     nbdkit_error ("failnth: injected write error");
     *err = EIO;
     return -1;
@@ -166,7 +212,10 @@ static int
 failnth_zero (nbdkit_next *next, void *handle, uint32_t count,
               uint64_t offset, uint32_t flags, int *err)
 {
-  if (should_fail ('w', offset)) {
+  bool fail = should_fail ('w', offset);
+
+  maybe_hold ('w');
+  if (fail) {
     nbdkit_error ("failnth: injected zero error");
     *err = EIO;
     return -1;
@@ -189,7 +238,10 @@ failnth_trim (nbdkit_next *next, void *handle, uint32_t count,
 static int
 failnth_flush (nbdkit_next *next, void *handle, uint32_t flags, int *err)
 {
-  if (should_fail ('f', 0)) {
+  bool fail = should_fail ('f', 0);
+
+  maybe_hold ('f');
+  if (fail) {
     nbdkit_error ("failnth: injected flush error");
     *err = EIO;
     return -1;
