@@ -30,6 +30,10 @@
  * operation that is to fail (above) is counted before it waits, and
  * fails after.
  *
+ * failnth-flush-delay-us=N: every flush, and every write with FUA,
+ * first sleeps N microseconds (a slow flush below, as over a network;
+ * for benchmarks).
+ *
  * Locks: one mutex around the control state (tests only: the cost
  * does not matter).
  */
@@ -55,6 +59,7 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static char armed_gen[64];
 static uint64_t seen;
 static bool holding;
+static unsigned flush_delay_us;
 
 static int
 failnth_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
@@ -69,7 +74,20 @@ failnth_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
     }
     return 0;
   }
+  if (strcmp (key, "failnth-flush-delay-us") == 0) {
+    if (nbdkit_parse_unsigned ("failnth-flush-delay-us", value,
+                               &flush_delay_us) == -1)
+      return -1;
+    return 0;
+  }
   return next (nxdata, key, value);
+}
+
+static void
+flush_delay (void)
+{
+  if (flush_delay_us > 0)
+    usleep (flush_delay_us);
 }
 
 static int
@@ -200,6 +218,8 @@ failnth_pwrite (nbdkit_next *next, void *handle, const void *buf,
   bool fail = should_fail ('w', offset);
 
   maybe_hold ('w');
+  if (flags & NBDKIT_FLAG_FUA)
+    flush_delay ();
   if (fail) {
     nbdkit_error ("failnth: injected write error");
     *err = EIO;
@@ -241,6 +261,7 @@ failnth_flush (nbdkit_next *next, void *handle, uint32_t flags, int *err)
   bool fail = should_fail ('f', 0);
 
   maybe_hold ('f');
+  flush_delay ();
   if (fail) {
     nbdkit_error ("failnth: injected flush error");
     *err = EIO;
