@@ -56,6 +56,11 @@ NBDKIT_DLL_PUBLIC int ext4fs_debug_checkpoint_first;
  * held, as before requests could go on beside it (benchmarks).
  */
 NBDKIT_DLL_PUBLIC int ext4fs_debug_async_commit = 1;
+/* -D ext4fs.chain_commit=0: every commit block gets its own flush
+ * (FUA), as before commit blocks were flushed with the next
+ * transaction's log (benchmarks).
+ */
+NBDKIT_DLL_PUBLIC int ext4fs_debug_chain_commit = 1;
 /* -D ext4fs.max_runs=N: a cached block map holds at most N runs
  * instead of 4 Mi (bmap.c; tests of the limit).
  */

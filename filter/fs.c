@@ -635,6 +635,7 @@ journal_writer_open (struct ext4fs_fs *fsi)
     jtx_set_flush_ahead (fsi->jt, (uint64_t) ext4fs_debug_flush_ahead_mib << 20);
   jtx_set_checkpoint_first (fsi->jt, ext4fs_debug_checkpoint_first != 0);
   jtx_set_async_commit (fsi->jt, ext4fs_debug_async_commit != 0);
+  jtx_set_chain_commit (fsi->jt, ext4fs_debug_chain_commit != 0);
   nbdkit_debug ("ext4fs: metadata changes are journaled");
   return 0;
 }

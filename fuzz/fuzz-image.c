@@ -36,6 +36,7 @@ int ext4fs_debug_serial_fill;
 int ext4fs_debug_flush_ahead_mib = -1;
 int ext4fs_debug_checkpoint_first;
 int ext4fs_debug_async_commit = 1;
+int ext4fs_debug_chain_commit = 1;
 int ext4fs_debug_journal = 1;
 int ext4fs_debug_journal_stats;
 int ext4fs_debug_max_runs;

@@ -315,7 +315,7 @@ jtx_has_held (struct ext4fs_jtx *jt)
   bool r;
 
   pthread_mutex_lock (jt->fs_lock);
-  r = jt->held.len > 0 || jt->cheld.len > 0;
+  r = jt->held.len > 0 || jt->cheld.len > 0 || jt->dheld.len > 0;
   pthread_mutex_unlock (jt->fs_lock);
   return r;
 }
@@ -473,6 +473,10 @@ jtx_held_locked (struct ext4fs_jtx *jt, uint64_t blk)
     if (blk >= jt->cheld.ptr[i].start &&
         blk - jt->cheld.ptr[i].start < jt->cheld.ptr[i].len)
       return true;
+  for (i = 0; i < jt->dheld.len; ++i)
+    if (blk >= jt->dheld.ptr[i].start &&
+        blk - jt->dheld.ptr[i].start < jt->dheld.ptr[i].len)
+      return true;
   return false;
 }
 
@@ -483,10 +487,10 @@ jtx_for_held_locked (struct ext4fs_jtx *jt, uint64_t start, uint64_t end,
 {
   size_t i;
 
-  const hold_vector *v[2] = { &jt->held, &jt->cheld };
+  const hold_vector *v[3] = { &jt->held, &jt->cheld, &jt->dheld };
   size_t k;
 
-  for (k = 0; k < 2; ++k)
+  for (k = 0; k < 3; ++k)
     for (i = 0; i < v[k]->len; ++i) {
       uint64_t s = v[k]->ptr[i].start, e = s + v[k]->ptr[i].len;
       if (s < start)

@@ -335,19 +335,16 @@ commit_released_locked (struct ext4fs_jtx *jt, int *err)
  * transaction: a block of the committing one changed again keeps the
  * contents being logged (cfrozen) for the checkpoint.
  */
-struct commit {
-  size_t need;                  /* log blocks, with the commit block */
-  uint32_t start;               /* first log block */
-  uint32_t cb;                  /* the commit block's */
-  bool was_empty;
-  bool fatal;                   /* a failure that aborts the journal */
-};
-
 /* Returns 1: the committing transaction is built, write it; 0: done
  * (nothing to log, or no journal: written home already); -1: failed.
+ * chained (jtx_commit_step: another transaction's commit block is not
+ * yet durable): nothing is written or checkpointed here; 0 then means
+ * not now (nothing to log, or the log would need a checkpoint first:
+ * the next step without a staged commit does it).
  */
 static int
-commit_begin_locked (struct ext4fs_jtx *jt, struct commit *c, int *err)
+commit_begin_locked (struct ext4fs_jtx *jt, struct commit *c, bool chained,
+                     int *err)
 {
   const struct jbd2_journal *j;
   size_t per_desc, per_rev, ndesc, nrev, need, pos, i;
@@ -372,6 +369,8 @@ commit_begin_locked (struct ext4fs_jtx *jt, struct commit *c, int *err)
     jtx_abort_locked (jt, "metadata could not be prepared for a commit");
     return -1;
   }
+  if (chained && jt->running.len == 0 && jt->revokes.len == 0)
+    return 0;
   if (jt->running.len == 0 && jt->revokes.len == 0) {
     /* Nothing to log: a flush is all it takes. */
     if (ext4fs_dev_flush (jt->dev, err) == -1) {
@@ -392,6 +391,12 @@ commit_begin_locked (struct ext4fs_jtx *jt, struct commit *c, int *err)
   ndesc = (jt->running.len + per_desc - 1) / per_desc;
   nrev = (jt->revokes.len + per_rev - 1) / per_rev;
   need = ndesc + jt->running.len + nrev + 1;
+  /* Chained, the log holds a transaction not yet durable: no
+   * checkpoint may empty it now.
+   */
+  if (chained && (jt->used > jt->capacity / 2 || jt->checkpoint_first ||
+                  jt->used + need + 1 >= jt->capacity))
+    return 0;
   if (need + 1 >= jt->capacity) {
     nbdkit_error ("journal: a transaction of %zu blocks does not fit in the "
                   "journal (%" PRIu32 " blocks)", need, jt->capacity);
@@ -485,17 +490,30 @@ commit_begin_locked (struct ext4fs_jtx *jt, struct commit *c, int *err)
   jt->running.len = jt->revokes.len = jt->held.len = jt->ghosts.len = 0;
   __atomic_store_n (&jt->running_size, 0, __ATOMIC_RELAXED);
   jt->nlogged += jt->committing.len;  /* counted as built */
-  jt->ctid = jt->tid++;
   jt->head = log_next (jt, c->cb);
   jt->used += need;
   /* What a flush must wait for moves from "pending" to "in flight",
    * in one step for jtx_sync.
    */
   pthread_mutex_lock (&jt->state_lock);
+  c->tid = jt->ctid = jt->tid++;
   __atomic_store_n (&jt->inflight, true, __ATOMIC_SEQ_CST);
   __atomic_store_n (&jt->needs_commit, false, __ATOMIC_SEQ_CST);
   pthread_mutex_unlock (&jt->state_lock);
   return 1;
+}
+
+/* The log blocks but the commit block, and the journal superblock if
+ * the log was empty.
+ */
+static int
+commit_write_log (struct ext4fs_jtx *jt, const struct commit *c, int *err)
+{
+  if (write_log (jt, jt->logbuf, c->start, c->need - 1, err) == -1)
+    return -1;
+  if (c->was_empty && jtx_write_jsb (jt, err) == -1)
+    return -1;
+  return 0;
 }
 
 /* Step 2: with the commit lock held (and maybe the others). */
@@ -515,9 +533,7 @@ commit_write (struct ext4fs_jtx *jt, struct commit *c, int *err)
     c->fatal = true;
     return -1;
   }
-  if (write_log (jt, jt->logbuf, c->start, c->need - 1, err) == -1)
-    return -1;
-  if (c->was_empty && jtx_write_jsb (jt, err) == -1)
+  if (commit_write_log (jt, c, err) == -1)
     return -1;
   /* The data of every completed write, the log, the superblock: then
    * the commit block.
@@ -551,62 +567,71 @@ commit_write (struct ext4fs_jtx *jt, struct commit *c, int *err)
   return 0;
 }
 
-/* Step 3 (fs mutex held): ok, or not (then c->fatal tells whether the
- * journal aborts).
+/* Step 3, the bookkeeping of a commit whose commit block is written
+ * (fs mutex held): its blocks are in the log.  The blocks freed in it
+ * stay held (dheld) until commit_durable_locked: in jtx_commit_step
+ * the commit block is written but durable only at the flush that
+ * follows (no checkpoint may run before, commit_begin_locked).
  */
-static int
-commit_end_locked (struct ext4fs_jtx *jt, struct commit *c, bool ok, int *err)
+static void
+commit_logged_locked (struct ext4fs_jtx *jt, const struct commit *c)
 {
   size_t i;
-  int r;
+  hold_vector hv;
 
-  if (ok) {
-    if (c->was_empty)
-      jt->log_start = 1;        /* any non-zero: the log is live */
-    for (i = 0; i < jt->committing.len; ++i) {
-      struct jent *e = jt->committing.ptr[i];
-      e->committing = false;
-      e->in_log = true;
-      /* The log now holds what was committed; changed since, the
-       * copy kept at the change is it.
-       */
-      free (e->frozen);
-      e->frozen = e->cfrozen;
-      e->cfrozen = NULL;
-    }
-    jt->committing.len = 0;
-    jt->crevokes.len = 0;
-    /* Freed in it: durable, and so their revokes. */
-    for (i = 0; i < jt->cghosts.len; ++i)
-      free (jt->cghosts.ptr[i].data);
-    jt->cghosts.len = 0;
-    jtx_ghosts_settle (jt, true);
-    jt->ncommits++;
-    /* Freed blocks may be reused now. */
-    for (i = 0; i < jt->cheld.len; ++i)
-      jt->unhold (jt->opaque, jt->cheld.ptr[i].start, jt->cheld.ptr[i].len);
-    jt->cheld.len = 0;
-    /* Still in flight for the checkpoint: no plain flush may run
-     * beside its flushes (a failure split between them could let it
-     * empty the log with its home writes lost).
+  if (c->was_empty)
+    jt->log_start = 1;          /* any non-zero: the log is live */
+  for (i = 0; i < jt->committing.len; ++i) {
+    struct jent *e = jt->committing.ptr[i];
+    e->committing = false;
+    e->in_log = true;
+    /* The log now holds what was committed; changed since, the copy
+     * kept at the change is it.
      */
-    r = 0;
-    if (jt->used > jt->capacity / 2 && !jtx_aborted (jt) &&
-        jtx_checkpoint_locked (jt, err) == -1) {
-      jtx_abort_locked (jt, "checkpoint failed");
-      r = -1;
-    }
-    pthread_mutex_lock (&jt->state_lock);
-    __atomic_store_n (&jt->inflight, false, __ATOMIC_SEQ_CST);
-    pthread_cond_broadcast (&jt->state_cond);
-    pthread_mutex_unlock (&jt->state_lock);
-    jtx_cache_trim (jt);
-    return r;
+    free (e->frozen);
+    e->frozen = e->cfrozen;
+    e->cfrozen = NULL;
   }
+  jt->committing.len = 0;
+  jt->crevokes.len = 0;
+  /* Freed in it: in the log with their revokes. */
+  for (i = 0; i < jt->cghosts.len; ++i)
+    free (jt->cghosts.ptr[i].data);
+  jt->cghosts.len = 0;
+  jtx_ghosts_settle (jt, true);
+  jt->ncommits++;
+  if (jt->dheld.len == 0) {
+    hv = jt->dheld; jt->dheld = jt->cheld; jt->cheld = hv;
+  }
+  else {
+    for (i = 0; i < jt->cheld.len; ++i)
+      if (hold_vector_append (&jt->dheld, jt->cheld.ptr[i]) == -1)
+        /* Left marked in use: leaked until the next open. */
+        jtx_abort_locked (jt, "out of memory for freed blocks");
+  }
+  jt->cheld.len = 0;
+}
 
-  /* Back into the running transaction, at the same place in the log,
-   * with the same tid.
-   */
+/* The commit is durable: the blocks freed in it may be reused. */
+static void
+commit_durable_locked (struct ext4fs_jtx *jt)
+{
+  size_t i;
+
+  for (i = 0; i < jt->dheld.len; ++i)
+    jt->unhold (jt->opaque, jt->dheld.ptr[i].start, jt->dheld.ptr[i].len);
+  jt->dheld.len = 0;
+}
+
+/* A commit failed before its commit block (or c->fatal: the journal
+ * aborts): back into the running transaction, at the same place in
+ * the log, with the same tid; pending again.  Fs mutex held.
+ */
+static void
+commit_failed_locked (struct ext4fs_jtx *jt, const struct commit *c)
+{
+  size_t i;
+
   if (c->fatal)
     jtx_abort_locked (jt, "commit failed");
   if (jent_vector_reserve (&jt->running, jt->committing.len) == -1)
@@ -640,15 +665,54 @@ commit_end_locked (struct ext4fs_jtx *jt, struct commit *c, bool ok, int *err)
     }
   jt->cghosts.len = 0;
   __atomic_store_n (&jt->running_size, jt->running.len, __ATOMIC_RELAXED);
-  jt->tid = jt->ctid;
   jt->head = c->start;
   jt->used -= c->need;
   pthread_mutex_lock (&jt->state_lock);
+  jt->tid = c->tid;
   __atomic_store_n (&jt->needs_commit, true, __ATOMIC_SEQ_CST);
-  __atomic_store_n (&jt->inflight, false, __ATOMIC_SEQ_CST);
-  pthread_cond_broadcast (&jt->state_cond);
   pthread_mutex_unlock (&jt->state_lock);
-  return -1;
+}
+
+static void
+set_inflight (struct ext4fs_jtx *jt, bool on)
+{
+  pthread_mutex_lock (&jt->state_lock);
+  __atomic_store_n (&jt->inflight, on, __ATOMIC_SEQ_CST);
+  if (!on)
+    pthread_cond_broadcast (&jt->state_cond);
+  pthread_mutex_unlock (&jt->state_lock);
+}
+
+/* Step 3 (fs mutex held): ok, or not (then c->fatal tells whether the
+ * journal aborts).
+ */
+static int
+commit_end_locked (struct ext4fs_jtx *jt, struct commit *c, bool ok, int *err)
+{
+  int r = 0;
+
+  if (!ok) {
+    commit_failed_locked (jt, c);
+    set_inflight (jt, false);
+    return -1;
+  }
+  commit_logged_locked (jt, c);
+  commit_durable_locked (jt);
+  pthread_mutex_lock (&jt->state_lock);
+  jt->dtid = c->tid;
+  pthread_mutex_unlock (&jt->state_lock);
+  /* Still in flight for the checkpoint: no plain flush may run beside
+   * its flushes (a failure split between them could let it empty the
+   * log with its home writes lost).
+   */
+  if (jt->used > jt->capacity / 2 && !jtx_aborted (jt) &&
+      jtx_checkpoint_locked (jt, err) == -1) {
+    jtx_abort_locked (jt, "checkpoint failed");
+    r = -1;
+  }
+  set_inflight (jt, false);
+  jtx_cache_trim (jt);
+  return r;
 }
 
 /* The whole commit, every lock held throughout (close, and
@@ -658,7 +722,7 @@ int
 jtx_commit_locked (struct ext4fs_jtx *jt, int *err)
 {
   struct commit c;
-  int r = commit_begin_locked (jt, &c, err);
+  int r = commit_begin_locked (jt, &c, false, err);
 
   if (r <= 0)
     return r;
@@ -683,7 +747,7 @@ jtx_commit_unlocked (struct ext4fs_jtx *jt, int *err)
   else if (!jt->async_commit)
     r = jtx_commit_locked (jt, err);
   else {
-    r = commit_begin_locked (jt, &c, err);
+    r = commit_begin_locked (jt, &c, false, err);
     if (r == 1) {
       pthread_mutex_unlock (jt->fs_lock);
       pthread_rwlock_unlock (&jt->handle_lock);
@@ -697,5 +761,147 @@ jtx_commit_unlocked (struct ext4fs_jtx *jt, int *err)
   }
   pthread_mutex_unlock (jt->fs_lock);
   pthread_rwlock_unlock (&jt->handle_lock);
+  return r;
+}
+
+/* Chained commits (the default, DESIGN.md §15): one step of jtx_sync,
+ * with the commit lock held and no other.  A commit takes two steps,
+ * each ending in one flush, and a step does the second half of one
+ * commit with the first half of the next:
+ *  1. under the handle lock exclusive and the fs mutex: the staged
+ *     commit S (its log durable) goes into the log's bookkeeping
+ *     (its freed blocks still held, dheld), and the running
+ *     transaction, if it has anything to log and fits without a
+ *     checkpoint, becomes the committing one, T (step 1 above);
+ *  2. with the commit lock only: S's commit block, T's log blocks,
+ *     then one flush: S is durable, and T's log and the data its
+ *     metadata points at;
+ *  3. under the fs mutex: S's freed blocks are released, T is staged
+ *     for the next step to write its commit block.
+ * T's commit block can only be written after that flush, so no
+ * replay ever sees a commit block whose log or data may be missing,
+ * and S's is durable before any waiter of S returns.  With flushes
+ * back to back (several clients), a commit costs one flush, not two.
+ * Nothing checkpoints while a commit is staged (the log holds it): a
+ * step that would need one does S alone, and the checkpoint follows
+ * S (or comes in the next step's commit_begin_locked).
+ */
+int
+jtx_commit_step (struct ext4fs_jtx *jt, int *err)
+{
+  struct commit s = { 0 }, t = { 0 };
+  bool have_s, fatal = false, t_failed = false;
+  int rt, r = 1, ferr = 0, terr = 0;
+  uint64_t fseq = 0;
+
+  pthread_rwlock_wrlock (&jt->handle_lock);
+  pthread_mutex_lock (jt->fs_lock);
+  if (jtx_aborted (jt)) {
+    pthread_mutex_unlock (jt->fs_lock);
+    pthread_rwlock_unlock (&jt->handle_lock);
+    nbdkit_error ("%s: commit refused: %s", jtx_what (jt), jtx_stopped (jt));
+    *err = EIO;
+    return -1;
+  }
+  /* In flight from here: no plain flush beside the device writes. */
+  set_inflight (jt, true);
+  have_s = jt->staged;
+  if (have_s) {
+    s = jt->sc;
+    commit_logged_locked (jt, &s);
+  }
+  rt = commit_begin_locked (jt, &t, have_s, err);
+  pthread_mutex_unlock (jt->fs_lock);
+  pthread_rwlock_unlock (&jt->handle_lock);
+
+  if (rt == -1 || (rt == 0 && !have_s)) {
+    /* Failed (T pending again, or the journal aborted), or done with
+     * nothing to stage (a plain flush, or no journal).
+     */
+    if (have_s) {
+      /* Only an abort fails a chained begin: S is never written. */
+      pthread_mutex_lock (jt->fs_lock);
+      jtx_abort_locked (jt, "commit failed");
+      pthread_mutex_unlock (jt->fs_lock);
+    }
+    set_inflight (jt, false);
+    return rt;
+  }
+
+  /* Step 2. */
+  if (have_s) {
+    if (jtx_aborted (jt)) {
+      /* Stopped meanwhile (a request of the running transaction). */
+      nbdkit_error ("journal: commit refused: %s", jtx_stopped (jt));
+      ferr = EIO;
+      fatal = true;
+    }
+    else if (ext4fs_dev_pwrite (jt->dev, jt->scb,
+                                jt->bs, jphys (jt, s.cb) << jt->bits, 0,
+                                &ferr) == -1) {
+      nbdkit_error ("journal: commit: writing the commit block: %s",
+                    strerror (ferr));
+      fatal = true;             /* it may be on disk */
+    }
+  }
+  if (rt == 1 && !fatal && commit_write_log (jt, &t, &terr) == -1)
+    t_failed = true;
+  if (!fatal && (have_s || !t_failed)) {
+    pthread_mutex_lock (&jt->state_lock);
+    fseq = ++jt->fstarted;
+    pthread_mutex_unlock (&jt->state_lock);
+  }
+  if (fseq > 0 && ext4fs_dev_flush (jt->dev, &ferr) == -1) {
+    /* File data written before it may be lost below: neither commit
+     * may ever be durable (S's commit block may be: the journal
+     * aborts, replay decides).
+     */
+    nbdkit_error ("journal: commit: flush: %s", strerror (ferr));
+    fatal = true;
+  }
+
+  /* Step 3. */
+  pthread_mutex_lock (jt->fs_lock);
+  if (rt == 1 && (fatal || t_failed)) {
+    t.fatal = fatal;
+    commit_failed_locked (jt, &t);
+  }
+  if (have_s) {
+    if (fatal)
+      jtx_abort_locked (jt, "commit failed");
+    else {
+      commit_durable_locked (jt);
+      if (rt == 1 && !t_failed)
+        jt->nchained++;
+    }
+  }
+  pthread_mutex_lock (&jt->state_lock);
+  if (have_s && !fatal)
+    jt->dtid = s.tid;
+  if (fseq > 0 && !fatal)
+    jt->fdone = fseq;
+  jt->staged = rt == 1 && !fatal && !t_failed;
+  if (jt->staged) {
+    jt->sc = t;
+    /* The next begin builds its log in logbuf. */
+    memcpy (jt->scb, jt->logbuf + (t.need - 1) * jt->bs, jt->bs);
+  }
+  pthread_mutex_unlock (&jt->state_lock);
+  if (!fatal && !jt->staged && jt->used > jt->capacity / 2 &&
+      !jtx_aborted (jt) && jtx_checkpoint_locked (jt, err) == -1) {
+    jtx_abort_locked (jt, "checkpoint failed");
+    r = -1;
+  }
+  set_inflight (jt, false);
+  jtx_cache_trim (jt);
+  pthread_mutex_unlock (jt->fs_lock);
+  if (fatal) {
+    *err = ferr;
+    return -1;
+  }
+  if (t_failed) {
+    *err = terr;
+    return -2;
+  }
   return r;
 }

@@ -75,6 +75,16 @@ DEFINE_VECTOR_TYPE (blk_vector, uint64_t);
 DEFINE_VECTOR_TYPE (hold_vector, struct hold);
 DEFINE_VECTOR_TYPE (ghost_vector, struct ghost);
 
+/* A commit between its steps (commit.c). */
+struct commit {
+  size_t need;                  /* log blocks, with the commit block */
+  uint32_t start;               /* first log block */
+  uint32_t cb;                  /* the commit block's */
+  uint32_t tid;
+  bool was_empty;
+  bool fatal;                   /* a failure that aborts the journal */
+};
+
 struct ext4fs_jtx {
   struct ext4fs_journal *jr;    /* the journal map and superblock */
   struct ext4fs_dev *dev;
@@ -90,6 +100,8 @@ struct ext4fs_jtx {
                                    taken before the handle lock */
   pthread_rwlock_t handle_lock;
   bool async_commit;            /* step 2 of a commit outside the locks */
+  bool chain_commit;            /* a commit block shares the next log's
+                                   flush (commit.c, jtx_commit_step) */
 
   /* Protected by *fs_lock: */
   struct jent **buckets;
@@ -106,7 +118,12 @@ struct ext4fs_jtx {
   hold_vector cheld;
   ghost_vector cghosts;
   uint32_t ctid;
-  uint32_t tid;                 /* the running transaction's */
+  /* Freed in a transaction whose commit block is written but not yet
+   * flushed (jtx_commit_step): reserved until it is durable.
+   */
+  hold_vector dheld;
+  uint32_t tid;                 /* the running transaction's; changed
+                                   under state_lock too */
   uint32_t head;                /* next log block */
   uint32_t log_start;           /* first block of the live log, 0 = empty */
   uint32_t used;                /* blocks in the live log */
@@ -119,6 +136,7 @@ struct ext4fs_jtx {
   uint64_t ncommits, ncheckpoints, nlogged, nflush_only, hits, misses;
   uint64_t npreflush;           /* atomic: flushes before a commit */
   uint64_t nasync;              /* commits written outside the locks */
+  uint64_t nchained;            /* commit blocks flushed with the next log */
   uint64_t nbeside;             /* atomic: handles started while one was */
   uint64_t flush_ahead;         /* bytes (0: never); set before use */
   bool checkpoint_first;        /* tests: checkpoint before every commit */
@@ -138,6 +156,19 @@ struct ext4fs_jtx {
   pthread_mutex_t state_lock;
   pthread_cond_t state_cond;
   bool inflight;
+  /* Chained commits (jtx_commit_step): a commit whose log is durable,
+   * its commit block not yet written (sc; the commit lock's, sc only
+   * between steps), and the tid of the last durable commit.  Changed
+   * under state_lock (and the commit lock).
+   */
+  bool staged;
+  /* Flushes of steps: started (numbered), and the last one that
+   * completed; a flush is done only after one started after it.
+   */
+  uint64_t fstarted, fdone;
+  struct commit sc;
+  uint8_t *scb;                 /* its commit block (a block) */
+  uint32_t dtid;
 
   /* The commit timer. */
   pthread_t timer;
@@ -162,6 +193,11 @@ extern uint64_t jtx_now_ns (void);
 extern int jtx_commit_locked (struct ext4fs_jtx *jt, int *err);
 /* Commit lock held, no other. */
 extern int jtx_commit_unlocked (struct ext4fs_jtx *jt, int *err);
+/* Commit lock held, no other: 1 progress, 0 nothing to do, -1 failed,
+ * -2 the next transaction's log could not be written (it is pending
+ * again; the staged one, if any, is durable).
+ */
+extern int jtx_commit_step (struct ext4fs_jtx *jt, int *err);
 extern int jtx_checkpoint_locked (struct ext4fs_jtx *jt, int *err);
 extern int jtx_write_home_locked (struct ext4fs_jtx *jt, int *err);
 extern int jtx_write_jsb (struct ext4fs_jtx *jt, int *err);

@@ -113,6 +113,7 @@ jtx_new (struct ext4fs_dev *dev, unsigned bits, ext2_filsys fs,
   pthread_mutex_init (&jt->state_lock, NULL);
   pthread_cond_init (&jt->state_cond, NULL);
   jt->async_commit = true;
+  jt->chain_commit = true;
   pthread_mutex_init (&jt->tlock, NULL);
   pthread_condattr_init (&ca);
   pthread_condattr_setclock (&ca, CLOCK_MONOTONIC);
@@ -144,6 +145,13 @@ jtx_open (struct ext4fs_journal *jr, ext2_filsys fs, pthread_mutex_t *fs_lock,
   jt->head = jr->j.first;
   /* With an empty log the kernel's next tid is s_sequence + 1. */
   jt->tid = jr->j.sequence + 1;
+  jt->dtid = jt->tid - 1;
+  jt->scb = malloc (jt->bs);
+  if (jt->scb == NULL) {
+    nbdkit_error ("malloc: %m");
+    jtx_free (jt);
+    return NULL;
+  }
   ext4fs_dev_set_meta_ops (jt->dev, &jtx_cache_hooks, jt);
   return jt;
 }
@@ -289,7 +297,7 @@ jtx_pending (struct ext4fs_jtx *jt)
    */
   pthread_mutex_lock (&jt->state_lock);
   r = __atomic_load_n (&jt->needs_commit, __ATOMIC_SEQ_CST) ||
-    __atomic_load_n (&jt->inflight, __ATOMIC_SEQ_CST);
+    __atomic_load_n (&jt->inflight, __ATOMIC_SEQ_CST) || jt->staged;
   pthread_mutex_unlock (&jt->state_lock);
   return r;
 }
@@ -384,6 +392,98 @@ plain_flush (struct ext4fs_jtx *jt, int *err)
   return r;
 }
 
+/* (int32_t) (a - b) >= 0, for tids. */
+static bool
+tid_ge (uint32_t a, uint32_t b)
+{
+  return (int32_t) (a - b) >= 0;
+}
+
+/* jtx_sync with chained commits (jtx_commit_step): the flush is done
+ * when the transaction that held the changes of every request
+ * completed before it is durable: the running one if it has any
+ * (needs_commit), else the last one begun, staged or in flight.  Any
+ * waiting flush may take the next step, for itself and the others.
+ */
+static int
+sync_chained (struct ext4fs_jtx *jt, bool force, int *err)
+{
+  uint32_t target;
+  uint64_t fseq;
+  bool pending;
+  int r, i;
+
+  pthread_mutex_lock (&jt->state_lock);
+  pending = __atomic_load_n (&jt->needs_commit, __ATOMIC_SEQ_CST) ||
+    __atomic_load_n (&jt->inflight, __ATOMIC_SEQ_CST) || jt->staged;
+  target = force || __atomic_load_n (&jt->needs_commit, __ATOMIC_SEQ_CST)
+    ? jt->tid : jt->tid - 1;
+  /* A step's flush that started before this one may not cover the
+   * file data written before it.
+   */
+  fseq = jt->fstarted;
+  pthread_mutex_unlock (&jt->state_lock);
+  if (!force && !pending)
+    return plain_flush (jt, err);  /* nothing to commit */
+
+  pthread_mutex_lock (&jt->commit_lock);
+  for (;;) {
+    bool done, flushed;
+
+    pthread_mutex_lock (&jt->state_lock);
+    done = tid_ge (jt->dtid, target) ||
+      (!__atomic_load_n (&jt->needs_commit, __ATOMIC_SEQ_CST) && !jt->staged);
+    flushed = jt->fdone > fseq;
+    pthread_mutex_unlock (&jt->state_lock);
+    if (done && flushed)
+      break;
+    if (done) {
+      /* Committed by a step whose flush came too early for this one's
+       * file data: a flush of its own.  (With the commit lock: no step
+       * beside it.)
+       */
+      r = plain_flush (jt, err);
+      pthread_mutex_unlock (&jt->commit_lock);
+      return r;
+    }
+    if (jtx_aborted (jt)) {
+      pthread_mutex_unlock (&jt->commit_lock);
+      nbdkit_error ("%s: flush refused: %s", jtx_what (jt),
+                    jtx_stopped (jt));
+      *err = EIO;
+      return -1;
+    }
+    /* As in jtx_sync: much file data since the last flush goes first,
+     * beside requests.  (Not with a commit staged: its step's flush is
+     * due anyway.)
+     */
+    for (i = 0; !jt->staged && jt->flush_ahead > 0 && i < PREFLUSH_ROUNDS &&
+           ext4fs_dev_unflushed (jt->dev) >= jt->flush_ahead; ++i) {
+      if (plain_flush (jt, err) == -1) {
+        pthread_mutex_unlock (&jt->commit_lock);
+        return -1;
+      }
+      __atomic_add_fetch (&jt->npreflush, 1, __ATOMIC_RELAXED);
+    }
+    r = jtx_commit_step (jt, err);
+    if (r == 1)
+      continue;
+    if (r == -2) {
+      /* The next transaction's log failed: this flush fails if its
+       * changes were in it.
+       */
+      pthread_mutex_lock (&jt->state_lock);
+      done = tid_ge (jt->dtid, target) && jt->fdone > fseq;
+      pthread_mutex_unlock (&jt->state_lock);
+      r = done ? 0 : -1;
+    }
+    pthread_mutex_unlock (&jt->commit_lock);
+    return r;
+  }
+  pthread_mutex_unlock (&jt->commit_lock);
+  return 0;
+}
+
 int
 jtx_sync (struct ext4fs_jtx *jt, bool force, int *err)
 {
@@ -394,6 +494,8 @@ jtx_sync (struct ext4fs_jtx *jt, bool force, int *err)
     *err = EIO;
     return -1;
   }
+  if (jt->logged && jt->async_commit && jt->chain_commit)
+    return sync_chained (jt, force, err);
   /* A commit in flight may hold this client's changes: wait for it
    * (if it fails, they are pending again).
    */
@@ -478,9 +580,16 @@ jtx_close (struct ext4fs_jtx *jt, int *err)
     return -1;
   }
   pthread_mutex_lock (&jt->commit_lock);
+  /* A staged commit first (its commit block, and maybe the rest). */
+  while (jt->staged && r == 0) {
+    int s = jtx_commit_step (jt, err);
+    if (s < 0)
+      r = -1;
+  }
   pthread_rwlock_wrlock (&jt->handle_lock);
   pthread_mutex_lock (jt->fs_lock);
-  if (jtx_commit_locked (jt, err) == -1 || jtx_checkpoint_locked (jt, err) == -1)
+  if (r == -1 ||
+      jtx_commit_locked (jt, err) == -1 || jtx_checkpoint_locked (jt, err) == -1)
     r = -1;
   pthread_mutex_unlock (jt->fs_lock);
   pthread_rwlock_unlock (&jt->handle_lock);
@@ -507,17 +616,24 @@ jtx_set_async_commit (struct ext4fs_jtx *jt, bool on)
 }
 
 void
+jtx_set_chain_commit (struct ext4fs_jtx *jt, bool on)
+{
+  jt->chain_commit = on;
+}
+
+void
 jtx_stats (struct ext4fs_jtx *jt)
 {
   nbdkit_debug ("ext4fs: journal: %" PRIu64 " commits, %" PRIu64 " blocks "
                 "logged, %" PRIu64 " checkpoints, cache %" PRIu64 " hits %"
                 PRIu64 " misses, %" PRIu64 " flushes ahead of commits, "
                 "%" PRIu64 " commits written outside the locks, %" PRIu64
-                " handles started beside them, next tid %" PRIu32,
+                " handles started beside them, %" PRIu64 " commit blocks "
+                "flushed with the next log, next tid %" PRIu32,
                 jt->ncommits, jt->nlogged, jt->ncheckpoints, jt->hits,
                 jt->misses, __atomic_load_n (&jt->npreflush, __ATOMIC_RELAXED),
                 jt->nasync, __atomic_load_n (&jt->nbeside, __ATOMIC_RELAXED),
-                jt->tid);
+                jt->nchained, jt->tid);
 }
 
 void
@@ -548,7 +664,14 @@ jtx_free (struct ext4fs_jtx *jt)
   jent_vector_reset (&jt->committing);
   blk_vector_reset (&jt->crevokes);
   hold_vector_reset (&jt->cheld);
-  ghost_vector_reset (&jt->cghosts);  /* empty: no commit in flight */
+  hold_vector_reset (&jt->dheld);
+  free (jt->scb);
+  /* A commit staged at an abort keeps its ghosts. */
+  for (i = 0; i < jt->cghosts.len; ++i) {
+    free (jt->cghosts.ptr[i].data);
+    free (jt->cghosts.ptr[i].prev);
+  }
+  ghost_vector_reset (&jt->cghosts);
   pthread_mutex_destroy (&jt->commit_lock);
   pthread_mutex_destroy (&jt->state_lock);
   pthread_cond_destroy (&jt->state_cond);

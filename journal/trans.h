@@ -173,4 +173,11 @@ extern void jtx_set_checkpoint_first (struct ext4fs_jtx *jt, bool on);
  */
 extern void jtx_set_async_commit (struct ext4fs_jtx *jt, bool on);
 
+/* With async commits: a commit block is written in the same step as
+ * the next transaction's log, and one flush makes both durable (the
+ * default); off: each commit writes its own commit block with FUA.
+ * Set before the writer is used.
+ */
+extern void jtx_set_chain_commit (struct ext4fs_jtx *jt, bool on);
+
 #endif /* EXT4FS_TRANS_H */
