@@ -90,6 +90,16 @@ struct handle {
   struct ext4fs_inode *ip;
   char *path;
   bool can_write;
+  /* Written to since its last successful flush (atomic): only then
+   * does .finalize commit.  A finalize runs on a connection that is
+   * closing, where a plugin or filter below may refuse I/O (the delay
+   * filter's sleeps end); a commit there that writes other clients'
+   * changes (a chained commit's staged commit block, say) would abort
+   * the journal under them for nothing.  Their changes are committed
+   * by their own flushes, the commit timer or the close of the
+   * filesystem.
+   */
+  bool dirty;
 };
 
 static void
@@ -372,10 +382,13 @@ ext4fs_finalize (nbdkit_next *next, void *handle)
   struct handle *h = handle;
   int err;
 
-  /* nbdkit skips .close at shutdown but always runs .finalize: write
-   * back what this connection left dirty here.
+  /* nbdkit skips .close at shutdown but always runs .finalize: commit
+   * what this connection left dirty here, on the commit timer's
+   * thread where there is a journal (this connection's thread may not
+   * be able to do I/O any more: see dirty above).
    */
-  if (h->can_write && fs_sync (h->fsi, &err) == -1)
+  if (h->can_write && __atomic_load_n (&h->dirty, __ATOMIC_SEQ_CST) &&
+      fs_sync_soon (h->fsi, &err) == -1)
     return -1;
   return 0;
 }
@@ -527,6 +540,7 @@ ext4fs_pwrite (nbdkit_next *next, void *handle, const void *buf,
                uint32_t count, uint64_t offset, uint32_t flags, int *err)
 {
   struct handle *h = handle;
+  __atomic_store_n (&h->dirty, true, __ATOMIC_SEQ_CST);
   return rw_pwrite (h->ip, buf, count, offset, flags, err);
 }
 
@@ -534,7 +548,16 @@ static int
 ext4fs_flush (nbdkit_next *next, void *handle, uint32_t flags, int *err)
 {
   struct handle *h = handle;
-  return fs_sync (h->fsi, err);
+
+  /* Cleared before the sync: a write that comes in meanwhile sets it
+   * again.
+   */
+  __atomic_store_n (&h->dirty, false, __ATOMIC_SEQ_CST);
+  if (fs_sync (h->fsi, err) == -1) {
+    __atomic_store_n (&h->dirty, true, __ATOMIC_SEQ_CST);
+    return -1;
+  }
+  return 0;
 }
 
 static int
@@ -542,6 +565,7 @@ ext4fs_trim (nbdkit_next *next, void *handle, uint32_t count,
              uint64_t offset, uint32_t flags, int *err)
 {
   struct handle *h = handle;
+  __atomic_store_n (&h->dirty, true, __ATOMIC_SEQ_CST);
   return rw_trim (h->ip, count, offset, flags, err);
 }
 
@@ -550,6 +574,7 @@ ext4fs_zero (nbdkit_next *next, void *handle, uint32_t count,
              uint64_t offset, uint32_t flags, int *err)
 {
   struct handle *h = handle;
+  __atomic_store_n (&h->dirty, true, __ATOMIC_SEQ_CST);
   return rw_zero (h->ip, count, offset, flags, err);
 }
 

@@ -1534,3 +1534,17 @@ fs_sync (struct ext4fs_fs *fsi, int *err)
   }
   return ext4fs_dev_flush (fsi->dev, err);
 }
+
+int
+fs_sync_soon (struct ext4fs_fs *fsi, int *err)
+{
+  if (fsi->rw && fsi->jt && jtx_logged (fsi->jt)) {
+    if (inode_sync_times (fsi) == -1) {
+      *err = EIO;
+      return -1;
+    }
+    if (jtx_kick (fsi->jt))
+      return 0;
+  }
+  return fs_sync (fsi, err);
+}

@@ -140,6 +140,12 @@ extern void fs_group_dirty_locked (struct ext4fs_fs *fsi, uint64_t blk, uint64_t
  */
 extern int fs_sync (struct ext4fs_fs *fsi, int *err);
 
+/* For a closing connection (.finalize): with a journal, hand the commit
+ * to the commit timer thread and return at once (no I/O on this
+ * connection's thread); else fs_sync.
+ */
+extern int fs_sync_soon (struct ext4fs_fs *fsi, int *err);
+
 /* Like fs_sync but without the plugin flush (caller holds fsi->lock). */
 extern int fs_writeback_locked (struct ext4fs_fs *fsi, int *err);
 

@@ -176,6 +176,7 @@ struct ext4fs_jtx {
   pthread_mutex_t tlock;
   pthread_cond_t tcond;
   bool tstop;                   /* Protected by tlock */
+  bool tkick;                   /* Protected by tlock: commit now */
 };
 
 /* trans.c: for messages. */

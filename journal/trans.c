@@ -536,11 +536,12 @@ timer_thread (void *arg)
   while (!jt->tstop) {
     clock_gettime (CLOCK_MONOTONIC, &ts);
     ts.tv_sec += COMMIT_INTERVAL;
-    while (!jt->tstop &&
+    while (!jt->tstop && !jt->tkick &&
            pthread_cond_timedwait (&jt->tcond, &jt->tlock, &ts) == 0)
       ;
     if (jt->tstop)
       break;
+    jt->tkick = false;
     pthread_mutex_unlock (&jt->tlock);
     if (!jtx_aborted (jt) &&
         (__atomic_load_n (&jt->running_size, __ATOMIC_RELAXED) > 0 ||
@@ -552,6 +553,18 @@ timer_thread (void *arg)
   }
   pthread_mutex_unlock (&jt->tlock);
   return NULL;
+}
+
+bool
+jtx_kick (struct ext4fs_jtx *jt)
+{
+  if (!jt->timer_started)
+    return false;
+  pthread_mutex_lock (&jt->tlock);
+  jt->tkick = true;
+  pthread_cond_signal (&jt->tcond);
+  pthread_mutex_unlock (&jt->tlock);
+  return true;
 }
 
 static void

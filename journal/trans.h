@@ -127,6 +127,15 @@ extern void jtx_for_held_locked (struct ext4fs_jtx *jt, uint64_t start,
  */
 extern int jtx_sync (struct ext4fs_jtx *jt, bool force, int *err);
 
+/* Ask the commit timer thread for a commit now (as jtx_sync with
+ * force, on its own thread) and return at once.  For a connection
+ * that is closing: its thread may not be able to do I/O any more (a
+ * filter below refuses it), and a failed commit would stop the
+ * journal for every client.  False if there is no timer thread (the
+ * caller then calls jtx_sync).
+ */
+extern bool jtx_kick (struct ext4fs_jtx *jt);
+
 /* Is anything a flush must make durable waiting in the running
  * transaction?  (No lock: a hint for FUA.)
  */
