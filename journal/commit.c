@@ -829,6 +829,8 @@ jtx_commit_step (struct ext4fs_jtx *jt, int *err)
   }
 
   /* Step 2. */
+  if (rt == 1)
+    __atomic_add_fetch (&jt->nasync, 1, __ATOMIC_RELAXED);
   if (have_s) {
     if (jtx_aborted (jt)) {
       /* Stopped meanwhile (a request of the running transaction). */

@@ -2,7 +2,7 @@
 # Chained commits (DESIGN.md §15): with flushes back to back, a
 # commit's commit block goes down with the next transaction's log and
 # shares its flush; and a connection that closes never does journal
-# I/O on its own thread (DESIGN.md §7, .finalize).
+# I/O on its own thread (DESIGN.md §8, .finalize).
 #
 # Below ext4fs: a slow flush (failnth-flush-delay-us) and slow writes
 # (the delay filter, whose sleeps end at once, failing the write, when
