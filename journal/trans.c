@@ -531,6 +531,7 @@ timer_thread (void *arg)
 {
   struct ext4fs_jtx *jt = arg;
   struct timespec ts;
+  bool staged;
 
   pthread_mutex_lock (&jt->tlock);
   while (!jt->tstop) {
@@ -543,9 +544,15 @@ timer_thread (void *arg)
       break;
     jt->tkick = false;
     pthread_mutex_unlock (&jt->tlock);
+    /* A staged commit too: its commit block waits for the next step,
+     * which may be long in coming once the clients are idle.
+     */
+    pthread_mutex_lock (&jt->state_lock);
+    staged = jt->staged;
+    pthread_mutex_unlock (&jt->state_lock);
     if (!jtx_aborted (jt) &&
         (__atomic_load_n (&jt->running_size, __ATOMIC_RELAXED) > 0 ||
-         jtx_pending (jt))) {
+         jtx_pending (jt) || staged)) {
       int err;
       jtx_sync (jt, true, &err);
     }

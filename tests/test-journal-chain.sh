@@ -20,6 +20,8 @@
 #    the writes at shutdown), e2fsck -fn and /f byte for byte: the
 #    flushers' last flushes came after the leaver's last round, so
 #    every byte written is durable.
+# And idle clients after a chained commit: the commit timer commits
+# what is left (below).
 source "$srcdir/functions.sh"
 requires /usr/bin/python3 -c 'import nbd'
 requires debugfs -V
@@ -145,4 +147,81 @@ for chain in 1 0; do
     /usr/bin/python3 -m e4test merge src/f exp out.*
     dump_cmp $chk /f exp
 done
+
+# Idle clients after a chained commit: A's flush is held at its first
+# step's flush (failnth), B fills holes meanwhile (without a flush:
+# they go into the next transaction, U, which A's second step stages
+# once A's own commit is durable); then nothing happens.  The commit
+# timer must commit what is left, U's commit block included, within
+# its interval (COMMIT_INTERVAL, 5 s): after 8 s, nbdkit is killed
+# (SIGKILL, no .finalize, no close), and a replay of the image must
+# give B's data as well as A's.  (With the timer's commit disabled,
+# B's blocks read as holes.  The timer also takes a staged commit with
+# nothing else running, which this does not isolate: here B's
+# requests leave something in the running transaction too.)
+echo "=== idle clients, a commit staged"
+cp --sparse=always img0 img
+rm -f ctl ctl.hold ctl.held
+sock=$tmpdir/idle.sock
+start_nbdkit "$sock" -v --filter="$FILTER" --filter="$failnth" \
+    file img failnth-file="$tmpdir/ctl" ext4file=/f 2> idle.err
+cat > idle.py <<'EOF2'
+import os, sys, threading, time
+import nbd
+import e4test as t
+sock, orig_path = sys.argv[1], sys.argv[2]
+BS = 4096
+exp = bytearray(open(orig_path, "rb").read())
+a = t.connect(sock)
+b = t.connect(sock)
+for k in range(8):
+    buf = t.pattern(k, BS, b"a")
+    a.pwrite(buf, (2 * k) * BS)
+    exp[(2 * k) * BS:(2 * k + 1) * BS] = buf
+open("ctl.hold", "w").write("f\n")
+res = {}
+def flush_a():
+    try:
+        a.flush()
+        res["a"] = "ok"
+    except nbd.Error as e:
+        res["a"] = "error: " + t.errstr(e)
+th = threading.Thread(target=flush_a)
+th.start()
+t.wait_for("ctl.held", "A's commit to be held", timeout=30)
+for k in range(8):
+    buf = t.pattern(100 + k, BS, b"b")
+    off = (1000 + 2 * k) * BS
+    b.pwrite(buf, off)
+    exp[off:off + BS] = buf
+os.unlink("ctl.hold")
+th.join(60)
+if res.get("a") != "ok":
+    t.fail("idle: A's flush: %s" % res.get("a"))
+open("exp-idle", "wb").write(exp)
+time.sleep(8)
+# Still connected (no .finalize) when nbdkit is killed.
+t.touch("idle.slept")
+time.sleep(60)
+EOF2
+/usr/bin/python3 idle.py "$sock" src/f &
+idle_pid=$!
+for ((i=0; i<300; i++)); do
+    [ -e idle.slept ] && break
+    kill -0 $idle_pid 2>/dev/null || { wait $idle_pid || true; fail "idle: the clients failed"; }
+    sleep 0.1
+done
+[ -e idle.slept ] || fail "idle: the clients did not finish"
+kill -9 "$(cat "$sock.pid")"
+kill $idle_pid 2>/dev/null || true
+wait $idle_pid 2>/dev/null || true
+sleep 0.5
+grep -q "failnth: holding f" idle.err || fail "idle: test setup: A's flush was not held"
+dumpe2fs -h img 2>/dev/null | grep -q needs_recovery ||
+    fail "idle: test setup: the image does not need recovery"
+cp --sparse=always img img.replayed
+e2fsck -E journal_only -y img.replayed > /dev/null 2>&1 ||
+    fail "idle: the journal replay failed"
+fsck_clean img.replayed
+dump_cmp img.replayed /f exp-idle
 echo "ok"
