@@ -90,7 +90,9 @@ struct handle {
   struct ext4fs_inode *ip;
   char *path;
   bool can_write;
-  /* Written to since its last successful flush (atomic): only then
+  /* Written to since its last successful flush (atomic; set when a
+   * write, zero or trim returns, so that one racing a flush sets it
+   * after the flush cleared it): only then
    * does .finalize commit.  A finalize runs on a connection that is
    * closing, where a plugin or filter below may refuse I/O (the delay
    * filter's sleeps end); a commit there that writes other clients'
@@ -101,6 +103,16 @@ struct handle {
    */
   bool dirty;
 };
+
+/* On every write: a load first, so that the connection's threads do
+ * not write the same cache line each time.
+ */
+static inline void
+mark_dirty (struct handle *h)
+{
+  if (!__atomic_load_n (&h->dirty, __ATOMIC_RELAXED))
+    __atomic_store_n (&h->dirty, true, __ATOMIC_RELEASE);
+}
 
 static void
 ext4fs_load (void)
@@ -540,8 +552,10 @@ ext4fs_pwrite (nbdkit_next *next, void *handle, const void *buf,
                uint32_t count, uint64_t offset, uint32_t flags, int *err)
 {
   struct handle *h = handle;
-  __atomic_store_n (&h->dirty, true, __ATOMIC_SEQ_CST);
-  return rw_pwrite (h->ip, buf, count, offset, flags, err);
+  int r = rw_pwrite (h->ip, buf, count, offset, flags, err);
+
+  mark_dirty (h);
+  return r;
 }
 
 static int
@@ -565,8 +579,10 @@ ext4fs_trim (nbdkit_next *next, void *handle, uint32_t count,
              uint64_t offset, uint32_t flags, int *err)
 {
   struct handle *h = handle;
-  __atomic_store_n (&h->dirty, true, __ATOMIC_SEQ_CST);
-  return rw_trim (h->ip, count, offset, flags, err);
+  int r = rw_trim (h->ip, count, offset, flags, err);
+
+  mark_dirty (h);
+  return r;
 }
 
 static int
@@ -574,8 +590,10 @@ ext4fs_zero (nbdkit_next *next, void *handle, uint32_t count,
              uint64_t offset, uint32_t flags, int *err)
 {
   struct handle *h = handle;
-  __atomic_store_n (&h->dirty, true, __ATOMIC_SEQ_CST);
-  return rw_zero (h->ip, count, offset, flags, err);
+  int r = rw_zero (h->ip, count, offset, flags, err);
+
+  mark_dirty (h);
+  return r;
 }
 
 static int

@@ -1545,6 +1545,7 @@ fs_sync_soon (struct ext4fs_fs *fsi, int *err)
     }
     if (jtx_kick (fsi->jt))
       return 0;
+    return jtx_sync (fsi->jt, false, err);   /* no timer thread */
   }
   return fs_sync (fsi, err);
 }

@@ -43,6 +43,7 @@ import random
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import nbd
@@ -133,6 +134,23 @@ def errstr(e):
     """The message of nbd.Error E on one line (for "REFUSED msg" style
     output lines the shell scripts grep)."""
     return e.string.replace("\n", " ")
+
+
+def flush_in_thread(h):
+    """Start h.flush() on a thread of its own (for a flush held below,
+    with requests beside it).  Returns (thread, res): once the thread
+    is joined, res["r"] is "ok" or "error: MESSAGE"."""
+    res = {}
+
+    def run():
+        try:
+            h.flush()
+            res["r"] = "ok"
+        except nbd.Error as e:
+            res["r"] = "error: " + errstr(e)
+    th = threading.Thread(target=run)
+    th.start()
+    return th, res
 
 
 def read_all(h, piece=1 << 20, into=None):

@@ -76,15 +76,7 @@ for b in range(0, 256, 2):
 if mode == "logfail":
     open("ctl", "w").write("g0 1 w\n")
 open("ctl.hold", "w").write("w\n" if mode == "logfail" else "f\n")
-res = {}
-def flush_a():
-    try:
-        a.flush()
-        res["a"] = "ok"
-    except nbd.Error as e:
-        res["a"] = "error: " + t.errstr(e)
-th = threading.Thread(target=flush_a)
-th.start()
+th, res = t.flush_in_thread(a)
 t.wait_for("ctl.held", "the commit to be held", timeout=30)
 # B beside the held commit.
 done = {}
@@ -107,19 +99,19 @@ os.unlink("ctl.hold")
 th.join(60)
 b, o = done["b"]
 if mode == "logfail":
-    if not res["a"].startswith("error"):
+    if not res["r"].startswith("error"):
         t.fail("logfail: A's flush succeeded with its log write failed")
     open("ctl", "w").write("g1 0 w\n")
 else:
-    if res["a"] != "ok":
-        t.fail("%s: A's flush: %s" % (mode, res["a"]))
+    if res["r"] != "ok":
+        t.fail("%s: A's flush: %s" % (mode, res["r"]))
 if mode == "crash":
     # B's commit: the checkpoint's two flushes, then its own.
     open("ctl", "w").write("g2 3 f\n")
     t.expect_error("crash: B's flush", o.flush)
 else:
     o.flush()
-print("%s: A's flush: %s" % (mode, res["a"]))
+print("%s: A's flush: %s" % (mode, res["r"]))
 EOF2
     stop_nbdkit "$sock"
     grep -E "commits written outside the locks" srv.$mode.err | tail -1

@@ -136,16 +136,10 @@ for chain in 1 0; do
         [ "${chained:-x}" = 0 ] ||
             fail "chain_commit=0: $chained commit blocks chained"
     fi
-    chk=img
-    if dumpe2fs -h img 2>/dev/null | grep -q needs_recovery; then
-        cp --sparse=always img img.replayed
-        e2fsck -E journal_only -y img.replayed > /dev/null 2>&1 ||
-            fail "chain_commit=$chain: the journal replay failed"
-        chk=img.replayed
-    fi
-    fsck_clean $chk
+    replay_copy img
+    fsck_clean img.chk
     /usr/bin/python3 -m e4test merge src/f exp out.*
-    dump_cmp $chk /f exp
+    dump_cmp img.chk /f exp
 done
 
 # Idle clients after a chained commit: A's flush is held at its first
@@ -179,15 +173,7 @@ for k in range(8):
     a.pwrite(buf, (2 * k) * BS)
     exp[(2 * k) * BS:(2 * k + 1) * BS] = buf
 open("ctl.hold", "w").write("f\n")
-res = {}
-def flush_a():
-    try:
-        a.flush()
-        res["a"] = "ok"
-    except nbd.Error as e:
-        res["a"] = "error: " + t.errstr(e)
-th = threading.Thread(target=flush_a)
-th.start()
+th, res = t.flush_in_thread(a)
 t.wait_for("ctl.held", "A's commit to be held", timeout=30)
 for k in range(8):
     buf = t.pattern(100 + k, BS, b"b")
@@ -196,8 +182,8 @@ for k in range(8):
     exp[off:off + BS] = buf
 os.unlink("ctl.hold")
 th.join(60)
-if res.get("a") != "ok":
-    t.fail("idle: A's flush: %s" % res.get("a"))
+if res.get("r") != "ok":
+    t.fail("idle: A's flush: %s" % res.get("r"))
 open("exp-idle", "wb").write(exp)
 time.sleep(8)
 # Still connected (no .finalize) when nbdkit is killed.
@@ -219,9 +205,7 @@ sleep 0.5
 grep -q "failnth: holding f" idle.err || fail "idle: test setup: A's flush was not held"
 dumpe2fs -h img 2>/dev/null | grep -q needs_recovery ||
     fail "idle: test setup: the image does not need recovery"
-cp --sparse=always img img.replayed
-e2fsck -E journal_only -y img.replayed > /dev/null 2>&1 ||
-    fail "idle: the journal replay failed"
-fsck_clean img.replayed
-dump_cmp img.replayed /f exp-idle
+replay_copy img
+fsck_clean img.chk
+dump_cmp img.chk /f exp-idle
 echo "ok"
