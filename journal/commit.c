@@ -790,7 +790,7 @@ int
 jtx_commit_step (struct ext4fs_jtx *jt, int *err)
 {
   struct commit s = { 0 }, t = { 0 };
-  bool have_s, fatal = false, t_failed = false;
+  bool have_s, fatal = false, t_failed = false, s_failed = false;
   int rt, r = 1, ferr = 0, terr = 0;
   uint64_t fseq = 0;
 
@@ -808,7 +808,8 @@ jtx_commit_step (struct ext4fs_jtx *jt, int *err)
   have_s = jt->staged;
   if (have_s) {
     s = jt->sc;
-    commit_logged_locked (jt, &s);
+    if (!jt->slogged)
+      commit_logged_locked (jt, &s);
   }
   rt = commit_begin_locked (jt, &t, have_s, err);
   pthread_mutex_unlock (jt->fs_lock);
@@ -841,14 +842,20 @@ jtx_commit_step (struct ext4fs_jtx *jt, int *err)
     else if (ext4fs_dev_pwrite (jt->dev, jt->scb,
                                 jt->bs, jphys (jt, s.cb) << jt->bits, 0,
                                 &ferr) == -1) {
-      nbdkit_error ("journal: commit: writing the commit block: %s",
-                    strerror (ferr));
-      fatal = true;             /* it may be on disk */
+      /* S stays staged, and the next step writes its commit block
+       * again.  It may be on disk already: S's log and the data it
+       * points at are durable (the last step's flush), so a replay
+       * may take S or not; nothing after S is written before it.
+       */
+      nbdkit_error ("journal: commit: writing the commit block: %s "
+                    "(written again at the next flush)", strerror (ferr));
+      s_failed = true;
     }
   }
-  if (rt == 1 && !fatal && commit_write_log (jt, &t, &terr) == -1)
+  if (rt == 1 && !fatal && !s_failed &&
+      commit_write_log (jt, &t, &terr) == -1)
     t_failed = true;
-  if (!fatal && (have_s || !t_failed)) {
+  if (!fatal && !s_failed && (have_s || !t_failed)) {
     pthread_mutex_lock (&jt->state_lock);
     fseq = ++jt->fstarted;
     pthread_mutex_unlock (&jt->state_lock);
@@ -864,13 +871,15 @@ jtx_commit_step (struct ext4fs_jtx *jt, int *err)
 
   /* Step 3. */
   pthread_mutex_lock (jt->fs_lock);
-  if (rt == 1 && (fatal || t_failed)) {
+  if (rt == 1 && (fatal || t_failed || s_failed)) {
     t.fatal = fatal;
     commit_failed_locked (jt, &t);
   }
   if (have_s) {
     if (fatal)
       jtx_abort_locked (jt, "commit failed");
+    else if (s_failed)
+      ;                         /* still staged, written again next */
     else {
       commit_durable_locked (jt);
       if (rt == 1 && !t_failed)
@@ -878,15 +887,20 @@ jtx_commit_step (struct ext4fs_jtx *jt, int *err)
     }
   }
   pthread_mutex_lock (&jt->state_lock);
-  if (have_s && !fatal)
+  if (have_s && !fatal && !s_failed)
     jt->dtid = s.tid;
   if (fseq > 0 && !fatal)
     jt->fdone = fseq;
-  jt->staged = rt == 1 && !fatal && !t_failed;
-  if (jt->staged) {
-    jt->sc = t;
-    /* The next begin builds its log in logbuf. */
-    memcpy (jt->scb, jt->logbuf + (t.need - 1) * jt->bs, jt->bs);
+  if (s_failed && !fatal)
+    jt->slogged = true;         /* jt->sc and jt->scb are still S's */
+  else {
+    jt->slogged = false;
+    jt->staged = rt == 1 && !fatal && !t_failed;
+    if (jt->staged) {
+      jt->sc = t;
+      /* The next begin builds its log in logbuf. */
+      memcpy (jt->scb, jt->logbuf + (t.need - 1) * jt->bs, jt->bs);
+    }
   }
   pthread_mutex_unlock (&jt->state_lock);
   if (!fatal && !jt->staged && jt->used > jt->capacity / 2 &&
@@ -897,7 +911,7 @@ jtx_commit_step (struct ext4fs_jtx *jt, int *err)
   set_inflight (jt, false);
   jtx_cache_trim (jt);
   pthread_mutex_unlock (jt->fs_lock);
-  if (fatal) {
+  if (fatal || s_failed) {
     *err = ferr;
     return -1;
   }

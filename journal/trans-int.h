@@ -162,6 +162,12 @@ struct ext4fs_jtx {
    * under state_lock (and the commit lock).
    */
   bool staged;
+  /* The staged commit is in the log's bookkeeping already: a step
+   * that did that failed to write its commit block, and the next step
+   * writes it again (jtx_commit_step).  The commit lock's, changed
+   * under state_lock, as staged.
+   */
+  bool slogged;
   /* Flushes of steps: started (numbered), and the last one that
    * completed; a flush is done only after one started after it.
    */

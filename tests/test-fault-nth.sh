@@ -29,11 +29,13 @@
 # armed): metadata goes into the writer's cache, with a journal and
 # without one (the ordered write-back), so the writes that fail are
 # data writes and, at the flush, log and commit writes (journal) or
-# write-back writes (no journal).  A failed write-back write fails the
-# flush and is written again later; a failed commit block aborts the
-# journal: the image then needs recovery, and its replay alone (no
-# e2fsck repair) must give a consistent filesystem with every byte
-# outside the request unchanged.
+# write-back writes (no journal).  A failed write-back write, log write
+# or commit block write fails the flush and is written again later (a
+# commit block at the next flush: tests/test-commit-retry.sh; here at
+# the disconnect or the stop).  Should the journal abort instead (a
+# failed write it cannot write again), the image needs recovery, and
+# its replay alone (no e2fsck repair) must give a consistent filesystem
+# with every byte outside the request unchanged.
 source "$srcdir/functions.sh"
 requires python3 -c 'import nbd'
 requires debugfs -V
