@@ -875,23 +875,22 @@ jtx_commit_step (struct ext4fs_jtx *jt, int *err)
     t.fatal = fatal;
     commit_failed_locked (jt, &t);
   }
-  if (have_s) {
-    if (fatal)
-      jtx_abort_locked (jt, "commit failed");
-    else if (s_failed)
-      ;                         /* still staged, written again next */
-    else {
-      commit_durable_locked (jt);
-      if (rt == 1 && !t_failed)
-        jt->nchained++;
-    }
+  /* S_FAILED: S is still staged, written again next (never FATAL:
+   * nothing is flushed after a failed commit block).
+   */
+  if (have_s && fatal)
+    jtx_abort_locked (jt, "commit failed");
+  else if (have_s && !s_failed) {
+    commit_durable_locked (jt);
+    if (rt == 1 && !t_failed)
+      jt->nchained++;
   }
   pthread_mutex_lock (&jt->state_lock);
   if (have_s && !fatal && !s_failed)
     jt->dtid = s.tid;
   if (fseq > 0 && !fatal)
     jt->fdone = fseq;
-  if (s_failed && !fatal)
+  if (s_failed)
     jt->slogged = true;         /* jt->sc and jt->scb are still S's */
   else {
     jt->slogged = false;

@@ -28,6 +28,9 @@ request), Shadow.trim_blocks (a trim that punches whole blocks only),
 expect_error (any error), errstr(e) for "REFUSED msg" style output.
 A writer process from the shell: python3 -m e4test put SOCK OFF FILE.
 After a repair: python3 -m e4test repaired DUMP BEFORE NEW O N.
+One write in doubt (its flush failed, then a crash):
+Shadow.save(OUT) with the old bytes, save_one_write(OUT, off, old, new),
+then python3 -m e4test onewrite DUMP OUT WHAT after the replay.
 
 The shell side releases the clients with release_clients N PID...
 (functions.sh), stops the server with stop_nbdkit, checks the image
@@ -54,6 +57,7 @@ __all__ = [
     "first_diff", "Shadow", "merge_owned",
     "is_errno", "expect_errno", "expect_error",
     "free_block_ranges", "free_blocks_of", "check_repaired",
+    "save_one_write", "check_one_write",
 ]
 
 
@@ -441,10 +445,39 @@ def check_repaired(dump, before, new, o, n):
             fail("byte %d inside the request: unexpected after repair" % i)
 
 
+def save_one_write(out, off, old, new):
+    """Beside OUT (a Shadow.save holding OLD at OFF): one write whose
+    fate is in doubt, for check_one_write."""
+    import json
+    with open(out + ".json", "w") as f:
+        json.dump({"off": off, "old": old.hex(), "new": new.hex()}, f)
+
+
+def check_one_write(dump, out, what):
+    """The file's contents DUMP (a path) must be OUT's (a path) but for
+    the range of the write saved by save_one_write, which holds its
+    old or its new bytes, all of them."""
+    import json
+    got = open(dump, "rb").read()
+    want = bytearray(open(out, "rb").read())
+    with open(out + ".json") as f:
+        j = json.load(f)
+    o, old, new = j["off"], bytes.fromhex(j["old"]), bytes.fromhex(j["new"])
+    piece = got[o:o + len(new)]
+    if piece not in (old, new):
+        fail("%s: its range is neither old nor new" % what)
+    want[o:o + len(new)] = piece
+    if len(got) != len(want) or got != want:
+        fail("byte %s differs after the repair" % first_diff(got, want))
+    print("after the repair: every byte as promised (%s: %s)" %
+          (what, "landed" if piece == new and new != old else "not there"))
+
+
 if __name__ == "__main__":
     # python3 -m e4test merge ORIG OUT PART...: merge_owned.
     # python3 -m e4test put TARGET OFF PATH [PIECE DEPTH]: put.
     # python3 -m e4test repaired DUMP BEFORE NEW O N: check_repaired.
+    # python3 -m e4test onewrite DUMP OUT WHAT: check_one_write.
     if len(sys.argv) >= 4 and sys.argv[1] == "merge":
         merge_owned(sys.argv[2], sys.argv[3], sys.argv[4:])
     elif len(sys.argv) in (5, 7) and sys.argv[1] == "put":
@@ -452,7 +485,9 @@ if __name__ == "__main__":
             *[int(a) for a in sys.argv[5:]])
     elif len(sys.argv) == 7 and sys.argv[1] == "repaired":
         check_repaired(*sys.argv[2:5], int(sys.argv[5]), int(sys.argv[6]))
+    elif len(sys.argv) == 5 and sys.argv[1] == "onewrite":
+        check_one_write(*sys.argv[2:5])
     else:
         fail("usage: e4test.py merge ORIG OUT PART... | "
              "put TARGET OFF PATH [PIECE DEPTH] | "
-             "repaired DUMP BEFORE NEW O N")
+             "repaired DUMP BEFORE NEW O N | onewrite DUMP OUT WHAT")

@@ -26,7 +26,7 @@ failnth=$(test_filter failnth)
 cd "$tmpdir"
 
 cat > cbr.py <<'EOF'
-import errno, json, os, sys
+import errno, os, sys
 import e4test as t
 
 sock, ctl, orig_path, out, phase = sys.argv[1:6]
@@ -72,8 +72,7 @@ m.check_all("reads after the failed commit block")
 if phase == "crash":
     m.data[off:off + bs] = old
     m.save(out)
-    json.dump({"off": off, "old": old.hex(), "new": new.hex()},
-              open(out + ".json", "w"))
+    t.save_one_write(out, off, old, new)
     # Still connected (a disconnect commits), until the server is dead.
     t.touch(out + ".ready")
     t.wait_for(out + ".killed", "the server to be killed")
@@ -97,23 +96,6 @@ t.Shadow(h2, m.data).check_all("a new connection")
 h2.shutdown()
 h.shutdown()
 m.save(out)
-EOF
-
-cat > cmp.py <<'EOF'
-import json, sys
-import e4test as t
-got = open(sys.argv[1], "rb").read()
-want = bytearray(open(sys.argv[2], "rb").read())
-j = json.load(open(sys.argv[2] + ".json"))
-o, old, new = j["off"], bytes.fromhex(j["old"]), bytes.fromhex(j["new"])
-piece = got[o:o + len(new)]
-if piece not in (old, new):
-    t.fail("the uncommitted write's range is neither old nor new")
-want[o:o + len(new)] = piece
-if len(got) != len(want) or got != want:
-    t.fail("byte %s differs after the replay" % t.first_diff(got, want))
-print("after the replay: every byte as promised (the write whose commit "
-      "block failed: %s)" % ("there" if piece == new else "not there"))
 EOF
 
 rm -rf src
@@ -171,7 +153,9 @@ for phase in stop crash crash-after-retry; do
             rm -f dump.out
             debugfs -R "dump /f $tmpdir/dump.out" img.chk >/dev/null 2>&1
             if [ $phase = crash ]; then
-                python3 cmp.py dump.out out || fail "crash: content after the replay"
+                python3 -m e4test onewrite dump.out out \
+                        'the write whose commit block failed' ||
+                    fail "crash: content after the replay"
             else
                 cmp dump.out out || fail "crash-after-retry: content after the replay"
             fi

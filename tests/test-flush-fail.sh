@@ -29,7 +29,7 @@ recorder=$(recorder_filter) || exit $?
 cd "$tmpdir"
 
 cat > ff.py <<'EOF'
-import errno, json, os, sys, threading, time
+import errno, os, sys, threading, time
 import nbd
 import e4test as t
 
@@ -90,12 +90,11 @@ m.check_all("B: reads after the writer stopped")
 h2.shutdown()
 h.shutdown()
 m.save(out)
-json.dump({"off": boff, "old": old.hex(), "new": new.hex()},
-          open(out + ".json", "w"))
+t.save_one_write(out, boff, old, new)
 EOF
 
 cat > ffc.py <<'EOF'
-import errno, json, os, sys, threading, time
+import errno, os, sys, threading, time
 import nbd
 import e4test as t
 
@@ -143,25 +142,7 @@ m.check_all("C: reads after the writer stopped")
 for hh in (h, h2, h3):
     hh.shutdown()
 m.save(out)
-json.dump({"off": uoff, "old": old.hex(), "new": new.hex()},
-          open(out + ".json", "w"))
-EOF
-
-cat > cmp.py <<'EOF'
-import json, sys
-import e4test as t
-got = open(sys.argv[1], "rb").read()
-want = bytearray(open(sys.argv[2], "rb").read())
-j = json.load(open(sys.argv[2] + ".json"))
-o, old, new = j["off"], bytes.fromhex(j["old"]), bytes.fromhex(j["new"])
-piece = got[o:o + len(new)]
-if piece not in (old, new):
-    t.fail("the in-flight write's range is neither old nor new")
-want[o:o + len(new)] = piece
-if len(got) != len(want) or got != want:
-    t.fail("byte %s differs after the repair" % t.first_diff(got, want))
-print("after the repair: every byte as promised (in-flight write: %s)" %
-      ("landed" if piece == new and new != old else "not there"))
+t.save_one_write(out, uoff, old, new)
 EOF
 
 export SEED=${SEED:-$RANDOM}
@@ -209,7 +190,8 @@ for flavour in ext4 ext2-1k; do
     fi
     fsck_clean rep.img
     debugfs -R "dump /f rep.out" rep.img >/dev/null 2>&1
-    python3 cmp.py rep.out out || fail "$flavour: content after the repair"
+    python3 -m e4test onewrite rep.out out 'the in-flight write' ||
+        fail "$flavour: content after the repair"
 
     [ $flavour = ext4 ] || continue
     echo "=== $flavour: a commit queued behind the failed flush"
@@ -236,6 +218,7 @@ for flavour in ext4 ext2-1k; do
     [ $r -le 1 ] || { cat fsck1.out; fail "ext4 (C): e2fsck -fy of the copy (rc $r)"; }
     fsck_clean rep.img
     debugfs -R "dump /f rep.out" rep.img >/dev/null 2>&1
-    python3 cmp.py rep.out out || fail "$flavour (C): content after the repair"
+    python3 -m e4test onewrite rep.out out 'the in-flight write' ||
+        fail "$flavour (C): content after the repair"
 done
 echo "a failed flush: the session goes on when only data in place was at stake; otherwise the writer stops first"
