@@ -5,7 +5,8 @@
 # (replayed in place).
 #
 # The machine is qemu-system-x86_64 (KVM where it works, else
-# emulation) with the export as its virtio disk; its BIOS boots the
+# emulation; EXT4FS_QEMU_ACCEL=tcg forces emulation) with the export
+# as its virtio disk; its BIOS boots the
 # boot sector vm-boot.S, which reads sectors through the BIOS, writes
 # one sector that was a hole in the file (an allocating write) and
 # prints what it saw on the serial port.
@@ -56,7 +57,7 @@ boot ()
 {
     local name=$1 sock=$2 ro=${3:+,$3} pid i
     rm -f "$name.serial"
-    qemu-system-x86_64 -nodefaults -machine pc,accel=kvm:tcg -m 32 \
+    qemu-system-x86_64 -nodefaults -machine "pc,accel=${EXT4FS_QEMU_ACCEL:-kvm:tcg}" -m 32 \
         -display none -no-reboot -serial "file:$name.serial" \
         -drive "file=nbd+unix:///?socket=$sock,format=raw,if=none,id=d0,cache=none$ro" \
         -device virtio-blk-pci,drive=d0,bootindex=1 2> "$name.qemu" &
