@@ -293,13 +293,16 @@ recorder_filter ()
     echo "$r"
 }
 
+# needs_recovery IMG: the image's superblock has needs_recovery set.
+needs_recovery () { dumpe2fs -h "$1" 2>/dev/null | grep -q needs_recovery; }
+
 # replay_copy IMG: IMG.chk, the image to check after its server has
 # stopped: a copy of IMG, replayed by e2fsck where IMG needs recovery
 # (fails if the replay fails).
 replay_copy ()
 {
     cp --sparse=always "$1" "$1.chk"
-    if dumpe2fs -h "$1" 2>/dev/null | grep -q needs_recovery; then
+    if needs_recovery "$1"; then
         e2fsck -E journal_only -y "$1.chk" > "$tmpdir/replay.out" 2>&1 ||
             { cat "$tmpdir/replay.out"; fail "the journal replay of $1 failed"; }
     fi

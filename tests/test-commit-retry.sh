@@ -138,7 +138,7 @@ for phase in stop crash crash-after-retry; do
     case $phase in
         stop)
             stop_nbdkit "$sock"
-            dumpe2fs -h img 2>/dev/null | grep -q needs_recovery &&
+            needs_recovery img &&
                 fail "stop: the image still needs recovery"
             state=$(dumpe2fs -h img 2>/dev/null | sed -n 's/^Filesystem state: *//p')
             [ "$state" = clean ] || fail "stop: filesystem state '$state'"
@@ -146,7 +146,7 @@ for phase in stop crash crash-after-retry; do
             dump_cmp img /f out
             ;;
         crash*)
-            dumpe2fs -h img 2>/dev/null | grep -q needs_recovery ||
+            needs_recovery img ||
                 fail "$phase: a killed writer left no recovery pending"
             replay_copy img
             fsck_clean img.chk

@@ -110,7 +110,7 @@ for flavour in ext4 ext2; do
             { tail -20 srv.err; fail "$flavour: the writer did not say why it stopped"; }
         cp --sparse=always img rep.img
         if [ $flavour = ext4 ]; then
-            dumpe2fs -h rep.img 2>/dev/null | grep -q needs_recovery ||
+            needs_recovery rep.img ||
                 fail "ext4: the journal was not left needing recovery"
             e2fsck -E journal_only -y rep.img > fsck1.out 2>&1 ||
                 { cat fsck1.out; fail "ext4: the journal replay failed"; }

@@ -203,7 +203,7 @@ kill $idle_pid 2>/dev/null || true
 wait $idle_pid 2>/dev/null || true
 sleep 0.5
 grep -q "failnth: holding f" idle.err || fail "idle: test setup: A's flush was not held"
-dumpe2fs -h img 2>/dev/null | grep -q needs_recovery ||
+needs_recovery img ||
     fail "idle: test setup: the image does not need recovery"
 replay_copy img
 fsck_clean img.chk
