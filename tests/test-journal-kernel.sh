@@ -119,6 +119,12 @@ flavour ()
 {
     local name="$1" mkfs="$2" opts="$3" n c seq_o seq_r sha r
     echo "=== $name: mke2fs $mkfs, mount -o $opts"
+    # The copy must hold the first round's changes only in its log.
+    # On a loaded machine a round can take longer than the flusher's
+    # 30 s, and the kernel then checkpoints it before the copy: the
+    # setup is tried again then, up to three times.
+    local attempt
+    for attempt in 1 2 3; do
     rm -f live.img copy.img rw.img oracle.img
     truncate -s 64M live.img
     mke2fs -q -F $mkfs -E lazy_itable_init=0,lazy_journal_init=0 -d src live.img ||
@@ -142,22 +148,28 @@ flavour ()
 
     oracle copy.img oracle.list oracle.img
     seq_o=$(jfield oracle.img 'Journal sequence')
-
-    # (d) The stale image differs from the oracle.
     tree_list copy.img stale.list
-    if cmp -s stale.list oracle.list; then
-        bad "$name: (d) the un-replayed image reads the same as the oracle: this test cannot tell replay from no replay"
-    else
-        echo "  (d) un-replayed image: $(diff stale.list oracle.list | grep -c '^[<>]') line(s) of its file list differ from the oracle"
-    fi
     # Paths that exist only in the stale image (deleted, renamed away).
     awk -F'  ' 'NR==FNR { o[$2]=1; next } !($2 in o)' oracle.list stale.list > only-stale.list
     # (With data=journal the filler's data wraps the log: the first
     # rounds are checkpointed, so the stale image already has them.)
     case "$opts" in
+        *data=journal*) break ;;
+        *) grep -q '  /gone$' only-stale.list && break
+           echo "  (test setup: /gone is not in the stale image: the log was checkpointed before the copy; attempt $attempt of 3)" ;;
+    esac
+    done
+
+    # (d) The stale image differs from the oracle.
+    if cmp -s stale.list oracle.list; then
+        bad "$name: (d) the un-replayed image reads the same as the oracle: this test cannot tell replay from no replay"
+    else
+        echo "  (d) un-replayed image: $(diff stale.list oracle.list | grep -c '^[<>]') line(s) of its file list differ from the oracle"
+    fi
+    case "$opts" in
         *data=journal*) ;;
         *) grep -q '  /gone$' only-stale.list ||
-               bad "$name: test setup: /gone is not in the stale image (the log was checkpointed)" ;;
+               bad "$name: test setup: /gone is not in the stale image (the log was checkpointed, three times)" ;;
     esac
     # Revoked blocks now in use in the oracle: a replay that ignored
     # the revokes would write stale metadata over them.
