@@ -32,6 +32,7 @@
 
 #include <config.h>
 
+#include <assert.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <stdlib.h>
@@ -46,27 +47,15 @@
 #include "cleanup.h"
 
 
-/* A map that cannot load its runs again (indirect files: the whole
- * map is built at once) holds at most MAX_RUNS runs (24 bytes each, so
- * 96 MiB): a file more fragmented than that (or a corrupt one) cannot
- * be mapped, and writes that would take a map past it are refused.
- * The maps of extent files are partial (runmap.h): loaded one leaf of
- * the tree at a time where requests need them, and cut back to what
- * the request at hand needs when they hold more than MAP_BUDGET runs,
- * so a file with ten million extents opens at once and its map stays
- * within about 24 MiB (and one request's runs).
- * -D ext4fs.max_runs=N lowers both (tests).
+/* Maps are partial (runmap.h): loaded one leaf of the extent tree, or
+ * one block of pointers of an indirect file, at a time where requests
+ * need them, and cut back to what the request at hand needs when they
+ * hold more than MAP_BUDGET runs (24 bytes each), so a file with ten
+ * million extents opens at once and its map stays within about 24 MiB
+ * (and one request's runs).  -D ext4fs.max_runs=N lowers the budget
+ * (tests).
  */
-#define MAX_RUNS (4 * 1024 * 1024)
 #define MAP_BUDGET (1024 * 1024)
-
-size_t
-bmap_max_runs (void)
-{
-  int d = ext4fs_debug_max_runs;
-
-  return d > 0 && d < MAX_RUNS ? (size_t) d : MAX_RUNS;
-}
 
 size_t
 bmap_map_budget (void)
@@ -84,8 +73,6 @@ struct builder {
   uint64_t next_lblk;           /* runs must not overlap */
   uint64_t nblocks;             /* blocks covering i_size */
   errcode_t error;
-  bool too_many;                /* over bmap_max_runs () */
-  bool nolimit;                 /* -D ext4fs.verify_map's whole map */
 };
 
 /* Is logical [lblk, lblk+len) -> physical [pblk, ...) a mapping the
@@ -139,12 +126,6 @@ push_run (struct builder *b, uint64_t lblk, uint64_t pblk, uint64_t len,
       last->len += len;
       return 0;
     }
-  }
-  if (!b->nolimit && b->map->n >= bmap_max_runs ()) {
-    nbdkit_error ("inode %u: more than %zu fragments: too fragmented "
-                  "to map (or corrupt)", b->ip->ino, bmap_max_runs ());
-    b->too_many = true;
-    return -1;
   }
   {
     const struct ext4fs_run r = {
@@ -254,7 +235,6 @@ build_locked (struct ext4fs_inode *ip, bool full, int *err)
   struct builder b = {
     .ip = ip,
     .nblocks = (ip->size + ip->fsi->blocksize - 1) >> ip->fsi->blockbits,
-    .nolimit = full,
   };
   int r = 0;
 
@@ -266,14 +246,15 @@ build_locked (struct ext4fs_inode *ip, bool full, int *err)
   }
   if (ip->inline_data)
     r = 0;                      /* no blocks */
-  else if (ip->extents && !full) {
-    /* Partial: leaves are loaded when needed (bmap_load_locked); a
-     * tree that is only its root is loaded now (no I/O).
+  else if (!full) {
+    /* Partial: leaves (or blocks of pointers) are loaded when needed
+     * (bmap_load_locked); an extent tree that is only its root is
+     * loaded now (no I/O).
      */
     bool was_reset = false;
 
     b.map->partial = true;
-    if (extent_depth (ip) == 0 &&
+    if (ip->extents && extent_depth (ip) == 0 &&
         bmap_load_locked (ip, b.map, 0, &was_reset, err) == -1) {
       runmap_free (b.map);
       return NULL;
@@ -285,7 +266,7 @@ build_locked (struct ext4fs_inode *ip, bool full, int *err)
     r = build_indirect (&b);
   if (r == -1) {
     runmap_free (b.map);
-    *err = b.too_many ? EFBIG : EIO;
+    *err = EIO;
     return NULL;
   }
   return b.map;
@@ -353,8 +334,6 @@ bmap_map_set (struct ext4fs_map **mapp, uint64_t lblk, uint32_t len,
   pieces[np++] = (struct ext4fs_run) { .lblk = lblk, .pblk = pblk, .len = len };
   np += right;
 
-  if (!m->partial && m->n - k + np > bmap_max_runs ())
-    return -1;
   for (i = 0; i < k; ++i)
     p = runmap_remove (m, p);
   for (i = 0; i < np; ++i) {
@@ -1194,10 +1173,19 @@ load_leaf (struct ext4fs_inode *ip, struct ext4fs_map *m,
 
     if (x->len == 0 || x->lblk < next || x->lblk + x->len > hi ||
         run_check (ip, x->lblk, x->pblk, x->len, next) == -1) {
-      nbdkit_error ("inode %u: corrupt extent tree: leaf block %" PRIu64
-                    ": extent at logical block %" PRIu64 " (+%u) is "
-                    "empty, out of order or outside the leaf's range",
-                    ip->ino, leaf->blk, x->lblk, (unsigned) x->len);
+      if (ip->extents)
+        nbdkit_error ("inode %u: corrupt extent tree: leaf block %" PRIu64
+                      ": extent at logical block %" PRIu64 " (+%u) is "
+                      "empty, out of order or outside the leaf's range",
+                      ip->ino, leaf->blk, x->lblk, (unsigned) x->len);
+      else if (leaf->blk)
+        nbdkit_error ("inode %u: corrupt indirect block %" PRIu64 ": it "
+                      "maps logical block %" PRIu64 " to physical %" PRIu64,
+                      ip->ino, leaf->blk, x->lblk, x->pblk);
+      else
+        nbdkit_error ("inode %u: corrupt direct block pointer: logical "
+                      "block %" PRIu64 " to physical %" PRIu64,
+                      ip->ino, x->lblk, x->pblk);
       return -1;
     }
     next = x->lblk + x->len;
@@ -1266,10 +1254,138 @@ load_leaf (struct ext4fs_inode *ip, struct ext4fs_map *m,
   return -1;
 }
 
+/* The partial map of a file of indirect blocks is loaded by the
+ * region one block of pointers maps: the 12 direct blocks, or the
+ * apb (blocksize / 4) blocks of one indirect block at the bottom of the
+ * single, double or triple tree; a zero pointer higher up is a hole
+ * over everything below it.  Found by walking down from i_block to
+ * the pointer block that maps lblk (through the io channel, so that
+ * the journal's running transaction is seen), each pointer block
+ * checked as the whole-map builder checks it, and loaded with
+ * load_leaf as a leaf of one-block extents, merged where contiguous.
+ * Blocks at or past the end of the file are left out, as the builder
+ * never reads them.  Caller holds ip->lock exclusive and fsi->lock.
+ */
+static int
+load_indirect (struct ext4fs_inode *ip, struct ext4fs_map *m, uint64_t lblk,
+               int *err)
+{
+  struct ext4fs_fs *fsi = ip->fsi;
+  const uint64_t apb = fsi->blocksize / 4;
+  const uint64_t nblocks = (ip->size + fsi->blocksize - 1) >> fsi->blockbits;
+  const uint32_t *ptrs = ip->raw.i_block; /* the pointers of the region */
+  uint64_t lo, hi, span, blk = 0;
+  CLEANUP_FREE uint32_t *buf = NULL;
+  CLEANUP_FREE struct xnode *leaf = NULL;
+  unsigned levels, slot, i;
+  bool reset = false;
+
+  if (lblk < EXT2_NDIR_BLOCKS) {
+    lo = 0;
+    hi = EXT2_NDIR_BLOCKS;
+    levels = 0;
+  }
+  else {
+    lo = EXT2_NDIR_BLOCKS;
+    for (levels = 1, span = apb; ; ++levels, span *= apb) {
+      if (levels > 3) {
+        /* Past what indirect blocks can map: nothing there. */
+        lo = bmap_map_limit (ip);
+        hi = UINT64_MAX;
+        levels = 0;
+        ptrs = NULL;
+        break;
+      }
+      if (lblk - lo < span) {
+        slot = EXT2_IND_BLOCK + levels - 1;
+        hi = lo + span;
+        blk = ip->raw.i_block[slot]; /* in memory: host order */
+        break;
+      }
+      lo += span;
+    }
+    /* Down the tree: at each level the pointer to the child whose
+     * span holds lblk.
+     */
+    while (levels > 0) {
+      if (blk == 0) {
+        ptrs = NULL;              /* a hole over [lo, hi) */
+        break;
+      }
+      if (blk < fsi->first_data_block || blk >= fsi->blocks_count ||
+          fs_is_metadata (fsi, blk, 1)) {
+        nbdkit_error ("inode %u: corrupt indirect block number %" PRIu64,
+                      ip->ino, blk);
+        *err = EIO;
+        return -1;
+      }
+      if (buf == NULL && (buf = malloc (fsi->blocksize)) == NULL) {
+        nbdkit_error ("malloc: %m");
+        *err = errno;
+        return -1;
+      }
+      {
+        errcode_t e = io_channel_read_blk64 (fsi->fs->io, blk, 1, buf);
+        if (e) {
+          nbdkit_error ("inode %u: indirect block %" PRIu64 ": %s",
+                        ip->ino, blk, error_message (e));
+          *err = EIO;
+          return -1;
+        }
+      }
+      ptrs = buf;
+      if (levels == 1)
+        break;
+      span = (hi - lo) / apb;     /* of each child */
+      i = (lblk - lo) / span;
+      lo += i * span;
+      hi = lo + span;
+      blk = ext2fs_le32_to_cpu (buf[i]);
+      --levels;
+    }
+  }
+
+  leaf = xt_alloc (apb > EXT2_NDIR_BLOCKS ? apb : EXT2_NDIR_BLOCKS);
+  if (leaf == NULL) {
+    nbdkit_error ("calloc: %m");
+    *err = errno;
+    return -1;
+  }
+  leaf->blk = ptrs == buf ? blk : 0;
+  if (ptrs) {
+    uint64_t n = hi - lo;
+
+    for (i = 0; i < n && lo + i < nblocks; ++i) {
+      /* (i_block is in host order in memory, blocks on disk are
+       * little-endian.)
+       */
+      uint64_t p = ptrs == buf ? ext2fs_le32_to_cpu (ptrs[i]) : ptrs[i];
+      struct xent *x = leaf->n ? &leaf->e[leaf->n - 1] : NULL;
+
+      if (p == 0)
+        continue;
+      if (x && x->lblk + x->len == lo + i && x->pblk + x->len == p)
+        x->len++;
+      else
+        leaf->e[leaf->n++] = (struct xent) { .lblk = lo + i, .pblk = p,
+                                             .len = 1 };
+    }
+  }
+  if (load_leaf (ip, m, leaf, lo, hi, &reset) == -1) {
+    *err = EIO;
+    return -1;
+  }
+  assert (!reset);              /* no unwritten runs */
+  return 0;
+}
+
 int
 bmap_load_locked (struct ext4fs_inode *ip, struct ext4fs_map *m,
                   uint64_t lblk, bool *was_reset, int *err)
 {
+  if (!ip->extents)
+    return load_indirect (ip, m, lblk, err);
+
   struct xpath p;
   uint64_t lo = 0, hi = UINT64_MAX;
   bool reset = false, sorted = true;
@@ -1786,8 +1902,7 @@ bmap_insert_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t pblk,
 
 int
 bmap_convert_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t len,
-                     bool to_unwritten, size_t *runs_left, bool *converted,
-                     int *err)
+                     bool to_unwritten, bool *converted, int *err)
 {
   uint64_t end = lblk + len;
 
@@ -1804,13 +1919,6 @@ bmap_convert_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t len,
     errcode_t e;
     int r;
 
-    if (runs_left && *runs_left < 2) {
-      nbdkit_error ("inode %u: the file is too fragmented: converting more "
-                    "would take its block map past %zu runs", ip->ino,
-                    bmap_max_runs ());
-      *err = EFBIG;
-      return -1;
-    }
     e = xt_walk (ip, lblk, &p);
     if (e)
       return extent_error (ip, "extent tree", e, err);
@@ -1871,8 +1979,6 @@ bmap_convert_locked (struct ext4fs_inode *ip, uint64_t lblk, uint64_t len,
     r = xt_replace_locked (ip, &p, first, count, pieces, npieces, 0, 0, err);
     if (r < 0)
       return -1;
-    if (runs_left)
-      *runs_left -= 2;
     if (pend >= end)
       *converted = true;
     if (r > 0)

@@ -7,14 +7,14 @@
 
 #include "inode.h"
 
-/* The map of ip, from ip->raw.  Caller holds fsi->lock.  Extent
- * files get a partial map (runmap.h) that covers nothing yet, or all
- * of a tree that is only its root; other files the whole map, every
- * physical block checked against the filesystem.  Returns NULL with
- * *err set: EIO on corrupt metadata, EFBIG if the map would have more
- * than bmap_max_runs () runs.  bmap_build_full_locked builds the whole
- * map of any file (with libext2fs's extent reader: -D
- * ext4fs.verify_map compares the two).
+/* The map of ip, from ip->raw.  Caller holds fsi->lock.  Files with
+ * blocks get a partial map (runmap.h) that covers nothing yet, or all
+ * of an extent tree that is only its root; inline-data files an empty
+ * whole map.  Returns NULL with *err set: EIO on corrupt metadata.
+ * bmap_build_full_locked builds the whole map of any file, every
+ * physical block checked against the filesystem, with libext2fs's
+ * extent reader or block iterator (-D ext4fs.verify_map compares the
+ * two), with no limit.
  */
 extern struct ext4fs_map *bmap_build_locked (struct ext4fs_inode *ip, int *err);
 extern struct ext4fs_map *bmap_build_full_locked (struct ext4fs_inode *ip,
@@ -33,16 +33,14 @@ extern struct ext4fs_map *bmap_build_full_locked (struct ext4fs_inode *ip,
 extern int bmap_load_locked (struct ext4fs_inode *ip, struct ext4fs_map *m,
                              uint64_t lblk, bool *was_reset, int *err);
 
-/* The most runs a cached map of an indirect file may hold (4 Mi, or -D
- * ext4fs.max_runs); the runs past which a partial map is cut back to
- * what one request needs (1 Mi, or -D ext4fs.max_runs).
- */
 /* Free the read-only index-node cache of fsi (at close; logs its hit
  * rate with -v).
  */
 extern void bmap_icache_free (struct ext4fs_fs *fsi);
 
-extern size_t bmap_max_runs (void);
+/* The runs past which a partial map is cut back to what one request
+ * needs (1 Mi, or -D ext4fs.max_runs).
+ */
 extern size_t bmap_map_budget (void);
 
 /* Does m map every block it covers as disk (a whole map) does?  Runs
@@ -219,15 +217,11 @@ extern int bmap_insert_locked (struct ext4fs_inode *ip, uint64_t lblk,
  * neighbours), or inside one written run as unwritten.  *converted:
  * the tree as libext2fs sees it has the whole change (true after
  * success, and after a failure of only the final inode write).
- * runs_left (or NULL: not counted): how many runs the cached map may
- * still take; each extent converted takes up to two, and one that
- * would not fit is refused with EFBIG before it changes.
  * Caller holds ip->lock exclusive and fsi->lock.
  */
 extern int bmap_convert_locked (struct ext4fs_inode *ip, uint64_t lblk,
                                 uint64_t len, bool to_unwritten,
-                                size_t *runs_left, bool *converted,
-                                int *err);
+                                bool *converted, int *err);
 
 /* Unmap and free the mapped blocks of logical [lblk, lblk+len), using
  * map (the current map) to skip holes.  Caller holds ip->lock

@@ -61,8 +61,8 @@ NBDKIT_DLL_PUBLIC int ext4fs_debug_async_commit = 1;
  * transaction's log (benchmarks).
  */
 NBDKIT_DLL_PUBLIC int ext4fs_debug_chain_commit = 1;
-/* -D ext4fs.max_runs=N: a cached block map holds at most N runs
- * instead of 4 Mi (bmap.c; tests of the limit).
+/* -D ext4fs.max_runs=N: a partial block map is cut back past N runs
+ * instead of 1 Mi (bmap.c; tests).
  */
 NBDKIT_DLL_PUBLIC int ext4fs_debug_max_runs;
 /* -D ext4fs.icache_slots=N: the read-only extent index node cache has

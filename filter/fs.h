@@ -78,7 +78,7 @@ extern int ext4fs_debug_journal_stats;
 extern int ext4fs_debug_checkpoint_first;  /* tests: before every commit */
 extern int ext4fs_debug_async_commit;   /* 0: commits hold every lock */
 extern int ext4fs_debug_chain_commit;   /* 0: a flush per commit block */
-extern int ext4fs_debug_max_runs;       /* tests: a lower run limit */
+extern int ext4fs_debug_max_runs;       /* tests: a lower map budget */
 extern int ext4fs_debug_icache_slots;   /* tests: a smaller index cache */
 extern int ext4fs_debug_fail_meta_read;  /* tests: io.h's meta faults */
 extern int ext4fs_debug_fail_meta_write;

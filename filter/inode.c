@@ -228,15 +228,6 @@ inode_forget_all (struct ext4fs_fs *fsi)
   }
 }
 
-static const struct ext4fs_map *
-too_fragmented (struct ext4fs_inode *ip, int *err)
-{
-  nbdkit_error ("inode %u: too fragmented to map (more than %zu runs)",
-                ip->ino, bmap_max_runs ());
-  *err = EIO;
-  return NULL;
-}
-
 /* -D ext4fs.verify_map=1: compare m with the whole map built from
  * disk by libext2fs's extent reader; abort on a difference (tests).
  * Not on a broken filesystem: a failed request may have left the tree
@@ -274,26 +265,14 @@ inode_map (struct ext4fs_inode *ip, int *err)
   map = __atomic_load_n (&ip->map, __ATOMIC_ACQUIRE);
   if (map)
     return map;
-  if (__atomic_load_n (&ip->too_fragmented, __ATOMIC_ACQUIRE))
-    return too_fragmented (ip, err);
 
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&ip->map_lock);
   map = ip->map;
   if (map)
     return map;
-  if (ip->too_fragmented)
-    return too_fragmented (ip, err);
   pthread_mutex_lock (&ip->fsi->lock);
   map = bmap_build_locked (ip, err);
   pthread_mutex_unlock (&ip->fsi->lock);
-  if (map == NULL && *err == EFBIG) {
-    /* Walking the whole tree again under the fs mutex at every
-     * request would find the same.
-     */
-    __atomic_store_n (&ip->too_fragmented, true, __ATOMIC_RELEASE);
-    *err = EIO;
-    return NULL;
-  }
   if (map == NULL)
     return NULL;
   __atomic_store_n (&ip->map, map, __ATOMIC_RELEASE);

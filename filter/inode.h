@@ -63,12 +63,6 @@ struct ext4fs_inode {
   pthread_mutex_t map_lock;
   struct ext4fs_map *map;
 
-  /* The map has more runs than a map may hold: not built again until
-   * the file is closed (nothing can change it: every change needs the
-   * map).  Set under map_lock; atomic.
-   */
-  bool too_fragmented;
-
   /* pblk - lblk of the file's last allocation (bmap_alloc_locked),
    * a goal for allocations with no run before them in the map.
    * Under fsi->lock.

@@ -362,30 +362,7 @@ DEFINE_VECTOR_TYPE (run_vector, struct ext4fs_run);
 struct changes {
   run_vector runs;
   bool lost;
-  size_t added;                 /* runs the map may have gained, at most */
 };
-
-/* May the cached map take need more runs (at most) on top of what this
- * request added so far?  A map holds at most bmap_max_runs () runs: a
- * write that would take it past is refused (EFBIG, which NBD clients
- * see as ENOSPC) before it changes anything, rather than leave a file
- * no request can map any more.
- */
-static int
-runs_room (struct ext4fs_inode *ip, const struct ext4fs_map *map,
-           struct changes *ch, size_t need, int *err)
-{
-  if (!map->partial && map->n + ch->added + need > bmap_max_runs ()) {
-    nbdkit_error ("inode %u: the file is too fragmented: this write would "
-                  "take its block map past %zu runs (extents); writing next "
-                  "to data, or into unwritten extents, needs fewer",
-                  ip->ino, bmap_max_runs ());
-    *err = EFBIG;
-    return -1;
-  }
-  ch->added += need;
-  return 0;
-}
 
 static void
 note_change (struct changes *c, uint64_t lblk, uint64_t len, uint64_t pblk)
@@ -417,8 +394,6 @@ fill_hole (struct ext4fs_inode *ip, const struct ext4fs_map *map,
     int64_t n;
     int r;
 
-    if (runs_room (ip, map, ch, 1, err) == -1)
-      return -1;
     pthread_mutex_lock (&fsi->lock);
     if (goal == 0)
       goal = bmap_goal_locked (ip, map, s);
@@ -470,14 +445,11 @@ fill_unwritten (struct ext4fs_inode *ip, const struct ext4fs_map *map,
     cs = r->lblk;
   if (r->lblk + r->len - e <= zblocks)
     ce = r->lblk + r->len;
-  if (runs_room (ip, map, ch, (cs > r->lblk) + (ce < r->lblk + r->len),
-                 err) == -1)
-    return -1;
   if (write_fresh (ip, r->pblk + (cs - r->lblk), cs, ce - cs,
                    buf, count, offset, err) == -1)
     return -1;
   pthread_mutex_lock (&fsi->lock);
-  ret = bmap_convert_locked (ip, cs, ce - cs, false, NULL, &converted, err);
+  ret = bmap_convert_locked (ip, cs, ce - cs, false, &converted, err);
   pthread_mutex_unlock (&fsi->lock);
   if (converted)
     note_change (ch, cs, ce - cs, r->pblk + (cs - r->lblk));
@@ -497,8 +469,6 @@ check_room (struct ext4fs_inode *ip, const struct ext4fs_map *map,
 {
   struct ext4fs_fs *fsi = ip->fsi;
   uint64_t data = 0, meta = 0, avail;
-  size_t runs = 0;
-  struct changes none = { .added = 0 };
   struct bmap_walk w;
   struct bmap_seg s;
 
@@ -515,7 +485,6 @@ check_room (struct ext4fs_inode *ip, const struct ext4fs_map *map,
     if (s.run == NULL) {
       data += s.end - s.lblk;
       meta += bmap_meta_need_locked (ip, s.lblk, s.end - s.lblk);
-      runs++;
     }
     else if (s.run->unwritten) {
       /* Split (as fill_unwritten will: small remainders are zeroed
@@ -527,13 +496,10 @@ check_room (struct ext4fs_inode *ip, const struct ext4fs_map *map,
 
       if (left || right)
         meta += bmap_meta_need_locked (ip, s.lblk, 1);
-      runs += left + right;
     }
   }
   if (data + meta == 0)
     return 0;
-  if (runs_room (ip, map, &none, runs, err) == -1)
-    return -1;
   if (bmap_iblk_room_locked (ip, data + meta, err) == -1)
     return -1;
   avail = bmap_available_locked (fsi);
@@ -933,7 +899,6 @@ remap_range_handle (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1,
 {
   struct ext4fs_fs *fsi = ip->fsi;
   const struct ext4fs_map *map;
-  size_t runs_left;
   bool broken;
   int r = 0;
   uint64_t e = b1;
@@ -944,22 +909,6 @@ remap_range_handle (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1,
     return -1;
   if (!any_seg (map, fsi->blockbits, b0, b1, SEG_MAPPED))
     return 0;                   /* nothing to change */
-  /* (A partial map has no limit: it is cut back when it grows.) */
-  runs_left = map->partial ? SIZE_MAX
-    : map->n < bmap_max_runs () ? bmap_max_runs () - map->n : 0;
-  if (punch && runs_left == 0) {
-    /* Only a punch strictly inside one run splits it in two. */
-    uint64_t hole_end;
-    const struct ext4fs_run *run = bmap_lookup (map, b0, &hole_end);
-
-    if (run && run->lblk < b0 && b1 < run->lblk + run->len) {
-      nbdkit_error ("inode %u: the file is too fragmented: splitting an "
-                    "extent would take its block map past %zu runs",
-                    ip->ino, bmap_max_runs ());
-      *err = EFBIG;
-      return -1;
-    }
-  }
   if (!handle)
     return 2;                   /* a change to make: with the handle */
   pthread_mutex_lock (&fsi->lock);
@@ -974,7 +923,7 @@ remap_range_handle (struct ext4fs_inode *ip, uint64_t b0, uint64_t b1,
     while (r == 0 && bmap_walk_next (&w, &s))
       if (bmap_seg_written (&s))
         r = bmap_convert_locked (ip, s.lblk, s.end - s.lblk, true,
-                                 &runs_left, &converted, err);
+                                 &converted, err);
   }
   broken = fsi->broken;
   pthread_mutex_unlock (&fsi->lock);

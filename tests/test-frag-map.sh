@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Partial maps of extent files (runmap.h): a file of 3000 extents on a
-# 1 KiB-block filesystem (a tree of depth 2, 36 leaves) served with the
-# test-only -D ext4fs.max_runs=64, so the map holds a few leaves at a
-# time: loaded where requests need them, cut back past 64 runs.
+# Partial maps (runmap.h): a file of 3000 extents on a 1 KiB-block
+# filesystem (a tree of depth 2, 36 leaves) served with the test-only
+# -D ext4fs.max_runs=64, so the map holds a few leaves at a time:
+# loaded where requests need them, cut back past 64 runs.
 #  1. Three clients at once, each on its own interleaved chunks: reads,
 #     writes into holes and over data, zeros (with and without
 #     MAY_TRIM), trims, block status; each checks what it reads against
@@ -15,6 +15,10 @@
 # and a byte comparison; without and with a journal.  Then, read-only,
 # both files (/g has more than one index node) read back through the
 # index node cache with one slot.
+# The same for files of indirect blocks (no extents: loaded by block of
+# pointers), on /t: 70 MiB, sparse, data in the direct blocks and under
+# the single, double and triple indirect blocks, with zero pointers at
+# every level; then /f and /g read-only.
 source "$srcdir/functions.sh"
 requires python3 -c 'import nbd'
 requires debugfs -V
@@ -30,7 +34,17 @@ for i in range(3000):
 # /g: 9000 extents, over 84 leaves: more than one index node.
 g = open("src/g", "wb"); g.truncate(18000 * 1024)
 for i in range(9000):
-    g.seek(i * 2 * 1024); g.write(os.urandom(1024))'
+    g.seek(i * 2 * 1024); g.write(os.urandom(1024))
+# /t: with 1 KiB blocks, 12 direct blocks, 256 under the indirect
+# block, 65536 under the double, the rest under the triple.  Runs of
+# 1-5 blocks, in clusters with wide holes between them (whole blocks
+# of pointers missing at every level).
+t = open("src/t", "wb"); t.truncate(70 * 1024 * 1024)
+b = 0
+while b < 70 * 1024:
+    n = (b * 7) % 5 + 1
+    t.seek(b * 1024); t.write(os.urandom(n * 1024))
+    b += n + (1 + b % 3 if b % 40 < 32 else 1500 + b % 700)'
 
 cat > client.py <<'EOF'
 import nbd, sys, os, random, pickle
@@ -115,21 +129,28 @@ flavour ()
     truncate -s 64M img
     # shellcheck disable=SC2086
     mke2fs -q -F -t ext4 -b 1024 $1 -d src img
-    depth=$(debugfs -R "ex /f" img 2>/dev/null | awk 'NR == 2 { print $2 }')
-    [ "${depth%/}" -ge 2 ] || fail "/f has a tree of depth ${depth%/}, expected 2"
+    local file=${3:-f}
+    if [ "$file" = f ]; then
+        depth=$(debugfs -R "ex /f" img 2>/dev/null | awk 'NR == 2 { print $2 }')
+        [ "${depth%/}" -ge 2 ] || fail "/f has a tree of depth ${depth%/}, expected 2"
+    else
+        debugfs -R "stat /$file" img 2>/dev/null | grep -q "(TIND)" ||
+            fail "/$file has no triple indirect block"
+    fi
     local sock=$tmpdir/sock$2
     start_nbdkit "$sock" -v -D ext4fs.max_runs=64 --filter="$FILTER" \
         file img ext4file=exportname 2> srv.err
     local pids=() i
     for i in 0 1 2; do
-        /usr/bin/python3 client.py mixed $i "$sock" src/f part.$i &
+        EXPORT=/$file /usr/bin/python3 client.py mixed $i "$sock" src/$file part.$i &
         pids+=($!)
     done
     release_clients 3 "${pids[@]}"
     /usr/bin/python3 -c '
 import e4test as t
-t.merge_owned("src/f", "expected", ["part.0", "part.1", "part.2"])'
-    /usr/bin/python3 client.py reader 9 "$sock" expected - ||
+import sys
+t.merge_owned(sys.argv[1], "expected", ["part.0", "part.1", "part.2"])' src/$file
+    EXPORT=/$file /usr/bin/python3 client.py reader 9 "$sock" expected - ||
         { tail -5 srv.err; fail "whole-file reads"; }
     stop_nbdkit "$sock"
     grep -q "differs from the map on disk" srv.err && fail "map differs"
@@ -137,7 +158,22 @@ t.merge_owned("src/f", "expected", ["part.0", "part.1", "part.2"])'
     grep -qE "marking the filesystem|aborting the journal" srv.err &&
         fail "marked with errors, or the journal aborted"
     fsck_clean img
-    dump_cmp img /f expected
+    dump_cmp img /$file expected
+    if [ "$file" != f ]; then
+        # Indirect files: no index node cache; the other two files,
+        # unchanged, read-only.
+        sock=$sock.ro
+        start_nbdkit "$sock" -r -v -D ext4fs.max_runs=64 \
+            --filter="$FILTER" file img ext4file=exportname 2> srv-ro.err
+        local x
+        for x in f g; do
+            EXPORT=/$x /usr/bin/python3 client.py reader 9 "$sock" src/$x - ||
+                { tail -5 srv-ro.err; fail "read-only reads of /$x"; }
+        done
+        stop_nbdkit "$sock"
+        grep -q "map cut from" srv-ro.err || fail "the map was never cut back (read-only)"
+        return
+    fi
     # Read-only: leaves load with the index nodes above them from the
     # cache, here of one slot, so /g's index nodes evict each other
     # and /f's (a node served for the wrong block, depth or inode
@@ -162,4 +198,6 @@ t.merge_owned("src/f", "expected", ["part.0", "part.1", "part.2"])'
 
 flavour "-O ^has_journal" 1
 flavour "" 2            # journaled
-echo "partial maps: loaded and cut back by leaf, every byte right"
+flavour "-O ^extent,^64bit,^has_journal" 3 t
+flavour "-O ^extent,^64bit" 4 t       # journaled
+echo "partial maps: loaded and cut back by leaf or block of pointers, every byte right"
