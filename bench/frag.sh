@@ -22,6 +22,11 @@
 #   bench/frag.sh                               # 1M and 10M extents, R=3
 #   FRAG_SIZES="1000000" R=5 bench/frag.sh
 #   FILTER2=/tmp/new.so FILTER2_NAME=new bench/frag.sh
+#   FRAG_KIND=indirect bench/frag.sh            # the same, ext3-style
+#
+# FRAG_KIND=indirect makes the images without the extent feature, so
+# that /frag is mapped by indirect blocks (N one-block runs, none
+# contiguous: frag-ind-N.img).
 #
 # Variables: FRAG_SIZES ("1000000 10000000"), R (3), FRAG_DIR
 # (/var/tmp/frag), FILTER (filter/.libs/nbdkit-ext4fs-filter.so; copied
@@ -37,6 +42,7 @@ set -u
 here=$(cd "$(dirname "$0")" && pwd)
 FRAG_DIR=${FRAG_DIR:-/var/tmp/frag}
 FRAG_SIZES=${FRAG_SIZES:-"1000000 10000000"}
+FRAG_KIND=${FRAG_KIND:-extents}
 R=${R:-3}
 FILTER=${FILTER:-$here/../filter/.libs/nbdkit-ext4fs-filter.so}
 FILTER2=${FILTER2:-}
@@ -91,15 +97,20 @@ elapsed() { "$PYTHON" -c "print('%.2f' % ($2 - $1))"; }
 # Images: 2N blocks for the data (one used, one skipped), N/340 for the
 # tree, N/64 + 64 Ki for metadata and slack.  One inode per 4 MiB, no
 # resize inode, inode tables not zeroed: the image stays sparse.
+case $FRAG_KIND in
+  extents)  imgname() { echo "$WD/frag-$1.img"; }; mkfs_o=^has_journal,extent,^resize_inode ;;
+  indirect) imgname() { echo "$WD/frag-ind-$1.img"; }; mkfs_o=^has_journal,^extent,^64bit,^resize_inode ;;
+  *) echo "frag.sh: FRAG_KIND is extents or indirect" >&2; exit 2 ;;
+esac
 for n in $FRAG_SIZES; do
-  img=$WD/frag-$n.img
+  img=$(imgname "$n")
   [ -f "$img" ] && continue
   blocks=$(( 2 * n + n / 256 + n / 64 + 65536 ))
   log "-- making $img ($n extents, $blocks blocks of 4 KiB)"
   rm -f "$img.tmp"
   truncate -s $(( blocks * 4096 )) "$img.tmp" || exit 2
   t0=$(now)
-  mke2fs -q -F -t ext4 -b 4096 -O ^has_journal,extent,^resize_inode \
+  mke2fs -q -F -t ext4 -b 4096 -O "$mkfs_o" \
          -E lazy_itable_init=1,nodiscard -i 4194304 -m 0 \
          "$img.tmp" "$blocks" >>"$LOG" 2>&1 || { log "mke2fs failed"; exit 1; }
   t1=$(now)
@@ -250,7 +261,7 @@ label() { case $1 in ext4fs2) echo "$FILTER2_NAME" ;; *) echo "$1" ;; esac; }
 
 printf 'extents\tcontestant\trep\tstatus\topen_s\tconnect_s\tpread0_ms\tfar_ms\trand_s\tiops\thwm_kb\tmessage\n' >"$RES"
 for n in $FRAG_SIZES; do
-  img=$WD/frag-$n.img
+  img=$(imgname "$n")
   for rep in $(seq 1 "$R"); do
     for c in "${names[@]}"; do
       case $c in

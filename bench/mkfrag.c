@@ -20,6 +20,11 @@
  *   mkfrag IMG N
  *
  * The image needs about 2N + N/340 blocks free (plus metadata).
+ *
+ * On a filesystem without the extent feature the file is mapped by
+ * indirect blocks instead (ext2/ext3; N one-block runs the same way:
+ * data blocks first, then the blocks of pointers, written depth first):
+ *   mke2fs -q -F -t ext4 -b 4096 -O ^has_journal,^extent,^64bit IMG BLOCKS
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -101,6 +106,42 @@ put_block (ext2_ino_t ino, blk64_t b, char *buf)
     die (err, "write tree block");
 }
 
+/* Indirect files: the data blocks of logical 0..nd-1, and the block of
+ * pointers at the given level (1: pointers to data) mapping logical
+ * [lo, lo + apb^level), allocated and written with everything under it
+ * (depth first).  Counts the blocks of pointers in nptr.
+ */
+static uint32_t *dblk;
+static uint64_t nd, nptr;
+static unsigned apb;
+
+static blk64_t
+ind_block (unsigned level, uint64_t lo)
+{
+  uint32_t *p = calloc (apb, sizeof *p);
+  uint64_t span = 1, j;
+  unsigned l;
+  blk64_t b;
+  errcode_t err;
+
+  if (p == NULL)
+    abort ();
+  for (l = 1; l < level; l++)
+    span *= apb;
+  b = next_free (0);
+  take (b);
+  nptr++;
+  for (j = 0; j < apb && lo + j * span < nd; j++)
+    p[j] = ext2fs_cpu_to_le32 (level == 1 ? dblk[lo + j]
+                               : (uint32_t) ind_block (level - 1,
+                                                       lo + j * span));
+  err = io_channel_write_blk64 (fs->io, b, 1, p);
+  if (err)
+    die (err, "write indirect block");
+  free (p);
+  return b;
+}
+
 static void
 init_header (char *buf, size_t size, unsigned max, unsigned depth)
 {
@@ -143,9 +184,11 @@ main (int argc, char **argv)
                      unix_io_manager, &fs);
   if (err)
     die (err, argv[1]);
-  if (!ext2fs_has_feature_extents (fs->super) ||
-      ext2fs_has_feature_bigalloc (fs->super)) {
-    fprintf (stderr, "mkfrag: needs extents, no bigalloc\n");
+  if (ext2fs_has_feature_bigalloc (fs->super) ||
+      (!ext2fs_has_feature_extents (fs->super) &&
+       ext2fs_blocks_count (fs->super) > UINT32_MAX)) {
+    fprintf (stderr, "mkfrag: no bigalloc, and indirect blocks need a "
+             "32-bit filesystem\n");
     exit (1);
   }
   if (ext2fs_namei (fs, EXT2_ROOT_INO, EXT2_ROOT_INO, NAME, &tmp) == 0) {
@@ -189,6 +232,51 @@ main (int argc, char **argv)
   err = ext2fs_new_inode (fs, EXT2_ROOT_INO, LINUX_S_IFREG | 0644, 0, &ino);
   if (err)
     die (err, "new_inode");
+  if (!ext2fs_has_feature_extents (fs->super)) {
+    /* Indirect blocks: data first, then the tree of pointers. */
+    uint64_t i, lo = EXT2_NDIR_BLOCKS, span;
+    blk64_t prev = 0;
+    unsigned level;
+
+    apb = bs / 4;
+    nd = n;
+    if (n > EXT2_NDIR_BLOCKS + apb + (uint64_t) apb * apb +
+        (uint64_t) apb * apb * apb) {
+      fprintf (stderr, "mkfrag: N is more than indirect blocks can map\n");
+      exit (1);
+    }
+    dblk = malloc (n * sizeof *dblk);
+    if (dblk == NULL)
+      abort ();
+    scan_next = fs->super->s_first_data_block;
+    for (i = 0; i < n; i++) {
+      dblk[i] = next_free (prev);
+      take (dblk[i]);
+      prev = dblk[i];
+    }
+    memset (&inode, 0, sizeof inode);
+    for (i = 0; i < n && i < EXT2_NDIR_BLOCKS; i++)
+      inode.i_block[i] = dblk[i];
+    for (level = 1, span = apb; level <= 3 && lo < n;
+         level++, lo += span, span *= apb)
+      inode.i_block[EXT2_IND_BLOCK + level - 1] = ind_block (level, lo);
+    inode.i_mode = LINUX_S_IFREG | 0644;
+    inode.i_links_count = 1;
+    inode.i_atime = inode.i_ctime = inode.i_mtime = now;
+    err = ext2fs_inode_size_set (fs, &inode, (uint64_t) n * bs);
+    if (err)
+      die (err, "inode_size_set");
+    err = ext2fs_iblk_set (fs, &inode, n + nptr);
+    if (err)
+      die (err, "iblk_set");
+    err = ext2fs_write_new_inode (fs, ino, &inode);
+    if (err)
+      die (err, "write_new_inode");
+    ext2fs_inode_alloc_stats2 (fs, ino, +1, 0);
+    tblocks = nptr;
+    depth = 0;
+    goto counts;
+  }
   /* The extent block checksums cover the inode number and generation:
    * write the inode first (its tree comes at the end). */
   memset (&inode, 0, sizeof inode);
@@ -298,6 +386,7 @@ main (int argc, char **argv)
   }
 
   /* Free counts. */
+ counts:
   for (g = 0; g < fs->group_desc_count; g++) {
     if (!gused[g])
       continue;
@@ -325,8 +414,9 @@ main (int argc, char **argv)
   err = ext2fs_close_free (&fs);
   if (err)
     die (err, "close");
-  printf ("mkfrag: /" NAME " inode %u: %llu extents, depth %u, %llu tree "
+  printf ("mkfrag: /" NAME " inode %u: %llu %s, depth %u, %llu tree "
           "blocks, data up to block %llu\n", ino, (unsigned long long) n,
+          dblk ? "one-block runs (indirect blocks)" : "extents",
           depth, (unsigned long long) tblocks,
           (unsigned long long) scan_next - 1);
   return 0;
