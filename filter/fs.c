@@ -297,7 +297,7 @@ check_state (ext2_filsys fs, bool rw, char *why, size_t n)
   if (sb->s_feature_incompat & EXT3_FEATURE_INCOMPAT_RECOVER) {
     if (rw) {
       refuse (why, n, "the filesystem's journal needs recovery and %s: run "
-              "'e2fsck -E journal_only IMAGE' (or mount and unmount "
+              "'e2fsck -y -E journal_only IMAGE' (or mount and unmount "
               "it once) first, or serve it read-only with nbdkit -r",
               !ext2fs_has_feature_journal (sb) ?
               "the filesystem has no journal (needs_recovery without "
@@ -504,7 +504,7 @@ journal_check_rw (struct ext4fs_fs *fsi, struct ext4fs_journal *jr)
   }
   if (jr->fc_pending) {
     nbdkit_error ("the filesystem's journal holds fast-commit blocks, which "
-                  "ext4fs cannot replay: run 'e2fsck -E journal_only IMAGE' "
+                  "ext4fs cannot replay: run 'e2fsck -y -E journal_only IMAGE' "
                   "(or mount and unmount it once) before writing, or serve "
                   "it read-only with nbdkit -r");
     return -1;

@@ -150,14 +150,18 @@ by_pblk_cmp (const void *a, const void *b)
 
 /* Does the fast-commit area start with a head for the transaction
  * after the log's last full commit?  Then the kernel and e2fsck would
- * replay fast commits on top, which we cannot do.
+ * replay fast commits on top, which we cannot do.  The area starts one
+ * block after the log's end (jbd2 and e2fsck: j_fc_first = j_last + 1,
+ * and block j_last is used by neither).
  */
 static bool
 fc_pending (struct ext4fs_journal *jr, uint8_t *buf)
 {
   if (!(jr->j.incompat & JBD2_INCOMPAT_FAST_COMMIT))
     return false;
-  if (jread (jr, jr->j.last, buf) == -1)
+  if (jr->j.last + 1 >= jr->j.maxlen)
+    return false;               /* no room for a fast commit */
+  if (jread (jr, jr->j.last + 1, buf) == -1)
     return true;                /* unreadable: assume the worst */
   /* struct ext4_fc_tl { le16 tag, len; }, head = { le32 features, tid } */
   return (buf[0] | buf[1] << 8) == 9 &&
