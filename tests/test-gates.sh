@@ -244,7 +244,7 @@ debugfs -w -R "ssv journal_uuid random" extj >/dev/null 2>&1
 dumpe2fs -h extj 2>/dev/null | grep -q '^Journal device:' ||
     fail "test setup: could not make an external-journal filesystem"
 gate "external journal needs recovery" extj "journal needs recovery" \
-    "external device" "e2fsck -E journal_only"
+    "external device" "e2fsck -y -E journal_only"
 grep_err "external journal needs recovery (-r)" gr "external journal" \
     "the most recent changes may be missing"
 
