@@ -638,8 +638,9 @@ insert_pieces (struct ext4fs_inode *ip, const piece_vector *pieces, bool ok,
 
 /* May the request [b0, b1) fill its blocks with no inode lock held
  * (write_alloc_handle)?  All of them must be a hole of an extent file
- * whose map is partial (a full map counts its runs against a cap as it
- * goes: fill_hole).
+ * (a fill inserts extents; indirect files map their new blocks through
+ * ext2fs_bmap2, block by block, under ip->lock exclusive: fill_hole),
+ * and its map partial (every map of a file with blocks is).
  */
 static bool
 fill_wanted (const struct ext4fs_inode *ip, const struct ext4fs_map *map,
