@@ -109,6 +109,19 @@ EOF
 # (sparse, so that a 64 MiB image copies in a few ms).
 copy_live () { cp --sparse=always "$1" "$2"; }
 
+# probe SOCK EXPORT (a client asking for EXPORT): "REFUSED msg" or "OPEN ro=0|1".
+cat > probe.py <<'EOF'
+import sys, nbd
+import e4test as t
+try:
+    h = t.connect(sys.argv[1], sys.argv[2])
+except nbd.Error as e:
+    print("REFUSED", t.errstr(e)); sys.exit(0)
+print("OPEN ro=%d" % h.is_read_only())
+h.shutdown()
+EOF
+probe () { timeout $T /usr/bin/python3 probe.py "$@" 2>&1 || echo "PYFAIL $?"; }
+
 # jfield IMG FIELD: a field of dumpe2fs -h ("Journal start", ...).
 jfield () { dumpe2fs -h "$1" 2>/dev/null | sed -n "s/^$2: *//p"; }
 has_feature () { dumpe2fs -h "$1" 2>/dev/null | grep -q "^Filesystem features:.* $2\b"; }

@@ -24,19 +24,6 @@ source "$srcdir/journal-kernel-lib.sh"
 mkdir -p src
 head -c 300000 /dev/urandom > src/old
 
-# probe SOCK EXPORT: "REFUSED msg" or "OPEN ro=0|1".
-cat > probe.py <<'EOF'
-import sys, nbd
-import e4test as t
-try:
-    h = t.connect(sys.argv[1], sys.argv[2])
-except nbd.Error as e:
-    print("REFUSED", t.errstr(e)); sys.exit(0)
-print("OPEN ro=%d" % h.is_read_only())
-h.shutdown()
-EOF
-probe () { timeout $T /usr/bin/python3 probe.py "$@" 2>&1 || echo "PYFAIL $?"; }
-
 # client.py SOCK EXPORT EXPECTED OUT [WRITES]: check the whole file
 # against EXPECTED, then (WRITES > 0) that many 4 KiB writes at
 # random blocks (into holes and over data) with a flush every 16, and

@@ -22,19 +22,6 @@ mkdir -p src/d
 head -c 300000 /dev/urandom > src/old
 for i in 1 2 3; do echo "old $i" > src/d/f$i; done
 
-# probe SOCK EXPORT: "REFUSED msg" or "OPEN ro=0|1".
-cat > probe.py <<'EOF'
-import sys, nbd
-import e4test as t
-try:
-    h = t.connect(sys.argv[1], sys.argv[2])
-except nbd.Error as e:
-    print("REFUSED", t.errstr(e)); sys.exit(0)
-print("OPEN ro=%d" % h.is_read_only())
-h.shutdown()
-EOF
-probe () { timeout $T /usr/bin/python3 probe.py "$@" 2>&1 || echo "PYFAIL $?"; }
-
 case_ ()
 {
     local name="$1" mkfs="$2" how="$3" sha r n
