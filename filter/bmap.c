@@ -188,8 +188,7 @@ ind_callback (ext2_filsys fs, blk64_t *blocknr, e2_blkcnt_t blockcnt,
      * its own error for a bad one and then counts blocks wrongly.
      */
     struct ext4fs_fs *fsi = b->ip->fsi;
-    if (*blocknr < fsi->first_data_block || *blocknr >= fsi->blocks_count ||
-        fs_is_metadata (fsi, *blocknr, 1)) {
+    if (!fs_block_usable (fsi, *blocknr)) {
       nbdkit_error ("inode %u: corrupt indirect block number %llu",
                     b->ip->ino, (unsigned long long) *blocknr);
       b->error = EXT2_ET_BAD_IND_BLOCK;
@@ -1070,8 +1069,7 @@ xt_read (struct ext4fs_inode *ip, uint64_t blk, unsigned depth,
   CLEANUP_FREE char *buf = NULL;
   errcode_t e;
 
-  if (blk < fsi->first_data_block || blk >= fsi->blocks_count ||
-      fs_is_metadata (fsi, blk, 1))
+  if (!fs_block_usable (fsi, blk))
     return EXT2_ET_EXTENT_HEADER_BAD;
   if (cache && (*ndp = icache_get (ip, blk, depth)) != NULL)
     return 0;
@@ -1312,8 +1310,7 @@ load_indirect (struct ext4fs_inode *ip, struct ext4fs_map *m, uint64_t lblk,
         ptrs = NULL;              /* a hole over [lo, hi) */
         break;
       }
-      if (blk < fsi->first_data_block || blk >= fsi->blocks_count ||
-          fs_is_metadata (fsi, blk, 1)) {
+      if (!fs_block_usable (fsi, blk)) {
         nbdkit_error ("inode %u: corrupt indirect block number %" PRIu64,
                       ip->ino, blk);
         *err = EIO;
@@ -1550,8 +1547,7 @@ xt_new_node (struct ext4fs_inode *ip, struct xt_commit *c, uint64_t goal,
   e2 = ext2fs_new_block2 (fs, goal, NULL, &b);
   if (e2)
     return e2;
-  if (b < fsi->first_data_block || b >= fsi->blocks_count ||
-      fs_is_metadata (fsi, b, 1))
+  if (!fs_block_usable (fsi, b))
     return EXT2_ET_BLOCK_ALLOC_FAIL;
   ext2fs_block_alloc_stats2 (fs, b, +1);
   c->newblk[c->nnew++] = b;

@@ -188,6 +188,13 @@ fs_is_metadata (const struct ext4fs_fs *fsi, uint64_t pblk, uint64_t len)
   return lo < fsi->nmeta && fsi->meta[lo].start < end;
 }
 
+bool
+fs_block_usable (const struct ext4fs_fs *fsi, uint64_t blk)
+{
+  return blk >= fsi->first_data_block && blk < fsi->blocks_count &&
+    !fs_is_metadata (fsi, blk, 1);
+}
+
 /* libext2fs calls these (under fsi->lock) for every block it
  * allocates or frees, ours and its own (extent tree and indirect
  * blocks): the groups to write back at the next sync.

@@ -96,6 +96,11 @@ extern void fs_close_dev (struct ext4fs_fs *fsi);
 extern bool fs_is_metadata (const struct ext4fs_fs *fsi, uint64_t pblk,
                             uint64_t len);
 
+/* Could blk hold a tree or indirect block: inside the filesystem's
+ * data area and not its fixed metadata?  No lock needed.
+ */
+extern bool fs_block_usable (const struct ext4fs_fs *fsi, uint64_t blk);
+
 /* Called once from .after_fork: open read-only, check the filesystem
  * and the fixed ext4file (if any).  Returns -1 after nbdkit_error, and
  * nbdkit exits.

@@ -430,8 +430,7 @@ fill_hole (struct ext4fs_inode *ip, const struct ext4fs_map *map,
  * holds ip->lock exclusive.
  */
 static int
-fill_unwritten (struct ext4fs_inode *ip, const struct ext4fs_map *map,
-                const struct ext4fs_run *r,
+fill_unwritten (struct ext4fs_inode *ip, const struct ext4fs_run *r,
                 uint64_t s, uint64_t e, const char *buf, uint64_t count,
                 uint64_t offset, struct changes *ch, int *err)
 {
@@ -544,7 +543,7 @@ write_allocating (struct ext4fs_inode *ip, const struct ext4fs_map *map,
     if (s.run == NULL)
       r = fill_hole (ip, map, s.lblk, s.end, buf, count, offset, ch, err);
     else if (s.run->unwritten)
-      r = fill_unwritten (ip, map, s.run, s.lblk, s.end, buf, count, offset,
+      r = fill_unwritten (ip, s.run, s.lblk, s.end, buf, count, offset,
                           ch, err);
     else
       r = write_mapped (ip, map, buf + (s.off - offset), s.len, s.off, 0,
