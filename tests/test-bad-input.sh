@@ -199,9 +199,21 @@ corrupt_read "bad extent header magic" badmagic "extent"
 cp img badphys
 debugfs -w -R "sif /big block[5] 99999999" badphys >/dev/null 2>&1
 corrupt_read "extent outside the filesystem" badphys "outside the filesystem"
+# A file of indirect blocks whose single-indirect pointer (i_block[12])
+# names the group descriptors, then a block past the end.
+truncate -s 16M indimg
+mke2fs -q -F -t ext4 -b 4096 -O ^extent,^64bit -d src indimg
+cp indimg badind
+debugfs -w -R "sif /big block[IND] 1" badind >/dev/null 2>&1
+corrupt_read "indirect block in the metadata" badind "corrupt indirect block number 1"
+cp indimg badind2
+debugfs -w -R "sif /big block[IND] 99999999" badind2 >/dev/null 2>&1
+corrupt_read "indirect block outside the filesystem" badind2 \
+    "corrupt indirect block number 99999999"
 
-# The good image was never touched and is still clean.
+# The good images were never touched and are still clean.
 fsck_clean img
+fsck_clean indimg
 
 if [ ${#failures[@]} -gt 0 ]; then
     echo "${#failures[@]} failure(s):" >&2
