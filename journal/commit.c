@@ -105,6 +105,7 @@ jtx_now_ns (void)
 int
 jtx_checkpoint_locked (struct ext4fs_jtx *jt, int *err)
 {
+  uint64_t t0 = jtx_now_ns ();
   size_t i;
 
   if (jt->log_start == 0)
@@ -114,6 +115,7 @@ jtx_checkpoint_locked (struct ext4fs_jtx *jt, int *err)
     for (e = jt->buckets[i]; e; e = e->hnext) {
       if (!e->in_log)
         continue;
+      jt->ckpt_blocks++;
       if (ext4fs_dev_pwrite (jt->dev, e->frozen ? e->frozen : e->data,
                              jt->bs, e->blk << jt->bits, 0, err) == -1) {
         nbdkit_error ("journal: checkpoint: writing block %" PRIu64 ": %s",
@@ -162,6 +164,7 @@ jtx_checkpoint_locked (struct ext4fs_jtx *jt, int *err)
   jt->head = jt->jr->j.first;
   jt->ncheckpoints++;
   jtx_cache_trim (jt);
+  jt->ckpt_ns += jtx_now_ns () - t0;
   return 0;
 }
 
@@ -792,10 +795,12 @@ jtx_commit_step (struct ext4fs_jtx *jt, int *err)
   struct commit s = { 0 }, t = { 0 };
   bool have_s, fatal = false, t_failed = false, s_failed = false;
   int rt, r = 1, ferr = 0, terr = 0;
-  uint64_t fseq = 0;
+  uint64_t fseq = 0, t0 = jtx_now_ns (), t1;
 
   pthread_rwlock_wrlock (&jt->handle_lock);
   pthread_mutex_lock (jt->fs_lock);
+  t1 = jtx_now_ns ();
+  jt->step_wait_ns += t1 - t0;
   if (jtx_aborted (jt)) {
     pthread_mutex_unlock (jt->fs_lock);
     pthread_rwlock_unlock (&jt->handle_lock);
@@ -812,6 +817,7 @@ jtx_commit_step (struct ext4fs_jtx *jt, int *err)
       commit_logged_locked (jt, &s);
   }
   rt = commit_begin_locked (jt, &t, have_s, err);
+  jt->step_hold_ns += jtx_now_ns () - t1;
   pthread_mutex_unlock (jt->fs_lock);
   pthread_rwlock_unlock (&jt->handle_lock);
 

@@ -134,6 +134,8 @@ struct ext4fs_jtx {
   uint8_t *logbuf;
   size_t logcap;
   uint64_t ncommits, ncheckpoints, nlogged, nflush_only, hits, misses;
+  uint64_t ckpt_blocks, ckpt_ns;   /* written home, time taken (stats) */
+  uint64_t step_wait_ns, step_hold_ns; /* commit steps: handle lock (stats) */
   uint64_t npreflush;           /* atomic: flushes before a commit */
   uint64_t nasync;              /* commits written outside the locks */
   uint64_t nchained;            /* commit blocks flushed with the next log */

@@ -645,12 +645,16 @@ void
 jtx_stats (struct ext4fs_jtx *jt)
 {
   nbdkit_debug ("ext4fs: journal: %" PRIu64 " commits, %" PRIu64 " blocks "
-                "logged, %" PRIu64 " checkpoints, cache %" PRIu64 " hits %"
+                "logged, %" PRIu64 " checkpoints (%" PRIu64 " blocks home, %" PRIu64
+                " ms), commit steps waited %" PRIu64 " ms for handles and held "
+                "them off %" PRIu64 " ms, cache %" PRIu64 " hits %"
                 PRIu64 " misses, %" PRIu64 " flushes ahead of commits, "
                 "%" PRIu64 " commits written outside the locks, %" PRIu64
                 " handles started beside them, %" PRIu64 " commit blocks "
                 "flushed with the next log, next tid %" PRIu32,
-                jt->ncommits, jt->nlogged, jt->ncheckpoints, jt->hits,
+                jt->ncommits, jt->nlogged, jt->ncheckpoints, jt->ckpt_blocks,
+                jt->ckpt_ns / 1000000, jt->step_wait_ns / 1000000,
+                jt->step_hold_ns / 1000000, jt->hits,
                 jt->misses, __atomic_load_n (&jt->npreflush, __ATOMIC_RELAXED),
                 jt->nasync, __atomic_load_n (&jt->nbeside, __ATOMIC_RELAXED),
                 jt->nchained, jt->tid);
