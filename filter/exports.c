@@ -228,10 +228,11 @@ walk_path (struct ext4fs_fs *fsi, const char *path, const char *shown,
         *err = ENAMETOOLONG;
         return -1;
       }
-      /* rest := target + remaining */
-      memmove (rest + tlen + 1, p, rlen + 1);
+      /* rest := target + remaining (empty, or starting with '/': a
+       * trailing slash stays one).
+       */
+      memmove (rest + tlen, p, rlen + 1);
       memcpy (rest, target, tlen);
-      rest[tlen] = '/';
       p = rest;
       if (target[0] == '/')
         w->depth = 1;           /* absolute: from the filesystem root */
@@ -244,15 +245,12 @@ walk_path (struct ext4fs_fs *fsi, const char *path, const char *shown,
     }
     w->stack[w->depth++] = ino;
     if (*p != '\0' && !LINUX_S_ISDIR (inode.i_mode)) {
-      /* More components follow but this is not a directory. */
-      const char *q = p;
-      while (*q == '/')
-        q++;
-      if (*q != '\0') {
-        nbdkit_error ("%s: '%.*s' is not a directory", shown, (int) len, comp);
-        *err = ENOTDIR;
-        return -1;
-      }
+      /* More components follow, or a trailing slash (which, as for
+       * open(2), names a directory), but this is not a directory.
+       */
+      nbdkit_error ("%s: '%.*s' is not a directory", shown, (int) len, comp);
+      *err = ENOTDIR;
+      return -1;
     }
   }
 

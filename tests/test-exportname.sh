@@ -147,6 +147,10 @@ bad /emptydir "only regular files"
 bad /dev0 "only regular files"
 bad /a "too many levels of symbolic links"
 bad /top/x "not a directory"
+bad /top/ "'top' is not a directory"      # a trailing slash names a directory
+bad //top// "'top' is not a directory"
+bad /lnk/ "'f' is not a directory"       # through a symlink to a file
+bad /dirlnk/ "only regular files"
 bad /d1/../top "may not contain '.' or '..'"
 bad ../top "may not contain '.' or '..'"
 bad /d1/./f "may not contain '.' or '..'"
