@@ -125,9 +125,13 @@ static int
 ext4fs_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
                const char *key, const char *value)
 {
-  if (strcmp (key, "ext4file") == 0) {
+  /* ext2file= is the stock ext2 filter's name for it: a command line
+   * moved over with only the filter name changed still works (else
+   * the key would reach the plugin, which would not know it).
+   */
+  if (strcmp (key, "ext4file") == 0 || strcmp (key, "ext2file") == 0) {
     if (ext4file || exportname_mode) {
-      nbdkit_error ("ext4file= must be given only once");
+      nbdkit_error ("ext4file= (or ext2file=) must be given only once");
       return -1;
     }
     if (strcmp (value, "exportname") == 0)
@@ -208,6 +212,8 @@ ext4fs_config_complete (nbdkit_next_config_complete *next,
   "ext4file=<PATH>        (required) Absolute path of the file to serve\n" \
   "                       inside the filesystem, or 'exportname' to take\n" \
   "                       the path from the client's export name.\n" \
+  "ext2file=...           The same as ext4file= (the stock ext2 filter's\n" \
+  "                       name for it).\n" \
   "ext4root=<DIR>         With ext4file=exportname, serve only files\n" \
   "                       under this directory.\n" \
   "ext4contexts=<N>       Open up to N contexts (connections) into the\n" \

@@ -87,6 +87,7 @@ refuse "missing ext4file" img "ext4file parameter missing"
 refuse "relative path" img "must be absolute" ext4file=foo
 refuse "relative path d/sub/g" img "must be absolute" ext4file=d/sub/g
 refuse "ext4file twice" img "only once" ext4file=/f ext4file=/big
+refuse "ext2file and ext4file" img "only once" ext2file=/f ext4file=/big
 refuse "ext4root without exportname" img "only makes sense" ext4file=/f ext4root=/d
 refuse "relative ext4root" img "must be absolute" ext4file=exportname ext4root=d
 refuse "ext4root not a directory" img "not a directory" ext4file=exportname ext4root=/f

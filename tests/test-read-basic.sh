@@ -28,5 +28,16 @@ size=$(nbdkit_srv -U - -r --filter="$FILTER" file img ext4file=/empty \
          --run 'nbdinfo --size "$uri"')
 [ "$size" = 0 ] || fail "empty file size $size"
 
+# ext2file= (the stock ext2 filter's key) is another name for
+# ext4file=, fixed path or exportname.
+rm -f out
+nbdkit_srv -U - -r --filter="$FILTER" file img ext2file=/a/b/c/nested \
+    --run 'nbdcopy "$uri" out'
+cmp out src/a/b/c/nested || fail "ext2file=/a/b/c/nested differs"
+rm -f out
+nbdkit_srv -U - -r --filter="$FILTER" file img ext2file=exportname \
+    --run 'nbdcopy "nbd+unix:///s4097?socket=$unixsocket" out'
+cmp out src/s4097 || fail "ext2file=exportname, /s4097 differs"
+
 # A read-only run leaves the image byte-for-byte unchanged.
 [ "$(sha256sum img)" = "$sha" ] || fail "image changed by read-only run"
