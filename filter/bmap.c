@@ -38,12 +38,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined (__x86_64__) && defined (__GNUC__)
-#include <nmmintrin.h>
-#define HAVE_CRC32C_INSN 1
-#endif
-
 #include "bmap.h"
+#include "common/crc32c.h"
 #include "cleanup.h"
 
 
@@ -870,57 +866,11 @@ xt_root (struct ext4fs_inode *ip, struct xnode **ndp)
   return xt_decode (ip->raw.i_block, sizeof ip->raw.i_block, 0, ndp);
 }
 
-/* CRC32C as ext2fs_crc32c_le computes it (the Castagnoli polynomial,
- * reflected, no inversions: the seed in, the register out), with the
- * SSE4.2 instruction where the CPU has it: about eight times faster
- * than libext2fs's tables, and an extent tree change checksums whole
- * blocks (a read verifies each node of the path, a write sets the
- * block's): that was an eighth of the CPU of allocating writes.  The
- * instruction is used only after it gave libext2fs's answer once.
- */
-#ifdef HAVE_CRC32C_INSN
-__attribute__ ((target ("sse4.2")))
-static uint32_t
-crc32c_insn (uint32_t c, const void *buf, size_t n)
-{
-  const unsigned char *p = buf;
-  uint64_t c64 = c;
-
-  for (; n >= 8; p += 8, n -= 8) {
-    uint64_t v;
-    memcpy (&v, p, 8);
-    c64 = _mm_crc32_u64 (c64, v);
-  }
-  c = (uint32_t) c64;
-  for (; n > 0; ++p, --n)
-    c = _mm_crc32_u8 (c, *p);
-  return c;
-}
-#endif
-
+/* Extent block checksums: common/crc32c.h. */
 static uint32_t
 crc32c (uint32_t c, const void *buf, size_t n)
 {
-#ifdef HAVE_CRC32C_INSN
-  static int use_insn;          /* 0: not known yet, 1: yes, -1: no */
-  int u = __atomic_load_n (&use_insn, __ATOMIC_RELAXED);
-
-  if (u == 0) {
-    unsigned char t[1031];
-    size_t i;
-
-    for (i = 0; i < sizeof t; ++i)
-      t[i] = (unsigned char) (i * 131 + 7);
-    __builtin_cpu_init ();
-    u = __builtin_cpu_supports ("sse4.2") &&
-      crc32c_insn (0x12345678, t, sizeof t) ==
-      ext2fs_crc32c_le (0x12345678, t, sizeof t) ? 1 : -1;
-    __atomic_store_n (&use_insn, u, __ATOMIC_RELAXED);
-  }
-  if (u == 1)
-    return crc32c_insn (c, buf, n);
-#endif
-  return ext2fs_crc32c_le (c, buf, n);
+  return ext4fs_crc32c (c, buf, n);
 }
 
 /* The checksum of an extent block (a valid header: eh_max fits the

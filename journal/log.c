@@ -35,13 +35,14 @@
 #include <ext2fs/ext2fs.h>
 #include <nbdkit-filter.h>
 
+#include "common/crc32c.h"
 #include "common/vector.h"
 #include "jbd2.h"
 
 static uint32_t
 crc32c (uint32_t seed, const void *buf, size_t len)
 {
-  return ext2fs_crc32c_le (seed, buf, len);
+  return ext4fs_crc32c (seed, buf, len);
 }
 
 /* crc32c of a block with the 4 bytes at off taken as zero. */
