@@ -102,6 +102,63 @@ read_symlink (struct ext4fs_fs *fsi, ext2_ino_t ino,
   return 0;
 }
 
+/* Names in messages: a client's export name, and what the image gives
+ * (file names, symlink targets), may hold anything but NUL.  Control
+ * characters are shown as \xNN and backslashes doubled, so that a name
+ * with a newline cannot forge a line of the log, nor an escape sequence
+ * reach the terminal; bytes from 0x80 up (UTF-8) are kept.  At most
+ * max bytes of out are used (max >= 8), a longer result ends "...".
+ */
+static void
+escape_name (char *out, size_t max, const char *in, size_t len)
+{
+  static const char hex[] = "0123456789abcdef";
+  size_t o = 0, i;
+
+  for (i = 0; i < len && in[i] != '\0'; ++i) {
+    unsigned char c = in[i];
+    size_t need = c < 0x20 || c == 0x7f ? 4 : c == '\\' ? 2 : 1;
+
+    if (o + need > max - 4) {
+      memcpy (out + o, "...", 4);
+      return;
+    }
+    if (need == 4) {
+      out[o++] = '\\';
+      out[o++] = 'x';
+      out[o++] = hex[c >> 4];
+      out[o++] = hex[c & 15];
+    }
+    else {
+      if (need == 2)
+        out[o++] = '\\';
+      out[o++] = c;
+    }
+  }
+  out[o] = '\0';
+}
+
+char *
+export_display_name (const char *name)
+{
+  char *out = malloc (DISPLAY_MAX);
+
+  if (out != NULL)
+    escape_name (out, DISPLAY_MAX, name, strlen (name));
+  return out;
+}
+
+/* A path component for a message: escaped into buf (at least
+ * COMP_SHOWN bytes), which is returned.
+ */
+#define COMP_SHOWN (4 * EXT2_NAME_LEN + 8)
+static const char *
+show_comp (char *buf, const char *comp, size_t len)
+{
+  escape_name (buf, COMP_SHOWN, comp, len);
+  return buf;
+}
+
 static const char *
 mode_name (uint16_t mode)
 {
@@ -126,7 +183,7 @@ walk_path (struct ext4fs_fs *fsi, const char *path, const char *shown,
 {
   CLEANUP_FREE char *rest = NULL;
   int nlinks = 0;
-  char *p;
+  char *p, cb[COMP_SHOWN];
 
   rest = malloc (2 * MAX_PATH + 2);
   if (rest == NULL) {
@@ -177,26 +234,27 @@ walk_path (struct ext4fs_fs *fsi, const char *path, const char *shown,
     }
     if (e == EXT2_ET_FILE_NOT_FOUND || (e == 0 && ino == 0)) {
       nbdkit_error ("%s: no such file or directory in the filesystem "
-                    "(component '%.*s')", shown, (int) len, comp);
+                    "(component '%s')", shown, show_comp (cb, comp, len));
       *err = ENOENT;
       return -1;
     }
     if (e == EXT2_ET_NO_DIRECTORY) {
-      nbdkit_error ("%s: a component before '%.*s' is not a directory",
-                    shown, (int) len, comp);
+      nbdkit_error ("%s: a component before '%s' is not a directory",
+                    shown, show_comp (cb, comp, len));
       *err = ENOTDIR;
       return -1;
     }
     if (e) {
-      nbdkit_error ("%s: looking up '%.*s': %s", shown, (int) len, comp,
+      nbdkit_error ("%s: looking up '%s': %s", shown,
+                    show_comp (cb, comp, len),
                     error_message (e));
       *err = ext4fs_errcode_to_errno (e);
       return -1;
     }
     if (ino < 1 || ino > fsi->fs->super->s_inodes_count ||
         read_inode (fsi, ino, &inode) == -1) {
-      nbdkit_error ("%s: cannot read inode %u of '%.*s'", shown, ino,
-                    (int) len, comp);
+      nbdkit_error ("%s: cannot read inode %u of '%s'", shown, ino,
+                    show_comp (cb, comp, len));
       *err = EIO;
       return -1;
     }
@@ -216,8 +274,8 @@ walk_path (struct ext4fs_fs *fsi, const char *path, const char *shown,
         return -1;
       }
       if (read_symlink (fsi, ino, &inode, target, MAX_PATH + 1) == -1) {
-        nbdkit_error ("%s: cannot read symbolic link '%.*s'", shown,
-                      (int) len, comp);
+        nbdkit_error ("%s: cannot read symbolic link '%s'", shown,
+                      show_comp (cb, comp, len));
         *err = EIO;
         return -1;
       }
@@ -248,7 +306,8 @@ walk_path (struct ext4fs_fs *fsi, const char *path, const char *shown,
       /* More components follow, or a trailing slash (which, as for
        * open(2), names a directory), but this is not a directory.
        */
-      nbdkit_error ("%s: '%.*s' is not a directory", shown, (int) len, comp);
+      nbdkit_error ("%s: '%s' is not a directory", shown,
+                    show_comp (cb, comp, len));
       *err = ENOTDIR;
       return -1;
     }
@@ -274,20 +333,26 @@ export_set_root (struct ext4fs_fs *fsi, const char *root)
 {
   struct walk w = { .stack = { EXT2_ROOT_INO }, .depth = 1 };
   struct ext2_inode_large inode;
+  CLEANUP_FREE char *shown = NULL;
   int err;
 
   if (root == NULL)
     return 0;
-  if (walk_path (fsi, root, root, &w, 0, &err) == -1)
+  shown = export_display_name (root);
+  if (shown == NULL) {
+    nbdkit_error ("malloc: %m");
+    return -1;
+  }
+  if (walk_path (fsi, root, shown, &w, 0, &err) == -1)
     return -1;
   if (read_inode (fsi, w.stack[w.depth - 1], &inode) == -1 ||
       !LINUX_S_ISDIR (inode.i_mode)) {
-    nbdkit_error ("ext4root=%s: not a directory", root);
+    nbdkit_error ("ext4root=%s: not a directory", shown);
     return -1;
   }
   memcpy (root_stack, w.stack, w.depth * sizeof w.stack[0]);
   root_depth = w.depth;
-  snprintf (root_path, sizeof root_path, "%s", root);
+  snprintf (root_path, sizeof root_path, "%s", shown);
   return 0;
 }
 
@@ -297,6 +362,7 @@ export_resolve (struct ext4fs_fs *fsi, const char *path, int client,
 {
   struct walk w;
   struct ext2_inode_large inode;
+  CLEANUP_FREE char *shown = NULL;
   const char *p;
 
   if (path == NULL || *path == '\0') {
@@ -304,6 +370,12 @@ export_resolve (struct ext4fs_fs *fsi, const char *path, int client,
                   "give the path of a file in the filesystem as the export "
                   "name");
     *err = ENOENT;
+    return -1;
+  }
+  shown = export_display_name (path);
+  if (shown == NULL) {
+    *err = errno;
+    nbdkit_error ("malloc: %m");
     return -1;
   }
   if (client) {
@@ -315,7 +387,7 @@ export_resolve (struct ext4fs_fs *fsi, const char *path, int client,
       len = strcspn (p, "/");
       if ((len == 1 && p[0] == '.') || (len == 2 && p[0] == '.' && p[1] == '.')) {
         nbdkit_error ("%s: export names may not contain '.' or '..' "
-                      "components", path);
+                      "components", shown);
         *err = EINVAL;
         return -1;
       }
@@ -328,23 +400,24 @@ export_resolve (struct ext4fs_fs *fsi, const char *path, int client,
     w.stack[0] = EXT2_ROOT_INO;
     w.depth = 1;
   }
-  if (walk_path (fsi, path, path, &w, client, err) == -1)
+  if (walk_path (fsi, path, shown, &w, client, err) == -1)
     return -1;
   *ino = w.stack[w.depth - 1];
   if (read_inode (fsi, *ino, &inode) == -1) {
-    nbdkit_error ("%s: cannot read inode %u", path, *ino);
+    nbdkit_error ("%s: cannot read inode %u", shown, *ino);
     *err = EIO;
     return -1;
   }
   if (!LINUX_S_ISREG (inode.i_mode)) {
     nbdkit_error ("%s: is %s; only regular files can be served",
-                  path, mode_name (inode.i_mode));
+                  shown, mode_name (inode.i_mode));
     *err = LINUX_S_ISDIR (inode.i_mode) ? EISDIR : EINVAL;
     return -1;
   }
   if (*ino < EXT2_FIRST_INODE (fsi->fs->super)) {
     nbdkit_error ("%s: is reserved inode %u (journal, resize or other "
-                  "filesystem-internal data), not a file: refused", path, *ino);
+                  "filesystem-internal data), not a file: refused", shown,
+                  *ino);
     *err = EACCES;
     return -1;
   }

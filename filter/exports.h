@@ -20,6 +20,13 @@ extern int export_set_root (struct ext4fs_fs *fsi, const char *root);
 extern int export_resolve (struct ext4fs_fs *fsi, const char *path, int client,
                            ext2_ino_t *ino, int *err);
 
+/* A copy of name fit for messages (malloc'd; NULL if out of memory):
+ * control characters as \xNN, backslashes doubled, at most
+ * DISPLAY_MAX - 1 bytes (a longer name ends "...").
+ */
+#define DISPLAY_MAX 512
+extern char *export_display_name (const char *name);
+
 /* Add every regular file under ext4root (or /) to exports, depth
  * first, stopping quietly at nbdkit's limit.
  */

@@ -332,9 +332,10 @@ ext4fs_open (nbdkit_next_open *next, nbdkit_context *nxdata,
     nbdkit_error ("calloc: %m");
     return NULL;
   }
-  h->path = strdup (path ? path : "");
+  /* For messages and the export description only: escaped. */
+  h->path = export_display_name (path ? path : "");
   if (h->path == NULL) {
-    nbdkit_error ("strdup: %m");
+    nbdkit_error ("malloc: %m");
     goto err0;
   }
   h->fsi = fs_get (readonly);

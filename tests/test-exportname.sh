@@ -158,6 +158,14 @@ bad /d1/.. "may not contain '.' or '..'"
 bad "/$(printf 'x%.0s' $(seq 300))" "longer than 255"
 long=$(printf '/%0200d' $(seq 20))        # 20 components, 4020 bytes
 bad "$long" "no such file or directory"
+# Names are escaped in the log: a newline cannot forge a line of it,
+# nor an escape sequence reach the terminal; a long name is cut short.
+bad "$(printf '/x\nnbdkit: error: forged')" 'x\x0anbdkit: error: forged'
+grep -q "^nbdkit: error: forged" srv.err && fail "a client's export name forged a log line"
+bad "$(printf '/\033[31mred')" '/\x1b[31mred: no such file'
+grep -q "$(printf '\033')" srv.err && fail "an escape character reached the log"
+bad '/back\slash' '/back\\slash: no such file'
+bad "/$(printf 'y%.0s' $(seq 3000))" "...: a path component is longer than 255"
 # The empty name (the default export): there is no default file.
 if nbdinfo --size "nbd+unix:///?socket=$sock" 2>/dev/null; then
     fail "the empty export name was accepted"
