@@ -19,6 +19,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+#include <sys/socket.h>
 
 #include <nbdkit-filter.h>
 
@@ -246,6 +248,72 @@ ext4fs_get_ready (int thread_model)
   return 0;
 }
 
+/* Are we the server of "nbdkit --run CMD"?  Then our parent is nbdkit
+ * too (the same executable), with --run on its command line, and runs
+ * CMD while it waits for us.
+ */
+static bool
+captive (void)
+{
+  char self[4096], parent[4096], path[64];
+  ssize_t n1, n2;
+  pid_t ppid = getppid ();
+  FILE *fp;
+  bool run = false;
+
+  snprintf (path, sizeof path, "/proc/%d/exe", (int) ppid);
+  n1 = readlink ("/proc/self/exe", self, sizeof self - 1);
+  n2 = readlink (path, parent, sizeof parent - 1);
+  if (n1 <= 0 || n1 != n2 || memcmp (self, parent, n1) != 0)
+    return false;
+  snprintf (path, sizeof path, "/proc/%d/cmdline", (int) ppid);
+  fp = fopen (path, "r");
+  if (fp == NULL)
+    return false;
+  for (;;) {
+    char arg[8];
+    size_t i = 0;
+    int c;
+
+    while ((c = getc (fp)) != EOF && c != '\0')
+      if (i < sizeof arg - 1)
+        arg[i++] = c;
+    arg[i] = '\0';
+    if (strcmp (arg, "--run") == 0 || strncmp (arg, "--run=", 6) == 0)
+      run = true;
+    if (c == EOF)
+      break;
+  }
+  fclose (fp);
+  return run;
+}
+
+/* nbdkit exits when .after_fork fails, but with --run its parent
+ * holds the listening sockets open while CMD runs: CMD's connections
+ * would wait in the backlog for ever (an image that is not a
+ * filesystem hung "nbdkit --run 'nbdcopy ...'").  Shut the listening
+ * sockets down (the parent shares them) so that they refuse at once.
+ * Not outside --run: a socket that systemd passed us must survive.
+ */
+static void
+refuse_captive_clients (void)
+{
+  int fd, n = 0;
+
+  if (!captive ())
+    return;
+  for (fd = 0; fd < 1024; ++fd) {
+    int v = 0;
+    socklen_t len = sizeof v;
+
+    if (getsockopt (fd, SOL_SOCKET, SO_ACCEPTCONN, &v, &len) == 0 && v &&
+        shutdown (fd, SHUT_RDWR) == 0)
+      n++;
+  }
+  nbdkit_debug ("ext4fs: start-up failed under --run: %d listening "
+                "socket(s) shut down", n);
+}
+
 static int
 ext4fs_after_fork (nbdkit_backend *backend)
 {
@@ -257,16 +325,22 @@ ext4fs_after_fork (nbdkit_backend *backend)
    * bad image or a bad fixed ext4file= stops nbdkit with a message.
    */
   fs_set_discard (ext4discard, ext4discardfree);
-  if (fs_startup (backend, final_thread_model, ext4contexts) == -1)
+  if (fs_startup (backend, final_thread_model, ext4contexts) == -1) {
+    refuse_captive_clients ();
     return -1;
+  }
   fsi = fs_get (1);
-  if (fsi == NULL)
+  if (fsi == NULL) {
+    refuse_captive_clients ();
     return -1;
+  }
   if (export_set_root (fsi, ext4root) == -1)
     r = -1;
   else if (ext4file && export_resolve (fsi, ext4file, 0, &ino, &err) == -1)
     r = -1;
   fs_put (fsi);
+  if (r == -1)
+    refuse_captive_clients ();
   return r;
 }
 
