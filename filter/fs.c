@@ -346,6 +346,47 @@ check_clean (ext2_filsys fs, char *why, size_t n)
   return 0;
 }
 
+/* What the image holds when it is not an ext filesystem, if it starts
+ * like something nbdkit can unwrap: a hint for the error message (""
+ * if nothing is recognised).  The usual mistake is a whole disk image
+ * given where a filesystem image is wanted.
+ */
+static const char *
+container_hint (struct ext4fs_fs *fsi)
+{
+  unsigned char b[4096 + 512];
+  uint64_t size = ext4fs_dev_size (fsi->dev);
+  size_t n = size < sizeof b ? (size_t) size : sizeof b;
+  int err;
+
+  memset (b, 0, sizeof b);     /* what a short image does not fill */
+  if (n < 512 || ext4fs_dev_pread (fsi->dev, b, n, 0, &err) == -1)
+    return "";
+  if (memcmp (b + 512, "EFI PART", 8) == 0 ||
+      (n >= 4096 + 8 && memcmp (b + 4096, "EFI PART", 8) == 0) ||
+      (b[510] == 0x55 && b[511] == 0xaa))
+    return "; it starts with a partition table (a whole disk image?): add "
+      "--filter=partition after --filter=ext4fs and give partition=N";
+  if (memcmp (b, "LUKS\xba\xbe", 6) == 0)
+    return "; it is LUKS-encrypted: add --filter=luks after --filter=ext4fs "
+      "and give passphrase=...";
+  if (memcmp (b, "\xfd" "7zXZ\0", 6) == 0)
+    return "; it is xz-compressed: add --filter=xz after --filter=ext4fs "
+      "(read-only)";
+  if (b[0] == 0x1f && b[1] == 0x8b)
+    return "; it is gzip-compressed: add --filter=gzip after --filter=ext4fs "
+      "(read-only)";
+  if (memcmp (b, "QFI\xfb", 4) == 0)
+    return "; it is a qcow2 image: serve it with qemu-nbd and use the nbd "
+      "plugin below ext4fs";
+  if (memcmp (b + 257, "ustar", 5) == 0)
+    return "; it is a tar archive: add --filter=tar after --filter=ext4fs "
+      "and give tar-entry=...";
+  if (memcmp (b + 512, "LABELONE", 8) == 0)
+    return "; it is an LVM physical volume, which ext4fs cannot unwrap";
+  return "";
+}
+
 /* ext2fs_open2 on fsi->dev into fsi->fs.  Returns -1 after nbdkit_error. */
 static int
 open_handle (struct ext4fs_fs *fsi, bool rw)
@@ -363,7 +404,8 @@ open_handle (struct ext4fs_fs *fsi, bool rw)
     if (e == EXT2_ET_BAD_MAGIC || e == EXT2_ET_SB_CSUM_INVALID ||
         e == EXT2_ET_CORRUPT_SUPERBLOCK)
       nbdkit_error ("the image does not contain a valid ext2/ext3/ext4 "
-                    "filesystem: %s", error_message (e));
+                    "filesystem: %s%s", error_message (e),
+                    e == EXT2_ET_BAD_MAGIC ? container_hint (fsi) : "");
     else if (e == EXT2_ET_UNSUPP_FEATURE)
       nbdkit_error ("the filesystem has incompatible features that "
                     "libext2fs does not support: %s", error_message (e));

@@ -115,6 +115,47 @@ refuse "random bytes" random "does not contain a valid ext2/ext3/ext4" ext4file=
 refuse "empty image" empty "truncated" ext4file=/f
 head -c 1500 img > tiny
 refuse "image smaller than the superblock" tiny "truncated" ext4file=/f
+# Not a filesystem, but something a filter of nbdkit unwraps: the
+# message names it.
+cp zeros mbr
+printf '\125\252' | dd of=mbr bs=1 seek=510 conv=notrunc status=none
+refuse "a partitioned disk" mbr "add --filter=partition" ext4file=/f
+gzip -1 -c img > img.gz
+refuse "gzip-compressed image" img.gz "add --filter=gzip" ext4file=/f
+tar cf img.tar img
+refuse "image in a tar archive" img.tar "add --filter=tar" ext4file=/f
+
+# Under --run a refusal at start-up must fail the command's
+# connections at once: nbdkit's parent, running the command, keeps the
+# listening socket open, so they used to wait for ever (the server had
+# exited).
+# run_refused NAME IMG PHRASE ARGS...
+run_refused ()
+{
+    local name="$1" img="$2" phrase="$3" rc=0
+    shift 3
+    echo "== $name"
+    nbdkit_srv -U - -r --filter="$FILTER" file "$img" "$@" \
+        --run 'nbdinfo --size "$uri"' > out.txt 2> err.txt &
+    local pid=$! i
+    for ((i=0; i<300; i++)); do
+        kill -0 $pid 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 $pid 2>/dev/null; then
+        bad "$name: the --run command hung"
+        # nbdkit waits for its command, which waits for the server.
+        pkill -9 -f 'nbdinfo --size nbd[+]unix' 2>/dev/null
+        kill -9 $pid 2>/dev/null
+    fi
+    wait $pid || rc=$?
+    cat err.txt
+    [ "$rc" != 0 ] || bad "$name: expected a failure, got exit status 0"
+    grep -q -F -- "$phrase" err.txt || bad "$name: stderr lacks '$phrase'"
+}
+run_refused "--run, not a filesystem" zeros "does not contain a valid" ext4file=/f
+run_refused "--run, no such file" img "no such file or directory" ext4file=/nope
+run_refused "--run, bad ext4root" img "not a directory" ext4file=exportname ext4root=/f
 
 # Truncated images.
 cp img trunc64k
